@@ -1,0 +1,236 @@
+"""Benchmark: LRPET projection with energy transfer of every conv matrix of VGG-16 and ResNet-56.
+
+jaxlr's tree-level call (:func:`jaxlr.project_tree`, one jitted call for the whole tree) against
+per-layer loops, all timed in this process on the same weights:
+
+* ``torch reference``: what both reference implementations do per layer: the kernel in torch's
+  layout as a ``cout x (cin*kh*kw)`` matrix, ``torch.linalg.svd(full_matrices=False)``, energy
+  transfer on ``S``, and ``U @ diag(S) @ V^T`` rebuilt with the tail of ``S`` set to zero.
+* ``torch tuned``: the same SVD on the tall ``(kh*kw*cin) x cout`` matrix, rebuilt from the kept
+  ``r`` triplets only (the fastest torch loop we found).
+* ``numpy``: ``np.linalg.svd`` per layer, rebuilt from the kept triplets.
+
+Weights are He-normal (a network at the start of LRPET training: flat spectra) or "decayed"
+(each matrix given singular values ``s_i = 0.97^i``, like a trained network). Errors are relative
+Frobenius errors against a float64 numpy reference, the largest over the tree's matrices.
+
+Run (torch comes with the ``compare`` extra)::
+
+    python -m experiments.benchmarks.svd_projection --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxlr
+from jaxlr import svd as jaxlr_svd
+
+VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+
+
+def vgg16_conv_shapes() -> dict[str, tuple[int, ...]]:
+    """Conv kernel shapes of VGG-16 for CIFAR (13 convolutions, 3x3), Flax layout."""
+    shapes, cin = {}, 3
+    for i, cout in enumerate(VGG16_CHANNELS):
+        shapes[f"Conv_{i}"] = (3, 3, cin, cout)
+        cin = cout
+    return shapes
+
+
+def resnet56_conv_shapes() -> dict[str, tuple[int, ...]]:
+    """Conv kernel shapes of ResNet-56 for CIFAR (option-A shortcuts: 55 convolutions)."""
+    shapes = {"conv_init": (3, 3, 3, 16)}
+    cin = 16
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(9):
+            shapes[f"stage{stage}_block{block}/conv1"] = (3, 3, cin, width)
+            shapes[f"stage{stage}_block{block}/conv2"] = (3, 3, width, width)
+            cin = width
+    return shapes
+
+
+def make_tree(shapes: dict[str, tuple[int, ...]], kind: str, seed: int = 0) -> dict[str, Any]:
+    """A params tree ``{module: {'kernel': array}}`` (nested for '/' in names) of float32 kernels."""
+    rng = np.random.default_rng(seed)
+    tree: dict[str, Any] = {}
+    for name, shape in shapes.items():
+        m, n = int(np.prod(shape[:-1])), shape[-1]
+        if kind == "he":
+            matrix = rng.standard_normal((m, n)) * np.sqrt(2.0 / m)
+        elif kind == "decayed":
+            k = min(m, n)
+            u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+            v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+            matrix = (u * 0.97 ** np.arange(k)) @ v.T
+        else:
+            raise ValueError(f"kind must be 'he' or 'decayed', got {kind!r}.")
+        node = tree
+        *parents, leaf = name.split("/")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = {"kernel": jnp.asarray(matrix.reshape(shape), jnp.float32)}
+    return tree
+
+
+def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _reference(matrix: np.ndarray, rank: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    kept = s[:rank] * np.sqrt(np.sum(s**2) / np.sum(s[:rank] ** 2))
+    return (u[:, :rank] * kept) @ vt[:rank]
+
+
+def _max_error(results: list[np.ndarray], references: list[np.ndarray]) -> float:
+    return max(
+        float(np.linalg.norm(r.astype(np.float64) - t) / np.linalg.norm(t))
+        for r, t in zip(results, references, strict=True)
+    )
+
+
+def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int) -> dict[str, Any]:
+    ranks = jaxlr.ratio_ranks(tree, ratio)
+    leaves = jaxlr.matrix_leaves(tree)
+    flat = jax.tree_util.tree_leaves(tree)
+    kernels = {path: np.asarray(flat[leaf.index]) for path, leaf in leaves.items()}
+    tall = {path: k.reshape(-1, k.shape[-1]) for path, k in kernels.items()}
+    references = [_reference(tall[p], ranks[p]) for p in kernels]
+    row: dict[str, Any] = {"model": name, "matrices": len(kernels), "ratio": ratio}
+
+    # How many matrices `auto` keeps on the Gram path (its error estimate under the tolerance).
+    estimate = jax.jit(jaxlr_svd._gram_svd, static_argnums=1)  # noqa: SLF001 - diagnostics only
+    row["gram_accepted"] = sum(
+        float(estimate(jnp.asarray(tall[p]), ranks[p])[1]) <= jaxlr_svd._GRAM_TOLERANCE  # noqa: SLF001
+        for p in kernels
+    )
+
+    for method in ("auto", "gram", "svd"):
+
+        def run(method: str = method) -> Any:
+            return jax.block_until_ready(
+                jaxlr.project_tree(tree, ranks, energy_transfer=True, method=method).params
+            )
+
+        start = time.perf_counter()
+        out = run()
+        row[f"jaxlr_{method}_first_call_s"] = time.perf_counter() - start
+        row[f"jaxlr_{method}_s"] = _median_seconds(run, repeats)
+        flat_out = jax.tree_util.tree_leaves(out)
+        results = [np.asarray(flat_out[leaf.index]).reshape(tall[p].shape) for p, leaf in leaves.items()]
+        row[f"jaxlr_{method}_max_rel_error"] = _max_error(results, references)
+
+    def numpy_loop() -> list[np.ndarray]:
+        out = []
+        for path, matrix in tall.items():
+            rank = ranks[path]
+            u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+            kept = s[:rank] * np.sqrt(np.sum(s**2) / np.sum(s[:rank] ** 2))
+            out.append((u[:, :rank] * kept) @ vt[:rank])
+        return out
+
+    row["numpy_s"] = _median_seconds(numpy_loop, repeats)
+    row["numpy_max_rel_error"] = _max_error(numpy_loop(), references)
+
+    try:
+        import torch
+    except ImportError:
+        row["torch"] = "not installed (pip install -e '.[compare]')"
+        return row
+
+    torch_wide = {  # torch's (cout, cin, kh, kw) layout, viewed as cout x (cin*kh*kw)
+        p: torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1).reshape(k.shape[-1], -1)))
+        for p, k in kernels.items()
+    }
+    torch_tall = {p: torch.from_numpy(np.ascontiguousarray(m)) for p, m in tall.items()}
+
+    def torch_reference() -> list[Any]:
+        out = []
+        for path, matrix in torch_wide.items():
+            rank = ranks[path]
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            alpha = torch.sqrt(s.pow(2).sum() / s[:rank].pow(2).sum())
+            s = torch.cat([s[:rank] * alpha, torch.zeros_like(s[rank:])])
+            out.append(u @ torch.diag(s) @ vh)
+        return out
+
+    def torch_tuned() -> list[Any]:
+        out = []
+        for path, matrix in torch_tall.items():
+            rank = ranks[path]
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            kept = s[:rank] * torch.sqrt(s.pow(2).sum() / s[:rank].pow(2).sum())
+            out.append((u[:, :rank] * kept) @ vh[:rank])
+        return out
+
+    row["torch_reference_s"] = _median_seconds(torch_reference, repeats)
+    row["torch_tuned_s"] = _median_seconds(torch_tuned, repeats)
+    wide_results = [  # back from (cout, cin, kh, kw) to the tall (kh*kw*cin, cout) matrix
+        r.numpy()
+        .reshape(k.shape[3], k.shape[2], k.shape[0], k.shape[1])
+        .transpose(2, 3, 1, 0)
+        .reshape(tall[p].shape)
+        for r, (p, k) in zip(torch_reference(), kernels.items(), strict=True)
+    ]
+    row["torch_reference_max_rel_error"] = _max_error(wide_results, references)
+    row["torch_tuned_max_rel_error"] = _max_error([r.numpy() for r in torch_tuned()], references)
+    row["torch_threads"] = torch.get_num_threads()
+    row["torch_version"] = torch.__version__
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (median)")
+    parser.add_argument("--ratio", type=float, default=0.6, help="LRPET pruning ratio p")
+    parser.add_argument("--weights", nargs="+", default=["he", "decayed"], choices=["he", "decayed"])
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+
+    rows = []
+    for weights in args.weights:
+        for name, shapes in (("VGG-16", vgg16_conv_shapes()), ("ResNet-56", resnet56_conv_shapes())):
+            row = bench_tree(name, make_tree(shapes, weights), args.ratio, args.repeats)
+            row["weights"] = weights
+            rows.append(row)
+            print(json.dumps(row, indent=1), flush=True)
+
+    print(f"\njax {jax.__version__}, {platform.processor() or platform.machine()}, "
+          f"{jax.devices()[0].device_kind}, python {platform.python_version()}")
+    header = ("| model | weights | jaxlr auto (s) | gram/all | torch reference (s) | speed-up | "
+              "torch tuned (s) | speed-up | numpy (s) | speed-up | max rel. error jaxlr |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        auto = r["jaxlr_auto_s"]
+        torch_ref, torch_tuned = r.get("torch_reference_s"), r.get("torch_tuned_s")
+        print(
+            f"| {r['model']} | {r['weights']} | {auto:.3f} | {r['gram_accepted']}/{r['matrices']} | "
+            + (f"{torch_ref:.3f} | {torch_ref / auto:.1f}x | {torch_tuned:.3f} | "
+               f"{torch_tuned / auto:.1f}x | " if torch_ref else "n/a | | n/a | | ")
+            + f"{r['numpy_s']:.3f} | {r['numpy_s'] / auto:.1f}x | "
+            f"{r['jaxlr_auto_max_rel_error']:.1e} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

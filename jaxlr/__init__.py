@@ -1,0 +1,68 @@
+"""jaxlr: training compact low-rank networks in JAX and Flax, and compressing them after training.
+
+The public API, re-exported from the modules that define it:
+
+* :mod:`jaxlr.matrices`: how kernel leaves are seen as matrices, and which leaves are selected.
+* :mod:`jaxlr.svd`: jitted singular values, rank-``r`` projection (with energy transfer) and
+  truncated factors, for one matrix or every selected matrix of a tree.
+* :mod:`jaxlr.ranks`: rank policies (fixed, LRPET ratio, energy, LSVT, GSVT) and the retained
+  singular values metric.
+"""
+
+from jaxlr import matrices, ranks, svd
+from jaxlr.matrices import (
+    MatrixView,
+    default_view,
+    is_kernel,
+    kernel_filter,
+    kernel_kinds,
+    matrix_leaves,
+)
+from jaxlr.ranks import (
+    Ranks,
+    energy_ranks,
+    fixed_ranks,
+    gsvt_ranks,
+    lsvt_ranks,
+    ratio_ranks,
+    retained_fraction,
+)
+from jaxlr.svd import (
+    Factorization,
+    Projection,
+    project_matrix,
+    project_tree,
+    singular_values,
+    singular_values_tree,
+    truncated_factors,
+    truncated_factors_tree,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Factorization",
+    "MatrixView",
+    "Projection",
+    "Ranks",
+    "default_view",
+    "energy_ranks",
+    "fixed_ranks",
+    "gsvt_ranks",
+    "is_kernel",
+    "kernel_filter",
+    "kernel_kinds",
+    "lsvt_ranks",
+    "matrices",
+    "matrix_leaves",
+    "project_matrix",
+    "project_tree",
+    "ranks",
+    "ratio_ranks",
+    "retained_fraction",
+    "singular_values",
+    "singular_values_tree",
+    "svd",
+    "truncated_factors",
+    "truncated_factors_tree",
+]
