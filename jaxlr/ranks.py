@@ -35,6 +35,7 @@ from jaxlr import matrices
 
 __all__ = [
     "Ranks",
+    "check_rank",
     "energy_ranks",
     "fixed_ranks",
     "gsvt_ranks",
@@ -70,9 +71,9 @@ class Ranks(Mapping[str, int]):
                 f"ranks and full must name the same paths; only in ranks: "
                 f"{sorted(set(ranks) - set(full))}, only in full: {sorted(set(full) - set(ranks))}."
             )
-        for name, rank in ranks.items():
-            _check_rank(name, rank, full[name])
-        self._ranks = {name: int(rank) for name, rank in ranks.items()}
+        self._ranks = {
+            name: check_rank(repr(name), rank, full[name]) for name, rank in ranks.items()
+        }
         self._full = {name: int(full[name]) for name in ranks}
 
     @property
@@ -144,13 +145,23 @@ def retained_fraction(ranks: Ranks) -> float:
 # Validation.
 
 
-def _check_rank(name: str, rank: Any, full: int) -> None:
+def check_rank(label: str, rank: Any, full: int) -> int:
+    """Validates one matrix's rank, ``1 <= rank <= full``, and returns it as a Python int.
+
+    Args:
+      label: how the matrix is named in the error, e.g. ``"'Dense_0/kernel'"``.
+      rank: the rank to check.
+      full: the matrix's ``min(m, n)``.
+
+    Raises:
+      TypeError: if ``rank`` is not an integer.
+      ValueError: if it is outside ``[1, full]``.
+    """
     if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
-        raise TypeError(f"rank for {name!r} must be an int, got {rank!r}.")
+        raise TypeError(f"rank for {label} must be an int, got {rank!r}.")
     if not 1 <= rank <= full:
-        raise ValueError(
-            f"rank for {name!r} is {rank}; allowed 1 <= rank <= min(m, n) = {full}."
-        )
+        raise ValueError(f"rank for {label} is {rank}; allowed 1 <= rank <= min(m, n) = {full}.")
+    return int(rank)
 
 
 def _decimal(name: str, value: Any, low: float, high: float, *, low_open: bool,
@@ -167,11 +178,18 @@ def _decimal(name: str, value: Any, low: float, high: float, *, low_open: bool,
     return Fraction(repr(value))
 
 
-def _full_ranks(tree: Any, filter: matrices.Filter, view: matrices.ViewFn) -> dict[str, int]:  # noqa: A002
-    return {
+def _by_full_rank(
+    tree: Any,
+    filter: matrices.Filter,  # noqa: A002
+    view: matrices.ViewFn,
+    rank_of: Callable[[int], int],
+) -> Ranks:
+    """Ranks of a shape-only policy: ``rank_of(min(m, n))`` for every selected matrix."""
+    full = {
         name: leaf.full_rank
         for name, leaf in matrices.matrix_leaves(tree, filter=filter, view=view).items()
     }
+    return Ranks({name: rank_of(n) for name, n in full.items()}, full)
 
 
 def _spectra(singular_values: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -213,8 +231,7 @@ def fixed_ranks(
       >>> dict(fixed_ranks(params, 2))
       {'a/kernel': 2, 'b/kernel': 2}
     """
-    full = _full_ranks(tree, filter, view)
-    return Ranks({name: rank for name in full}, full)
+    return _by_full_rank(tree, filter, view, lambda n: rank)
 
 
 def ratio_ranks(
@@ -239,11 +256,10 @@ def ratio_ranks(
       {'conv/kernel': 6, 'fc/kernel': 27}
 
     References:
-      Guo et al., "Compact Model Training by Low-Rank Projection with Energy Transfer", sec. 3.
+      "Compact Model Training by Low-Rank Projection with Energy Transfer", arXiv:2204.05566.
     """
     pruned = _decimal("ratio", ratio, 0.0, 1.0, low_open=False, high_open=True)
-    full = _full_ranks(tree, filter, view)
-    return Ranks({name: max(1, math.floor(n - n * pruned)) for name, n in full.items()}, full)
+    return _by_full_rank(tree, filter, view, lambda n: max(1, math.floor(n - n * pruned)))
 
 
 def lsvt_ranks(
@@ -265,10 +281,13 @@ def lsvt_ranks(
       >>> import jax.numpy as jnp
       >>> dict(lsvt_ranks({"a": {"kernel": jnp.zeros((10, 20))}}, 0.29))
       {'a/kernel': 2}
+
+    References:
+      "Structure-Preserving Network Compression Via Low-Rank Induced Training Through Linear
+      Layers Composition" (LoRITa).
     """
     kept = _decimal("ratio", ratio, 0.0, 1.0, low_open=True, high_open=False)
-    full = _full_ranks(tree, filter, view)
-    return Ranks({name: max(1, math.floor(kept * n)) for name, n in full.items()}, full)
+    return _by_full_rank(tree, filter, view, lambda n: max(1, math.floor(kept * n)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +350,10 @@ def gsvt_ranks(
       {'a': 2, 'b': 1}
       >>> dict(gsvt_ranks(spectra, 0.75, normalize="max"))  # keeps 1 (a), 1 and 0.8 (b), not 0.1
       {'a': 1, 'b': 2}
+
+    References:
+      "Structure-Preserving Network Compression Via Low-Rank Induced Training Through Linear
+      Layers Composition" (LoRITa).
     """
     kept = _decimal("ratio", ratio, 0.0, 1.0, low_open=True, high_open=False)
     if normalize not in ("none", "max"):

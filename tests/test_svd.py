@@ -96,7 +96,7 @@ def test_energy_transfer_keeps_the_frobenius_norm(dtype_name, case):
     x64 = np.asarray(x, np.float64)
     projected = np.asarray(jaxlr.project_matrix(x, rank, energy_transfer=True), np.float64)
     assert np.linalg.norm(projected) == pytest.approx(np.linalg.norm(x64), rel=tol)
-    # The same subspace as the plain projection, scaled by one common alpha (LRPET eq. 12).
+    # The same subspace as the plain projection, scaled by one common alpha.
     s = np_svd(x64)[1]
     alpha = np.sqrt(np.sum(s**2) / np.sum(s[:rank] ** 2))
     assert rel(projected, alpha * np_truncate(x64, rank)) <= 10 * tol or (
@@ -410,7 +410,7 @@ def test_bad_ranks_and_methods_are_rejected_when_called():
         jaxlr.project_matrix(matrix, 0)
     with pytest.raises(ValueError, match=r"rank for matrix is 5"):
         jaxlr.truncated_factors(matrix, 5)
-    with pytest.raises(TypeError, match="rank for matrix must be a Python int"):
+    with pytest.raises(TypeError, match="rank for matrix must be an int"):
         jaxlr.project_matrix(matrix, 2.0)
     with pytest.raises(ValueError, match="method must be one of"):
         jaxlr.project_matrix(matrix, 2, method="qr")

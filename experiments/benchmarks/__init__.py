@@ -1,0 +1,1 @@
+"""Benchmarks: speed measured as ratios against baselines run in the same process."""
