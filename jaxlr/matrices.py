@@ -8,15 +8,15 @@ so the leaf keeps its shape and the user's model is used unchanged.
 The views jaxlr chooses by default (:func:`default_view`), for Flax kernels that compute
 ``y = x @ W``:
 
-==============================================  ===============================  ===================
-kernel                                          shape                            matrix
-==============================================  ===============================  ===================
-``Dense`` / ``nnx.Linear``                      ``(in, out)``                    ``(in, out)``
-``Conv`` (any number of spatial dimensions)     ``(kh, kw, cin, cout)``          ``(kh*kw*cin, cout)``
-attention ``query`` / ``key`` / ``value``       ``(in, heads, head_dim)``        ``(in, heads*head_dim)``
-attention ``out``                               ``(heads, head_dim, out)``       ``(heads*head_dim, out)``
-``DenseGeneral`` with ``features=(a, b)``       ``(in, a, b)``                   ``(in, a*b)``
-==============================================  ===============================  ===================
+=========================================  =========================  =========================
+kernel                                     shape                      matrix
+=========================================  =========================  =========================
+``Dense`` / ``nnx.Linear``                 ``(in, out)``              ``(in, out)``
+``Conv`` (any number of spatial axes)      ``(kh, kw, cin, cout)``    ``(kh*kw*cin, cout)``
+attention ``query`` / ``key`` / ``value``  ``(in, heads, head_dim)``  ``(in, heads*head_dim)``
+attention ``out``                          ``(heads, head_dim, out)`` ``(heads*head_dim, out)``
+``DenseGeneral``, ``features=(a, b)``      ``(in, a, b)``             ``(in, a*b)``
+=========================================  =========================  =========================
 
 A 3-D kernel is ambiguous by shape alone (a 1-D convolution's ``(k, cin, cout)`` looks like an
 attention projection's ``(in, heads, head_dim)``), so :func:`default_view` decides by the name of
@@ -345,7 +345,8 @@ def kernel_kinds(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> params = {"Conv_0": {"kernel": jnp.zeros((3, 3, 3, 8))}, "Dense_0": {"kernel": jnp.zeros((8, 2))}}
+      >>> params = {"Conv_0": {"kernel": jnp.zeros((3, 3, 3, 8))},
+      ...           "Dense_0": {"kernel": jnp.zeros((8, 2))}}
       >>> kernel_kinds(params)
       {'Conv_0/kernel': 'conv', 'Dense_0/kernel': 'dense'}
     """

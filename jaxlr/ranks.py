@@ -117,7 +117,8 @@ class Ranks(Mapping[str, int]):
         for name, rank in self._ranks.items():
             full = self._full[name]
             lines.append(f"{name:<{width}}  {rank:>6}  {full:>6}  {rank / full:>6.1%}")
-        lines.append(f"retained singular values (mean of kept/total): {retained_fraction(self):.1%}")
+        retained = retained_fraction(self)
+        lines.append(f"retained singular values (mean of kept/total): {retained:.1%}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -251,7 +252,8 @@ def ratio_ranks(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 16, 16))}, "fc": {"kernel": jnp.zeros((64, 100))}}
+      >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 16, 16))},
+      ...           "fc": {"kernel": jnp.zeros((64, 100))}}
       >>> dict(ratio_ranks(params, 0.57))  # floor(16 - 9.12) = 6; floor(64 - 36.48) = 27
       {'conv/kernel': 6, 'fc/kernel': 27}
 

@@ -152,6 +152,8 @@ def test_auto_is_within_1e4_of_the_full_svd_on_flat_and_decaying_spectra():
         svd = jaxlr.project_matrix(matrix, rank, method="svd")
         assert rel(auto, truth) <= 1e-4, (name, matrix.shape, rank)
         assert rel(auto, svd) <= 1e-4, (name, matrix.shape, rank)
+        a, b = jaxlr.truncated_factors(matrix, rank, method="auto")
+        assert rel(np.asarray(a, np.float64) @ np.asarray(b, np.float64), truth) <= 1e-4
 
 
 def test_gram_error_estimate_is_honest_where_the_gram_path_is_taken():

@@ -65,7 +65,7 @@ def resnet56_conv_shapes() -> dict[str, tuple[int, ...]]:
 def make_tree(
     shapes: dict[str, tuple[int, ...]], kind: str, ratio: float = 0.6, seed: int = 0
 ) -> dict[str, Any]:
-    """A params tree ``{module: {'kernel': array}}`` (nested for '/' in names) of float32 kernels."""
+    """A params tree ``{module: {'kernel': array}}`` of float32 kernels ('/' in names nests)."""
     rng = np.random.default_rng(seed)
     tree: dict[str, Any] = {}
     for name, shape in shapes.items():
@@ -143,7 +143,9 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int) -> d
         row[f"jaxlr_{method}_first_call_s"] = time.perf_counter() - start
         row[f"jaxlr_{method}_s"] = _median_seconds(run, repeats)
         flat_out = jax.tree_util.tree_leaves(out)
-        results = [np.asarray(flat_out[leaf.index]).reshape(tall[p].shape) for p, leaf in leaves.items()]
+        results = [
+            np.asarray(flat_out[leaf.index]).reshape(tall[p].shape) for p, leaf in leaves.items()
+        ]
         row[f"jaxlr_{method}_max_rel_error"] = _max_error(results, references)
 
     def numpy_loop() -> list[np.ndarray]:
@@ -165,10 +167,10 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int) -> d
         return row
 
     torch_wide = {  # torch's (cout, cin, kh, kw) layout, viewed as cout x (cin*kh*kw)
-        p: torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1).reshape(k.shape[-1], -1)))
+        p: torch.from_numpy(np.array(k.transpose(3, 2, 0, 1).reshape(k.shape[-1], -1), copy=True))
         for p, k in kernels.items()
     }
-    torch_tall = {p: torch.from_numpy(np.ascontiguousarray(m)) for p, m in tall.items()}
+    torch_tall = {p: torch.from_numpy(np.array(m, copy=True)) for p, m in tall.items()}
 
     def torch_reference() -> list[Any]:
         out = []
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     rows = []
     for weights in args.weights:
-        for name, shapes in (("VGG-16", vgg16_conv_shapes()), ("ResNet-56", resnet56_conv_shapes())):
+        models = (("VGG-16", vgg16_conv_shapes()), ("ResNet-56", resnet56_conv_shapes()))
+        for name, shapes in models:
             tree = make_tree(shapes, weights, args.ratio)
             row = bench_tree(name, tree, args.ratio, args.repeats)
             row["weights"] = weights
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         auto = r["jaxlr_auto_s"]
         torch_ref, torch_tuned = r.get("torch_reference_s"), r.get("torch_tuned_s")
         print(
-            f"| {r['model']} | {r['weights']} | {auto:.3f} | {r['gram_accepted']}/{r['matrices']} | "
+            f"| {r['model']} | {r['weights']} | {auto:.3f} | "
+            f"{r['gram_accepted']}/{r['matrices']} | "
             + (f"{torch_ref:.3f} | {torch_ref / auto:.1f}x | {torch_tuned:.3f} | "
                f"{torch_tuned / auto:.1f}x | " if torch_ref else "n/a | | n/a | | ")
             + f"{r['numpy_s']:.3f} | {r['numpy_s'] / auto:.1f}x | "
