@@ -125,10 +125,10 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int) -> d
     row: dict[str, Any] = {"model": name, "matrices": len(kernels), "ratio": ratio}
 
     # How many matrices `auto` keeps on the Gram path (its error estimate under the tolerance).
-    estimate = jax.jit(jaxlr_svd._gram_svd, static_argnums=1)  # noqa: SLF001 - diagnostics only
+    estimate = jax.jit(jaxlr_svd._gram_subspace, static_argnums=1)  # noqa: SLF001 - diagnostics
+    tolerance = jaxlr_svd._GRAM_TOLERANCE  # noqa: SLF001
     row["gram_accepted"] = sum(
-        float(estimate(jnp.asarray(tall[p]), ranks[p])[1]) <= jaxlr_svd._GRAM_TOLERANCE  # noqa: SLF001
-        for p in kernels
+        float(estimate(jnp.asarray(tall[p]), ranks[p])[1]) <= tolerance for p in kernels
     )
 
     for method in ("auto", "gram", "svd"):
