@@ -191,12 +191,6 @@ def _triplets_from_subspace(matrix: jax.Array, top: jax.Array) -> Triplets:
     return top, s, scaled / jnp.where(s > 0, s, 1)[:, None]
 
 
-def _gram_svd(matrix: jax.Array, rank: int) -> tuple[Triplets, jax.Array]:
-    """Top-``rank`` singular triplets by the Gram path, and its error estimate."""
-    top, estimate = _gram_subspace(matrix, rank)
-    return _triplets_from_subspace(matrix, top), estimate
-
-
 def _top_triplets(matrices: list[jax.Array], ranks: list[int], method: str) -> list[Triplets]:
     """The top-``rank`` singular triplets of every matrix.
 
