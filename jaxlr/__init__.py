@@ -7,9 +7,21 @@ The public API, re-exported from the modules that define it:
   truncated factors, for one matrix or every selected matrix of a tree.
 * :mod:`jaxlr.ranks`: rank policies (fixed, LRPET ratio, energy, LSVT, GSVT) and the retained
   singular values metric.
+* :mod:`jaxlr.lorita`: LoRITa's factorize / collapse transforms and weight-decay helpers.
+* :mod:`jaxlr.compress`: after training: the truncated tree, its factor pairs and a report (the
+  package exports its function, ``jaxlr.compress``; import its types from the module).
 """
 
-from jaxlr import matrices, ranks, svd
+from jaxlr import lorita, matrices, ranks, svd
+from jaxlr.compress import Compression, CompressionReport, compress
+from jaxlr.lorita import (
+    Factored,
+    collapse,
+    coupled_adam,
+    factorize,
+    from_dense,
+    weight_decay_mask,
+)
 from jaxlr.matrices import (
     MatrixView,
     default_view,
@@ -41,17 +53,26 @@ from jaxlr.svd import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Compression",
+    "CompressionReport",
+    "Factored",
     "Factorization",
     "MatrixView",
     "Projection",
     "Ranks",
+    "collapse",
+    "compress",
+    "coupled_adam",
     "default_view",
     "energy_ranks",
+    "factorize",
     "fixed_ranks",
+    "from_dense",
     "gsvt_ranks",
     "is_kernel",
     "kernel_filter",
     "kernel_kinds",
+    "lorita",
     "lsvt_ranks",
     "matrices",
     "matrix_leaves",
@@ -65,4 +86,5 @@ __all__ = [
     "svd",
     "truncated_factors",
     "truncated_factors_tree",
+    "weight_decay_mask",
 ]

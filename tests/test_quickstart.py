@@ -17,4 +17,6 @@ def test_quickstart_trains_and_truncates(capsys):
     assert lsvt["retained"] == 0.5
     # Half the singular values by global ranking keep a trained MLP's accuracy.
     assert rows[(0.5, "GSVT")]["validation"] >= result["trained"]["validation"] - 0.05
-    assert "GSVT ranks at 10% kept" in capsys.readouterr().out
+    assert "GSVT at 10% kept" in capsys.readouterr().out
+    # The report counts the MLP by hand: 64*256 + 256 + 256*256 + 256 + 256*10 + 10 = 85,002.
+    assert result["report"].params_before == 85_002
