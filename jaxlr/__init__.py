@@ -8,11 +8,12 @@ The public API, re-exported from the modules that define it:
 * :mod:`jaxlr.ranks`: rank policies (fixed, LRPET ratio, energy, LSVT, GSVT) and the retained
   singular values metric.
 * :mod:`jaxlr.lorita`: LoRITa's factorize / collapse transforms and weight-decay helpers.
+* :mod:`jaxlr.projection`: LRPET's periodic low-rank projection as an optax transformation.
 * :mod:`jaxlr.compress`: after training: the truncated tree, its factor pairs and a report (the
   package exports its function, ``jaxlr.compress``; import its types from the module).
 """
 
-from jaxlr import lorita, matrices, ranks, svd
+from jaxlr import lorita, matrices, projection, ranks, svd
 from jaxlr.compress import Compression, CompressionReport, compress
 from jaxlr.lorita import (
     Factored,
@@ -30,6 +31,7 @@ from jaxlr.matrices import (
     kernel_kinds,
     matrix_leaves,
 )
+from jaxlr.projection import LowRankProjectionState, low_rank_projection, project_params
 from jaxlr.ranks import (
     Ranks,
     energy_ranks,
@@ -57,6 +59,7 @@ __all__ = [
     "CompressionReport",
     "Factored",
     "Factorization",
+    "LowRankProjectionState",
     "MatrixView",
     "Projection",
     "Ranks",
@@ -73,11 +76,14 @@ __all__ = [
     "kernel_filter",
     "kernel_kinds",
     "lorita",
+    "low_rank_projection",
     "lsvt_ranks",
     "matrices",
     "matrix_leaves",
     "project_matrix",
+    "project_params",
     "project_tree",
+    "projection",
     "ranks",
     "ratio_ranks",
     "retained_fraction",

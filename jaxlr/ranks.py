@@ -35,6 +35,7 @@ from jaxlr import matrices
 
 __all__ = [
     "Ranks",
+    "check_fraction",
     "check_rank",
     "energy_ranks",
     "fixed_ranks",
@@ -165,9 +166,15 @@ def check_rank(label: str, rank: Any, full: int) -> int:
     return int(rank)
 
 
-def _decimal(name: str, value: Any, low: float, high: float, *, low_open: bool,
-             high_open: bool) -> Fraction:
-    """Validates a ratio in a range and returns it as the decimal fraction it is written as."""
+def check_fraction(
+    name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool
+) -> Fraction:
+    """Validates a ratio in a range and returns it as the decimal fraction it is written as.
+
+    Raises:
+      TypeError: if ``value`` is not a number.
+      ValueError: naming ``name``, the interval and the value, if it lies outside.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
         raise TypeError(f"{name} must be a number, got {value!r}.")
     value = float(value)
@@ -260,7 +267,7 @@ def ratio_ranks(
     References:
       "Compact Model Training by Low-Rank Projection with Energy Transfer", arXiv:2204.05566.
     """
-    pruned = _decimal("ratio", ratio, 0.0, 1.0, low_open=False, high_open=True)
+    pruned = check_fraction("ratio", ratio, 0.0, 1.0, low_open=False, high_open=True)
     return _by_full_rank(tree, filter, view, lambda n: max(1, math.floor(n - n * pruned)))
 
 
@@ -288,7 +295,7 @@ def lsvt_ranks(
       "Structure-Preserving Network Compression Via Low-Rank Induced Training Through Linear
       Layers Composition" (LoRITa).
     """
-    kept = _decimal("ratio", ratio, 0.0, 1.0, low_open=True, high_open=False)
+    kept = check_fraction("ratio", ratio, 0.0, 1.0, low_open=True, high_open=False)
     return _by_full_rank(tree, filter, view, lambda n: max(1, math.floor(kept * n)))
 
 
@@ -307,7 +314,7 @@ def energy_ranks(singular_values: Mapping[str, Any], fraction: float) -> Ranks:
       >>> dict(energy_ranks({"a": [3.0, 2.0, 1.0, 1.0]}, 0.8))  # (9 + 4) / 15 >= 0.8
       {'a': 2}
     """
-    target = float(_decimal("fraction", fraction, 0.0, 1.0, low_open=True, high_open=False))
+    target = float(check_fraction("fraction", fraction, 0.0, 1.0, low_open=True, high_open=False))
     ranks, full = {}, {}
     for name, values in _spectra(singular_values).items():
         energy = np.cumsum(values**2)
@@ -357,7 +364,7 @@ def gsvt_ranks(
       "Structure-Preserving Network Compression Via Low-Rank Induced Training Through Linear
       Layers Composition" (LoRITa).
     """
-    kept = _decimal("ratio", ratio, 0.0, 1.0, low_open=True, high_open=False)
+    kept = check_fraction("ratio", ratio, 0.0, 1.0, low_open=True, high_open=False)
     if normalize not in ("none", "max"):
         raise ValueError(f"normalize must be 'none' or 'max', got {normalize!r}.")
     spectra = _spectra(singular_values)

@@ -317,3 +317,19 @@ def test_bad_input_is_rejected_when_given():
         lorita.from_dense(fparams, wrong)
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         lorita.coupled_adam(1e-3, -1.0)
+
+
+def test_attention_kernels_factorize_through_their_views():
+    model = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, out_features=8)
+    x = jnp.ones((1, 5, 8))
+    params = model.init(jax.random.key(0), x, x)["params"]
+    fparams = lorita.factorize(params, 2, init="balanced")
+    # query (8, 4, 4) is an 8 x 16 matrix; out (4, 4, 8) a 16 x 8 matrix.
+    assert [f.shape for f in fparams["query"]["kernel"].factors] == [(8, 8), (8, 16)]
+    assert [f.shape for f in fparams["out"]["kernel"].factors] == [(16, 8), (8, 8)]
+    collapsed = lorita.collapse(fparams)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(collapsed), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    y = model.apply({"params": collapsed}, x, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(model.apply({"params": params}, x, x)),
+                               atol=1e-5)

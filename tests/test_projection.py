@@ -1,0 +1,310 @@
+"""Tests of jaxlr.projection (LRPET) against numpy references of its formulas."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxlr
+from jaxlr import lorita
+from jaxlr.projection import low_rank_projection, project_params
+
+
+def np_project(matrix, rank, energy_transfer):
+    u, s, vt = np.linalg.svd(np.asarray(matrix, np.float64), full_matrices=False)
+    kept = s[:rank] * (np.sqrt(np.sum(s**2) / np.sum(s[:rank] ** 2)) if energy_transfer else 1)
+    return (u[:, :rank] * kept) @ vt[:rank]
+
+
+def numerical_rank(matrix, tol=1e-4):
+    s = np.linalg.svd(np.asarray(matrix, np.float64), compute_uv=False)
+    return int(np.sum(s > tol * s[0]))
+
+
+class Block(nn.Module):
+    """A ResNet basic block with a projection shortcut (conv -> bn pairs by name)."""
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        y = nn.Conv(8, (3, 3), use_bias=False, name="conv1")(x)
+        y = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(y))
+        y = nn.Conv(8, (3, 3), use_bias=False, name="conv2")(y)
+        y = nn.BatchNorm(use_running_average=not train, name="bn2")(y)
+        shortcut = nn.Conv(8, (1, 1), use_bias=False, name="shortcut_conv")(x)
+        shortcut = nn.BatchNorm(use_running_average=not train, name="shortcut_bn")(shortcut)
+        y = nn.relu(y + shortcut).mean((1, 2))
+        return nn.Dense(3, name="head")(y)
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(4, 8, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+        self.conv2 = nnx.Conv(8, 8, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(8, rngs=rngs)
+        self.shortcut_conv = nnx.Conv(4, 8, (1, 1), use_bias=False, rngs=rngs)
+        self.shortcut_bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y = nnx.relu(y + self.shortcut_bn(self.shortcut_conv(x))).mean((1, 2))
+        return self.head(y)
+
+
+X = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 6, 4)), jnp.float32)
+Y = jnp.asarray([0, 1, 2, 1])
+
+
+def block_variables(seed=0):
+    variables = Block().init(jax.random.key(seed), X)
+    # Non-trivial BatchNorm statistics and scales, so that rectification matters.
+    rng = np.random.default_rng(seed)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, v: (jnp.asarray(rng.uniform(0.5, 2.0, v.shape), v.dtype)
+                      if jaxlr.matrices.path_names(p)[-1] in ("var", "scale") else v),
+        variables,
+    )
+    return variables
+
+
+def bn_reference(kernel, gamma, var, rank, energy_transfer, eps=1e-5):
+    """Paper eq. 16 in numpy: fold a = gamma / sqrt(var + eps), project, unfold regularised."""
+    a = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    matrix = np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1])
+    projected = np_project(matrix * a, rank, energy_transfer)
+    return (projected * (a / (a * a + 1e-5))).reshape(kernel.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformation.
+
+
+@pytest.mark.parametrize("energy_transfer", [False, True])
+def test_projection_step_gives_rank_r_and_keeps_the_norm(energy_transfer):
+    params = block_variables()["params"]
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+    tx = optax.chain(optax.sgd(0.1), low_rank_projection(ratio=0.5, every=1,
+                                                         energy_transfer=energy_transfer))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    stepped = optax.apply_updates(params, jax.tree.map(lambda g: -0.1 * g, grads))
+    for name, n in (("conv1", 36), ("conv2", 72), ("shortcut_conv", 4)):
+        kernel = np.asarray(new[name]["kernel"]).reshape(n, 8)
+        before = np.asarray(stepped[name]["kernel"]).reshape(n, 8)
+        rank = max(1, int(min(n, 8) - min(n, 8) * 0.5))
+        assert numerical_rank(kernel) <= rank
+        np.testing.assert_allclose(kernel, np_project(before, rank, energy_transfer), atol=1e-5)
+        if energy_transfer:
+            assert np.linalg.norm(kernel) == pytest.approx(np.linalg.norm(before), rel=1e-5)
+    # The classifier is not projected: it took the plain SGD step.
+    np.testing.assert_array_equal(np.asarray(new["head"]["kernel"]),
+                                  np.asarray(stepped["head"]["kernel"]))
+
+
+def test_other_steps_are_bit_identical_to_the_inner_optimizer_and_compile_once():
+    params = block_variables()["params"]
+    inner = optax.sgd(0.05, momentum=0.9)
+    tx = optax.chain(inner, low_rank_projection(ratio=0.6, every=3))
+    traces = 0
+
+    @jax.jit
+    def step(params, state, inner_state, grads):
+        nonlocal traces
+        traces += 1
+        updates, state = tx.update(grads, state, params)
+        inner_updates, inner_state = inner.update(grads, inner_state, params)
+        return updates, state, inner_updates, inner_state
+
+    state, inner_state = tx.init(params), inner.init(params)
+    rng = np.random.default_rng(1)
+    for number in range(1, 8):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+        updates, state, inner_updates, inner_state = step(params, state, inner_state, grads)
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(updates), jax.tree.leaves(inner_updates), strict=True))
+        assert same == (number % 3 != 0), number
+        params = optax.apply_updates(params, updates)
+    assert traces == 1
+
+
+def test_start_and_end_bound_the_projection_steps():
+    params = {"conv": {"kernel": jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 2, 4)),
+                                             jnp.float32)}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = low_rank_projection(ratio=0.5, every=2, start=3, end=6)
+    state = tx.init(params)
+    projected_at = []
+    for number in range(1, 10):
+        updates, state = tx.update(zero, state, params)
+        if np.any(np.asarray(updates["conv"]["kernel"]) != 0):
+            projected_at.append(number)
+    assert projected_at == [3, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# BN rectification.
+
+
+def test_bn_rectification_matches_eq_16_on_a_hand_built_conv_bn_tree():
+    rng = np.random.default_rng(2)
+    kernel = rng.standard_normal((3, 3, 2, 5)).astype(np.float32)
+    gamma = rng.uniform(0.2, 3.0, 5).astype(np.float32)
+    var = rng.uniform(0.1, 4.0, 5).astype(np.float32)
+    params = {"Conv_0": {"kernel": jnp.asarray(kernel)},
+              "BatchNorm_0": {"scale": jnp.asarray(gamma), "bias": jnp.zeros(5)}}
+    stats = {"BatchNorm_0": {"mean": jnp.zeros(5), "var": jnp.asarray(var)}}
+    for energy_transfer in (False, True):
+        out = project_params(params, ranks={"Conv_0/kernel": 2}, batch_stats=stats,
+                             bn_rectification=True, energy_transfer=energy_transfer)
+        np.testing.assert_allclose(np.asarray(out["Conv_0"]["kernel"]),
+                                   bn_reference(kernel, gamma, var, 2, energy_transfer),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out["BatchNorm_0"]["scale"]), gamma)
+
+
+def test_bn_rectification_on_linen_and_nnx_resnet_blocks():
+    variables = block_variables()
+    params, stats = variables["params"], variables["batch_stats"]
+    out = project_params(params, ratio=0.5, batch_stats=stats, bn_rectification=True)
+    pairs = {"conv1": "bn1", "conv2": "bn2", "shortcut_conv": "shortcut_bn"}
+    for conv, bn in pairs.items():
+        kernel = np.asarray(params[conv]["kernel"])
+        rank = max(1, int(min(kernel.size // 8, 8) * 0.5))
+        expected = bn_reference(kernel, params[bn]["scale"], stats[bn]["var"], rank, True)
+        np.testing.assert_allclose(np.asarray(out[conv]["kernel"]), expected, rtol=1e-4,
+                                   atol=1e-5)
+
+    # The NNX block with the same numbers gives the same kernels.
+    model = NNXBlock(nnx.Rngs(0))
+    linen = {jaxlr.matrices.path_str(jaxlr.matrices.path_names(p)): v
+             for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+
+    def from_linen(collection):
+        return lambda p, v: linen["/".join((collection, *jaxlr.matrices.path_names(p)))]
+
+    nnx_params = jax.tree_util.tree_map_with_path(from_linen("params"),
+                                                  nnx.state(model, nnx.Param))
+    nnx_stats = jax.tree_util.tree_map_with_path(from_linen("batch_stats"),
+                                                 nnx.state(model, nnx.BatchStat))
+    nnx_out = project_params(nnx_params, ratio=0.5, batch_stats=nnx_stats, bn_rectification=True)
+    for conv in pairs:
+        np.testing.assert_array_equal(np.asarray(nnx_out[conv]["kernel"]),
+                                      np.asarray(out[conv]["kernel"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training a tiny ResNet block under each variant, and composition with optax.
+
+
+@pytest.mark.parametrize("energy_transfer, bn_rectification",
+                         [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["LRP", "LRP+ET", "LRP+BNR", "LRPET"])
+def test_tiny_resnet_trains_under_each_variant_and_ends_at_rank_r(energy_transfer,
+                                                                  bn_rectification):
+    variables = block_variables()
+    params, stats = variables["params"], variables["batch_stats"]
+    options = {"ratio": 0.5, "energy_transfer": energy_transfer,
+               "bn_rectification": bn_rectification}
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9),
+                     low_rank_projection(every=2, **options))
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, stats, state):
+        def loss_fn(params):
+            logits, updated = Block().apply({"params": params, "batch_stats": stats}, X,
+                                            mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
+            return loss, updated["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, state = tx.update(grads, state, params, batch_stats=stats)
+        return optax.apply_updates(params, updates), stats, state, loss
+
+    losses = []
+    for _ in range(6):
+        params, stats, state, loss = step(params, stats, state)
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    final = project_params(params, batch_stats=stats, **options)
+    for name, n in (("conv1", 36), ("conv2", 72), ("shortcut_conv", 4)):
+        assert numerical_rank(np.asarray(final[name]["kernel"]).reshape(n, 8)) <= min(n, 8) // 2
+
+
+def test_composes_with_multisteps_inject_hyperparams_and_masked():
+    params = block_variables()["params"]
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+    inner = optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                        low_rank_projection(ratio=0.5, every=1))
+    tx = optax.MultiSteps(inner, every_k_schedule=2)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)  # accumulating: no step, no projection
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert numerical_rank(np.asarray(new["conv2"]["kernel"]).reshape(72, 8)) <= 4
+
+    only_conv1 = optax.masked(
+        low_rank_projection(ratio=0.5),
+        lambda p: jax.tree_util.tree_map_with_path(
+            lambda path, _: jaxlr.matrices.path_names(path)[0] == "conv1", p),
+    )
+    masked = optax.chain(optax.sgd(0.1), only_conv1)
+    updates, _ = masked.update(grads, masked.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert numerical_rank(np.asarray(new["conv1"]["kernel"]).reshape(36, 8)) <= 4
+    assert numerical_rank(np.asarray(new["conv2"]["kernel"]).reshape(72, 8)) == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input_is_rejected_with_the_allowed_values():
+    params = block_variables()["params"]
+    grads = jax.tree.map(jnp.zeros_like, params)
+    with pytest.raises(ValueError, match=r"ratio must lie in \[0.0, 1.0\), got 1.0"):
+        low_rank_projection(ratio=1.0)
+    with pytest.raises(ValueError, match="exactly one of ratio"):
+        low_rank_projection()
+    with pytest.raises(ValueError, match="every must be an int >= 1, got 0"):
+        low_rank_projection(ratio=0.5, every=0)
+    with pytest.raises(ValueError, match="end must be an int >= start"):
+        low_rank_projection(ratio=0.5, every=4, end=2)
+    tx = low_rank_projection(ratio=0.5)
+    with pytest.raises(ValueError, match="needs params: put it last"):
+        tx.update(grads, tx.init(params))
+    tx = low_rank_projection(ranks={"conv1/kernel": 9, "conv2/kernel": 2,
+                                    "shortcut_conv/kernel": 1})
+    with pytest.raises(ValueError, match=r"rank for 'conv1/kernel' is 9; .* = 8"):
+        tx.update(grads, tx.init(params), params)
+    tx = low_rank_projection(ratio=0.5, bn_rectification=True)
+    with pytest.raises(ValueError, match="needs the BatchNorm statistics"):
+        tx.update(grads, tx.init(params), params)
+    stats = block_variables()["batch_stats"]
+    tx = low_rank_projection(ratio=0.5, bn_rectification=True, bn_pairs={"conv1/kernel": "bn9"})
+    with pytest.raises(ValueError, match="pairs 'conv1/kernel' with 'bn9'"):
+        tx.update(grads, tx.init(params), params, batch_stats=stats)
+    lonely = {"layer": {"kernel": jnp.ones((3, 3, 2, 4))}}
+    with pytest.raises(ValueError, match="no BatchNorm follows 'layer/kernel'"):
+        project_params(lonely, ratio=0.5, batch_stats={}, bn_rectification=True)
+    with pytest.raises(ValueError, match="LoRITa-factorized tree"):
+        project_params(lorita.factorize(params, 2, jax.random.key(0)), ratio=0.5)
+
+
+def test_callable_ranks_and_bfloat16_final_projection():
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), block_variables()["params"])
+    out = project_params(params, ranks=lambda path, shape: 3 if path.startswith("conv") else 1)
+    assert out["conv2"]["kernel"].dtype == jnp.bfloat16
+    s = np.linalg.svd(np.asarray(out["conv2"]["kernel"], np.float64).reshape(72, 8),
+                      compute_uv=False)
+    # Rank 3 up to bfloat16's rounding of the entries (2^-8 relative).
+    assert s[3] <= 1e-2 * s[0]
+    s = np.linalg.svd(np.asarray(out["shortcut_conv"]["kernel"], np.float64).reshape(4, 8),
+                      compute_uv=False)
+    assert s[1] <= 1e-2 * s[0]
