@@ -212,11 +212,12 @@ def _bn_scales(
     return scales
 
 
-def _project(params: Any, batch_stats: Any, options: _Options) -> Any:
+def _project(params: Any, batch_stats: Any, options: _Options) -> tuple[Any, dict[str, int]]:
+    """The projected tree, and the ranks of the matrices it projected."""
     ranks = _ranks_of(params, options)
     if not options.bn_rectification:
         return svd.project_tree(params, ranks, energy_transfer=options.energy_transfer,
-                                method=options.method, view=options.view).params
+                                method=options.method, view=options.view).params, ranks
     scales = _bn_scales(params, batch_stats, ranks, options)
 
     def scaled(by: Callable[[jax.Array], jax.Array]) -> Callable[[Any, Any], Any]:
@@ -230,9 +231,10 @@ def _project(params: Any, batch_stats: Any, options: _Options) -> Any:
     folded = jax.tree_util.tree_map_with_path(scaled(lambda a: a), params)
     projected = svd.project_tree(folded, ranks, energy_transfer=options.energy_transfer,
                                  method=options.method, view=options.view).params
-    return jax.tree_util.tree_map_with_path(
+    unfolded = jax.tree_util.tree_map_with_path(
         scaled(lambda a: a / (a * a + _BN_INVERSE_EPSILON)), projected
     )
+    return unfolded, ranks
 
 
 def low_rank_projection(
@@ -327,7 +329,14 @@ def low_rank_projection(
 
         def projected() -> Any:
             new = optax.apply_updates(params, updates)
-            return jax.tree.map(jnp.subtract, _project(new, batch_stats, options), params)
+            target, ranks = _project(new, batch_stats, options)
+
+            # Projected matrices move to their projection; every other leaf keeps its update.
+            def emit(path: Any, update: Any, goal: Any, param: Any) -> Any:
+                name = matrices.path_str(matrices.path_names(path))
+                return goal - param if name in ranks else update
+
+            return jax.tree_util.tree_map_with_path(emit, updates, target, params)
 
         updates = jax.lax.cond(due, projected, lambda: updates)
         return updates, LowRankProjectionState(count=optax.safe_int32_increment(state.count))
@@ -364,4 +373,4 @@ def project_params(
     """
     options = _options(ratio, ranks, energy_transfer, bn_rectification, bn_pairs, bn_epsilon,
                        missing_bn, filter, view, method)
-    return _project(params, batch_stats, options)
+    return _project(params, batch_stats, options)[0]

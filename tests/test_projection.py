@@ -101,7 +101,9 @@ def test_projection_step_gives_rank_r_and_keeps_the_norm(energy_transfer):
         np.testing.assert_allclose(kernel, np_project(before, rank, energy_transfer), atol=1e-5)
         if energy_transfer:
             assert np.linalg.norm(kernel) == pytest.approx(np.linalg.norm(before), rel=1e-5)
-    # The classifier is not projected: it took the plain SGD step.
+    # The classifier is not projected: its update is the plain SGD step, bit for bit.
+    np.testing.assert_array_equal(np.asarray(updates["head"]["kernel"]),
+                                  np.asarray(-0.1 * grads["head"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(new["head"]["kernel"]),
                                   np.asarray(stepped["head"]["kernel"]))
 
