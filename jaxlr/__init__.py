@@ -11,10 +11,15 @@ The public API, re-exported from the modules that define it:
 * :mod:`jaxlr.projection`: LRPET's periodic low-rank projection as an optax transformation.
 * :mod:`jaxlr.compress`: after training: the truncated tree, its factor pairs and a report (the
   package exports its function, ``jaxlr.compress``; import its types from the module).
+* :mod:`jaxlr.lowrank`: compressed inference: unchanged Linen and NNX models run on factor pairs.
+* :mod:`jaxlr.cost`: parameters and multiply-accumulates of a forward pass, per layer, and XLA's
+  count.
+* :mod:`jaxlr.export`: save and load compressed trees (factor pairs) with orbax-checkpoint.
 """
 
-from jaxlr import lorita, matrices, projection, ranks, svd
+from jaxlr import cost, export, lorita, lowrank, matrices, projection, ranks, svd
 from jaxlr.compress import Compression, CompressionReport, compress
+from jaxlr.cost import ForwardCost, LayerCost, forward_cost
 from jaxlr.lorita import (
     Factored,
     collapse,
@@ -23,6 +28,7 @@ from jaxlr.lorita import (
     from_dense,
     weight_decay_mask,
 )
+from jaxlr.lowrank import LowRank, lowrank_params
 from jaxlr.matrices import (
     MatrixView,
     default_view,
@@ -59,17 +65,23 @@ __all__ = [
     "CompressionReport",
     "Factored",
     "Factorization",
+    "ForwardCost",
+    "LayerCost",
+    "LowRank",
     "LowRankProjectionState",
     "MatrixView",
     "Projection",
     "Ranks",
     "collapse",
     "compress",
+    "cost",
     "coupled_adam",
     "default_view",
     "energy_ranks",
+    "export",
     "factorize",
     "fixed_ranks",
+    "forward_cost",
     "from_dense",
     "gsvt_ranks",
     "is_kernel",
@@ -77,6 +89,8 @@ __all__ = [
     "kernel_kinds",
     "lorita",
     "low_rank_projection",
+    "lowrank",
+    "lowrank_params",
     "lsvt_ranks",
     "matrices",
     "matrix_leaves",

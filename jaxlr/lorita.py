@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlr import matrices
+from jaxlr import matrices, svd
 from jaxlr.matrices import MatrixView
 
 __all__ = [
@@ -158,7 +158,7 @@ def _balanced_factors(matrix: jax.Array, shapes: list[tuple[int, int]]) -> tuple
     """
     depth = len(shapes)
     work = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
-    u, s, vt = jnp.linalg.svd(work, full_matrices=False)
+    u, s, vt = svd.thin_svd(work)
     root = s ** (1.0 / depth)
     k = s.shape[0]
     factors = []

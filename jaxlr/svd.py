@@ -56,6 +56,7 @@ __all__ = [
     "project_tree",
     "singular_values",
     "singular_values_tree",
+    "thin_svd",
     "truncated_factors",
     "truncated_factors_tree",
 ]
@@ -142,6 +143,24 @@ Triplets = tuple[jax.Array, jax.Array, jax.Array]
 _QR_FIRST = 2
 
 
+def thin_svd(matrix: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``jnp.linalg.svd(matrix, full_matrices=False)``, with the QR algorithm on GPUs.
+
+    On NVIDIA and AMD GPUs JAX's default SVD is Jacobi's (cuSolver ``gesvdj``), accurate to only
+    about ``2e-4`` in float32 on a 512 x 512 matrix (reconstruction and orthogonality, measured on
+    an H100), where the QR algorithm gives ``4e-6`` for 2.3x the time. On the CPU the default
+    (LAPACK's divide and conquer) is both accurate and 8x faster than QR there, so it stays.
+    """
+
+    def default(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return lax.linalg.svd(m, full_matrices=False)
+
+    def qr(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return lax.linalg.svd(m, full_matrices=False, algorithm=lax.linalg.SvdAlgorithm.QR)
+
+    return lax.platform_dependent(matrix, cuda=qr, rocm=qr, default=default)
+
+
 def _thin_svd(matrix: jax.Array, rank: int) -> Triplets:
     rows, cols = matrix.shape
     if cols >= _QR_FIRST * rows:
@@ -149,11 +168,11 @@ def _thin_svd(matrix: jax.Array, rank: int) -> Triplets:
         return vt.T, s, u.T
     if rows >= _QR_FIRST * cols:
         # W = Q R and R = U_R S V^T give W's S and V; W V_r = U_r S_r gives U_r.
-        _, s, vt = jnp.linalg.svd(jnp.linalg.qr(matrix, mode="r"), full_matrices=False)
+        _, s, vt = thin_svd(jnp.linalg.qr(matrix, mode="r"))
         s, vt = s[:rank], vt[:rank]
         scaled = jnp.matmul(matrix, vt.T, precision=_HIGHEST)
         return scaled / jnp.where(s > 0, s, 1), s, vt
-    u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+    u, s, vt = thin_svd(matrix)
     return u[:, :rank], s[:rank], vt[:rank]
 
 

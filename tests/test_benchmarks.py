@@ -27,3 +27,44 @@ def test_bench_tree_runs_and_every_method_is_accurate():
     kernel = np.asarray(tree["block"]["conv1"]["kernel"]).reshape(72, 16)
     s = np.linalg.svd(kernel, compute_uv=False)
     assert s[8] < 0.2 * s[7]
+
+
+def test_lowrank_inference_bench_hits_its_flop_target_and_its_prediction(monkeypatch):
+    from experiments.benchmarks import lowrank_inference
+    from experiments.models import CifarResNet
+
+    monkeypatch.setitem(lowrank_inference.MODELS, "tiny", (lambda: CifarResNet(depth=8), 0.5))
+    row = lowrank_inference.bench("tiny", batch=2, repeats=1, align=8)
+    assert row["mac_reduction"] >= 0.5  # the largest ratio that still reaches the target
+    assert row["factored_layers"] == row["ranked_layers"] == 7
+    assert row["max_rel_output_error"] < 1e-4
+    assert row["params_after"] < row["params_before"]
+    assert row["goal"] == round(0.7 / (1 - row["mac_reduction"]), 3)
+
+
+def test_predicted_macs_equal_the_count_of_the_factored_model():
+    import jax
+    import jax.numpy as jnp
+
+    import jaxlr
+    from experiments.benchmarks import lowrank_inference
+    from experiments.models import CifarResNet
+    from jaxlr import lowrank
+
+    model = CifarResNet(depth=8)
+    x = jnp.ones((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+
+    def fn(p, x, apply=model.apply):
+        return apply({**variables, "params": p}, x)
+
+    dense = jaxlr.forward_cost(fn, params, x, xla=False)
+    leaves = jaxlr.matrix_leaves(params)
+    ranks = lowrank_inference.conv_ranks(dense, leaves, 0.3, 1)
+    assert dict(ranks)["stage2_block0/conv2/kernel"] == round(0.3 * 64)
+    result = jaxlr.compress(params, ranks)
+    factored = jaxlr.forward_cost(
+        lambda p, x: lowrank.apply(model, {**variables, "params": p}, x),
+        lowrank.lowrank_params(result.params, result.factors), x, xla=False)
+    assert lowrank_inference.predicted_macs(dense, leaves, ranks) == factored.macs

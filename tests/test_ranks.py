@@ -124,6 +124,19 @@ def test_retained_fraction_and_overrides():
         jaxlr.retained_fraction({"a": 1})
 
 
+@pytest.mark.parametrize("multiple", [1, 3, 8])
+def test_rounded_up_ranks_by_hand(multiple):
+    ranks = Ranks({"a": 1, "b": 6, "c": 13, "d": 16}, full={"a": 4, "b": 16, "c": 14, "d": 64})
+    rounded = ranks.rounded_up(multiple)
+    for name, rank in ranks.items():
+        expected = min(ranks.full[name], multiple * ((rank + multiple - 1) // multiple))
+        assert rounded[name] == expected and rounded[name] >= rank
+    assert dict(ranks.rounded_up(8)) == {"a": 4, "b": 8, "c": 14, "d": 16}
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="multiple must be a positive integer"):
+            ranks.rounded_up(bad)
+
+
 def test_policies_reject_bad_input_when_called():
     tree = tree_of((8, 6))
     with pytest.raises(ValueError, match=r"ratio must lie in \[0.0, 1.0\), got 1.0"):
