@@ -1,4 +1,14 @@
-"""Runnable experiments built on jaxlr: the quickstart, benchmarks, and (soon) the papers' tables.
+"""Runnable experiments built on jaxlr: the main job, the shared pieces, benchmarks.
 
-Run modules from the root of the checkout, e.g. ``python -m experiments.quickstart``.
+Run modules from the root of the checkout: ``python -m experiments`` (the main job,
+:mod:`experiments.main`), ``python -m experiments.data prepare cifar10``,
+``python -m experiments.benchmarks.svd_projection``.
+
+* :mod:`experiments.data`: data sets (embedded digits, tensorflow-datasets, IDX files), splits,
+  augmentation, batches.
+* :mod:`experiments.models`: the papers' Linen models.
+* :mod:`experiments.train`: the one training loop, with orbax checkpoints and metrics.
+* :mod:`experiments.truncation`: LSVT / GSVT sweeps and their acceptance on validation.
+* :mod:`experiments.results`, :mod:`experiments.plots`, :mod:`experiments.presets`: tables,
+  figures, presets and the shared command line.
 """

@@ -1,0 +1,271 @@
+"""The main job: LoRITa and LRPET end to end on the embedded digits data, in a few minutes on a CPU.
+
+``python -m experiments`` runs it with the ``default`` preset (``--preset smoke`` for a run of
+seconds; ``--set field=value`` changes one setting; ``--output-dir`` moves the results). Three
+parts, every choice made on the validation split and the test split only reported:
+
+1. **LoRITa, N = 1 and N = 3.** An FCN (``fcn_depth`` Dense layers of ``fcn_width``) is trained
+   with every kernel a product of N matrices (Adam with coupled L2 decay, the paper's optimizer),
+   for each weight decay in ``weight_decays``; per N the run with the best validation accuracy is
+   kept (ties: the larger decay).
+2. **Truncation.** The kept models' hidden matrices (the classifier is left whole) are truncated
+   at each budget by LSVT (every matrix keeps the same fraction) and GSVT (one ranking of all
+   singular values); the accepted budget per policy is the smallest whose validation accuracy
+   is within ``tolerance`` of the untruncated model's.
+3. **LRPET against plain LRP.** A small VGG-style CNN with BatchNorm is trained with SGD, its
+   convolutions projected once per epoch to the rank of the unique pruning ratio ``ratio``: by
+   plain LRP (no energy transfer, no BN rectification) and by LRPET (both); as a reference, the
+   same CNN trained without projection, dense and truncated once after training. Every compressed
+   model is evaluated running its factor pairs (:func:`jaxlr.lowrank.apply`).
+
+Written to the results directory (``results/PRESET`` by default): ``config.json``; tables as
+markdown and CSV (``lorita_training``, ``lorita_truncation``, ``lorita_accepted``, ``lrpet``) and
+all of them in ``summary.md``; plots ``accuracy_drop.png`` (accuracy drop against retained
+singular values), ``singular_values.png`` (their decay per layer, N = 1 and N = 3) and
+``lrpet_training.png``; per training run, ``runs/NAME/metrics.jsonl`` and its orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxlr
+from experiments import data as data_lib
+from experiments import models, plots, presets, truncation
+from experiments.results import Column, Results
+from experiments.train import Task, TrainConfig, evaluate, lorita_task, train
+from jaxlr import lorita
+
+__all__ = ["PRESETS", "Config", "main", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the main job (see the module's documentation).
+
+    Attributes:
+      data: the data set (:func:`experiments.data.load`): ``digits`` (embedded), ``idx:DIR``,
+        ``mnist``, ...
+      data_dir: tensorflow-datasets' data_dir, for tfds data sets.
+      seed: seeds the split, initialisation, shuffling.
+      batch_size: of training.
+      depths: LoRITa's N values.
+      fcn_depth: Dense layers of the FCN, classifier included.
+      fcn_width: units of each hidden layer.
+      lorita_epochs: training epochs of each LoRITa run.
+      learning_rate: Adam's learning rate.
+      weight_decays: coupled L2 decays tried per N (chosen on validation).
+      budgets: fractions of singular values kept by LSVT and GSVT.
+      tolerance: accepted validation accuracy drop of a truncation (fraction, 0.01 = 1 point).
+      cnn: the VGG-style CNN's layers (:class:`experiments.models.VGG` ``config``).
+      lrpet_epochs: training epochs of each LRPET run (projection once per epoch).
+      ratio: LRPET's unique pruning ratio p (rank ``max(1, floor(n - n p))``).
+      sgd_learning_rate: SGD's learning rate, divided by 10 at 50% and 75% of training.
+      sgd_weight_decay: SGD's (coupled) weight decay.
+      checkpoint_every: epochs between the periodic checkpoints of a run.
+    """
+
+    data: str = "digits"
+    data_dir: str | None = None
+    seed: int = 0
+    batch_size: int = 64
+    depths: tuple[int, ...] = (1, 3)
+    fcn_depth: int = 3
+    fcn_width: int = 256
+    lorita_epochs: int = 60
+    learning_rate: float = 1e-3
+    weight_decays: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
+    tolerance: float = 0.01
+    cnn: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M")
+    lrpet_epochs: int = 30
+    ratio: float = 0.8
+    sgd_learning_rate: float = 0.05
+    sgd_weight_decay: float = 5e-4
+    checkpoint_every: int = 10
+
+
+PRESETS = {
+    "default": Config(),
+    "smoke": Config(lorita_epochs=2, weight_decays=(1e-3,), budgets=(0.5, 0.1), fcn_width=32,
+                    cnn=(8, "M", 16, "M"), lrpet_epochs=2, checkpoint_every=1),
+}
+
+
+def _best_by_validation(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the highest validation accuracy; ties go to the larger weight decay."""
+    return max(runs, key=lambda r: (r["validation"], r["weight_decay"]))
+
+
+def lorita_part(config: Config, data: data_lib.Dataset, results: Results,
+                progress: bool) -> dict[str, Any]:
+    """Trains the FCNs, sweeps LSVT / GSVT, accepts budgets; returns what the tables hold."""
+    model = models.FCN(config.fcn_depth, config.fcn_width, num_classes=data.num_classes)
+    hidden = jaxlr.kernel_filter(exclude="head")
+    training, sweeps, accepted, spectra, curves, styles = [], {}, [], {}, {}, {}
+    for depth in config.depths:
+        runs = []
+        for decay in config.weight_decays:
+            name = f"lorita_N{depth}_wd{decay:g}"
+            task = lorita_task(model, lorita.coupled_adam(config.learning_rate, decay), depth)
+            result = train(task, data, TrainConfig(
+                config.lorita_epochs, config.batch_size, config.seed,
+                checkpoint_every=config.checkpoint_every, progress=progress),
+                workdir=results.file(f"runs/{name}"), label=name)
+            runs.append({"N": depth, "weight_decay": decay, "best_epoch": result.best_epoch,
+                         "validation": result.best_accuracy,
+                         "test": evaluate(model, result.best, data, "test")["accuracy"],
+                         "variables": result.best})
+        chosen = _best_by_validation(runs)
+        for r in runs:
+            training.append({**r, "chosen": "yes" if r is chosen else ""})
+        rows = truncation.sweep(model, chosen["variables"], data, config.budgets, filter=hidden)
+        sweeps[depth] = rows
+        reference = rows[0]
+        chosen_rows = truncation.accept(rows, config.tolerance)
+        for policy in truncation.POLICIES:  # "-" where no budget is within the tolerance
+            accepted.append({"N": depth, "weight_decay": chosen["weight_decay"],
+                             **chosen_rows.get(policy, {}), "policy": policy})
+        for policy in truncation.POLICIES:
+            label = f"N = {depth}, {policy}"
+            curves[label] = [(r["retained"], reference["test"] - r["test"])
+                             for r in rows if r["policy"] in (policy, "none")]
+            styles[label] = {"color": f"C{len(spectra)}",
+                             "linestyle": "--" if policy == "LSVT" else "-",
+                             "marker": "s" if policy == "LSVT" else "o"}
+        spectra[f"N = {depth} (weight decay {chosen['weight_decay']:g})"] = {
+            name: np.asarray(values) for name, values in
+            jaxlr.singular_values_tree(chosen["variables"]["params"], filter=hidden).items()}
+
+    tables = {
+        "lorita_training": results.table("lorita_training", training, [
+            Column("N"), Column("weight_decay", "weight decay", "g"),
+            Column("best_epoch", "best epoch"), Column("validation", "val acc", ".4f"),
+            Column("test", "test acc", ".4f"), Column("chosen")],
+            "LoRITa training runs; per N the best validation accuracy is chosen."),
+        "lorita_truncation": results.table(
+            "lorita_truncation",
+            [{"N": n, **r} for n, rows in sweeps.items() for r in rows], [
+                Column("N"), Column("policy"), Column("budget", "budget", ".0%"),
+                Column("retained", "retained SVs", ".1%"),
+                Column("params_fraction", "params kept", ".1%"),
+                Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")],
+            "Accuracy after truncating the hidden layers' singular values."),
+        "lorita_accepted": results.table("lorita_accepted", accepted, [
+            Column("N"), Column("weight_decay", "weight decay", "g"), Column("policy"), Column("retained", "retained SVs", ".1%"),
+            Column("params_fraction", "params kept", ".1%"),
+            Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")],
+            f"Fewest retained singular values within {config.tolerance:.0%} of the untruncated "
+            "validation accuracy (chosen on validation)."),
+    }
+    plots.accuracy_drop(curves, results.file("accuracy_drop.png"),
+                        title=f"LoRITa on {data.name}: truncation of an FCN", styles=styles)
+    plots.singular_value_decay(spectra, results.file("singular_values.png"))
+    return {"tables": tables, "sweeps": sweeps, "accepted": accepted, "training": training}
+
+
+def _macs(model: Any, variables: dict[str, Any], sample: np.ndarray, factored: bool) -> int:
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    apply = jaxlr.lowrank.apply if factored else type(model).apply
+
+    def forward(params: Any, x: jax.Array) -> jax.Array:
+        return apply(model, {"params": params, **rest}, x, train=False)
+
+    return jaxlr.forward_cost(forward, variables["params"], sample, xla=False).macs
+
+
+def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
+               progress: bool) -> dict[str, Any]:
+    """Trains the CNN without projection, with LRP and with LRPET; compares at the same ranks."""
+    model = models.VGG(config=config.cnn, num_classes=data.num_classes)
+    steps_per_epoch = len(data.train) // config.batch_size
+    total = config.lrpet_epochs * steps_per_epoch
+    schedule = optax.piecewise_constant_schedule(
+        config.sgd_learning_rate, {total // 2: 0.1, (3 * total) // 4: 0.1})
+    variants = {
+        "no projection": None,
+        "LRP": jaxlr.low_rank_projection(config.ratio, every=steps_per_epoch,
+                                         energy_transfer=False),
+        "LRPET": jaxlr.low_rank_projection(config.ratio, every=steps_per_epoch,
+                                           bn_rectification=True),
+    }
+    sample = data.normalize(data.test.images[:1])
+    rows, histories = [], {}
+    for name, projection in variants.items():
+        optimizer = optax.chain(optax.add_decayed_weights(config.sgd_weight_decay),
+                                optax.sgd(schedule, momentum=0.9),
+                                *([projection] if projection is not None else []))
+        slug = name.lower().replace(" ", "_")
+        result = train(Task(model, optimizer), data, TrainConfig(
+            config.lrpet_epochs, config.batch_size, config.seed,
+            checkpoint_every=config.checkpoint_every, progress=progress),
+            workdir=results.file(f"runs/{slug}"), label=slug)
+        histories[name] = result.history
+        variables = result.best
+        dense_macs = _macs(model, variables, sample, factored=False)
+        if projection is None:
+            rows.append({"method": "no projection, dense", "ranks": "full", "params_fraction": 1.0,
+                         "macs_fraction": 1.0, "best_epoch": result.best_epoch,
+                         **{s: evaluate(model, variables, data, s)["accuracy"]
+                            for s in ("validation", "test")}})
+            name = "no projection, truncated after training"
+        ranks = jaxlr.ratio_ranks(variables["params"], config.ratio,
+                                  filter=jaxlr.projection.conv_kernels)
+        compression = jaxlr.compress(variables["params"], ranks)
+        factored = {**variables, "params": jaxlr.lowrank_params(compression.params,
+                                                                compression.factors)}
+        report = compression.report
+        rows.append({
+            "method": name, "ranks": "/".join(str(r) for r in ranks.values()),
+            "params_fraction": report.params_after / report.params_before,
+            "macs_fraction": _macs(model, factored, sample, factored=True) / dense_macs,
+            "best_epoch": result.best_epoch,
+            **{s: evaluate(model, factored, data, s, factored=True)["accuracy"]
+               for s in ("validation", "test")}})
+    table = results.table("lrpet", rows, [
+        Column("method"), Column("ranks", "conv ranks"),
+        Column("params_fraction", "params kept", ".1%"),
+        Column("macs_fraction", "MACs kept", ".1%"), Column("best_epoch", "best epoch"),
+        Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")],
+        f"VGG-style CNN {list(config.cnn)}, convolutions at p = {config.ratio}; compressed models "
+        "run as factor pairs.")
+    plots.training_curves(histories, results.file("lrpet_training.png"))
+    return {"tables": {"lrpet": table}, "rows": rows}
+
+
+def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
+    """Runs the main job; returns its tables (markdown) and rows."""
+    began = time.perf_counter()
+    data = data_lib.load(config.data, config.data_dir, config.seed)
+    results.json("config", config)
+    print(f"{data.name}: {len(data.train)} train / {len(data.validation)} validation / "
+          f"{len(data.test)} test images of shape {data.image_shape}; results in {results.path}")
+    lorita_out = lorita_part(config, data, results, progress)
+    lrpet_out = lrpet_part(config, data, results, progress)
+    tables = {**lorita_out["tables"], **lrpet_out["tables"]}
+    seconds = time.perf_counter() - began
+    summary = [f"# Main job on {data.name} ({seconds:.0f} s, {jax.devices()[0].platform})", ""]
+    for name, table in tables.items():
+        caption = results.file(f"{name}.md").read_text().split("\n\n")[0]
+        summary += [f"## {name}", "", caption, "", table, ""]
+    results.file("summary.md").write_text("\n".join(summary))
+    print("\n".join(summary))
+    return {"tables": tables, "lorita": lorita_out, "lrpet": lrpet_out, "seconds": seconds}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0])
+    jnp.zeros(())  # initialise the backend before the first progress bar
+    return run(config, Results(output), progress)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The training loop shared by every experiment: one jitted step, validation, checkpoints, metrics.
+
+What is trained is a :class:`Task`: a Linen model, an optax optimizer and, for LoRITa, the
+reparameterisation of its parameters. The methods plug in without a copy of the loop:
+
+* LoRITa: :func:`lorita_task` trains :func:`jaxlr.lorita.factorize` d parameters; the model runs on
+  :func:`jaxlr.lorita.collapse` of them.
+* LRPET: put :func:`jaxlr.low_rank_projection` last in the optimizer; the step passes the new
+  BatchNorm statistics as its ``batch_stats`` extra argument.
+
+:func:`train` evaluates on the validation split after every epoch, keeps the best variables (by
+validation accuracy; the test split is never read here), writes one JSON line per epoch to
+``workdir/metrics.jsonl``, shows a progress bar, and with a ``workdir`` saves through orbax
+``CheckpointManager`` s: ``workdir/checkpoints/last`` every ``checkpoint_every`` epochs (to resume)
+and ``workdir/checkpoints/best`` when validation accuracy improves. Called again with the same
+``workdir`` it resumes from the last checkpoint; shuffling and augmentation are seeded by
+``(seed, epoch)`` and dropout by the step, so a resumed run ends with the same parameters as one
+that was never interrupted.
+
+Example:
+  >>> import optax
+  >>> from experiments import data as data_lib, models
+  >>> data = data_lib.load("digits")
+  >>> task = Task(models.FCN(depth=2, width=32), optax.adam(1e-2))
+  >>> result = train(task, data, TrainConfig(epochs=2, batch_size=64, progress=False))
+  >>> result.best_accuracy > 0.5
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from experiments import data as data_lib
+from jaxlr import lorita, lowrank
+
+__all__ = [
+    "Callback",
+    "Task",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "evaluate",
+    "lorita_task",
+    "train",
+]
+
+
+def _identity_params(params: Any) -> Any:
+    return params
+
+
+def _keep_params(params: Any, key: jax.Array) -> Any:
+    del key
+    return params
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What is trained, and how.
+
+    Attributes:
+      model: a Linen model called as ``model.apply(variables, images, train=...)``.
+      optimizer: an optax transformation; one that takes extra arguments receives the step's new
+        BatchNorm statistics as ``batch_stats`` (LRPET's projection).
+      reparameterize: ``(params, key) -> trained tree``, applied once to the initial parameters
+        (LoRITa: :func:`jaxlr.lorita.factorize`).
+      model_params: ``trained tree -> params`` the model runs on (LoRITa:
+        :func:`jaxlr.lorita.collapse`).
+      label_smoothing: of the cross-entropy loss, in ``[0, 1)``.
+    """
+
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    reparameterize: Callable[[Any, jax.Array], Any] = _keep_params
+    model_params: Callable[[Any], Any] = _identity_params
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+
+
+def lorita_task(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    depth: int,
+    label_smoothing: float = 0.0,
+    **factorize_options: Any,
+) -> Task:
+    """A :class:`Task` training every kernel of ``model`` as a product of ``depth`` factors."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an int >= 1, got {depth!r}.")
+
+    def reparameterize(params: Any, key: jax.Array) -> Any:
+        return lorita.factorize(params, depth, key, **factorize_options)
+
+    return Task(model, optimizer, reparameterize, lorita.collapse, label_smoothing)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to train.
+
+    Attributes:
+      epochs: passes over the training split.
+      batch_size: examples per step (the last incomplete batch of an epoch is dropped).
+      seed: seeds initialisation, shuffling, augmentation and dropout.
+      augmentation: applied to training batches (``None``: none).
+      eval_batch_size: examples per evaluation batch.
+      checkpoint_every: epochs between saves of the last checkpoint (with a ``workdir``).
+      progress: show a progress bar.
+    """
+
+    epochs: int
+    batch_size: int = 128
+    seed: int = 0
+    augmentation: data_lib.Augmentation | None = None
+    eval_batch_size: int = 1000
+    checkpoint_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes.
+
+    Attributes:
+      step: the number of steps taken (int32 scalar).
+      params: the trained tree (factors for LoRITa).
+      batch_stats: the model's BatchNorm statistics (``{}`` without BatchNorm).
+      opt_state: the optimizer's state.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns.
+
+    Attributes:
+      state: the state after the last epoch.
+      variables: ``{"params", "batch_stats"}`` the model runs on, after the last epoch.
+      best: the same, from the epoch with the best validation accuracy.
+      best_epoch: that epoch (1-based).
+      best_accuracy: its validation accuracy.
+      history: one record per epoch (also the lines of ``metrics.jsonl``).
+    """
+
+    state: TrainState
+    variables: dict[str, Any]
+    best: dict[str, Any]
+    best_epoch: int
+    best_accuracy: float
+    history: list[dict[str, Any]]
+
+
+Callback = Callable[[int, dict[str, Any], TrainState], None]
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def _make_step(task: Task, dropout_key: jax.Array) -> Callable[..., Any]:
+    optimizer = optax.with_extra_args_support(task.optimizer)
+
+    @jax.jit
+    def step(
+        state: TrainState, images: jax.Array, labels: jax.Array
+    ) -> tuple[TrainState, jax.Array, jax.Array]:
+        rngs = {"dropout": jax.random.fold_in(dropout_key, state.step)}
+
+        def loss_fn(trained: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            variables = _variables(task.model_params(trained), state.batch_stats)
+            logits, mutated = task.model.apply(
+                variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+            loss = _cross_entropy(logits, labels, task.label_smoothing).mean()
+            return loss, (logits, mutated.get("batch_stats", {}))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = optimizer.update(
+            grads, state.opt_state, state.params, batch_stats=batch_stats)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        return TrainState(state.step + 1, params, batch_stats, opt_state), loss, correct
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_batch(
+    model: nn.Module,
+    factored: bool,
+    variables: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    if factored:
+        logits = lowrank.apply(model, variables, images, train=False)
+    else:
+        logits = model.apply(variables, images, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels) & mask
+    return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(correct)
+
+
+def evaluate(
+    model: nn.Module,
+    variables: dict[str, Any],
+    data: data_lib.Dataset,
+    split: str = "validation",
+    batch_size: int = 1000,
+    *,
+    factored: bool = False,
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` with ``variables`` on one split.
+
+    Every batch has ``batch_size`` rows (the last one padded and masked), so a model compiles once
+    however many times it is evaluated. With ``factored``, ``variables`` may hold
+    :class:`jaxlr.LowRank` factor pairs (:func:`jaxlr.lowrank_params`) and the model runs them
+    as two thin layers (:func:`jaxlr.lowrank.apply`).
+    """
+    part = data.split(split)
+    size = min(batch_size, len(part))
+    loss, correct = 0.0, 0
+    for start in range(0, len(part), size):
+        images = data.normalize(part.images[start:start + size])
+        labels = part.labels[start:start + size]
+        count = len(labels)
+        if count < size:
+            images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]),
+                                                      images.dtype)])
+            labels = np.concatenate([labels, np.zeros(size - count, labels.dtype)])
+        batch_loss, batch_correct = _eval_batch(model, factored, variables, images, labels,
+                                                np.arange(size) < count)
+        loss += float(batch_loss)
+        correct += int(batch_correct)
+    return {"loss": loss / len(part), "accuracy": correct / len(part)}
+
+
+class _Checkpoints:
+    """The ``last`` (resume) and ``best`` (selection) orbax checkpoint managers of a workdir."""
+
+    def __init__(self, workdir: Path) -> None:
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+        self.last = ocp.CheckpointManager(workdir / "checkpoints" / "last", options=options)
+        self.best = ocp.CheckpointManager(workdir / "checkpoints" / "best", options=options)
+
+    def save_last(self, epoch: int, state: TrainState, best: dict[str, Any],
+                  meta: dict[str, Any]) -> None:
+        # The best variables go with the state, so a resumed run selects as a straight one does.
+        self.last.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
+            meta=ocp.args.JsonSave(meta)))
+
+    def save_best(self, epoch: int, variables: dict[str, Any], accuracy: float) -> None:
+        self.best.save(epoch, args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(variables),
+            meta=ocp.args.JsonSave({"epoch": epoch, "accuracy": accuracy})))
+
+    def restore(
+        self, state: TrainState, variables: dict[str, Any]
+    ) -> tuple[TrainState, dict[str, Any], dict[str, Any]] | None:
+        epoch = self.last.latest_step()
+        if epoch is None:
+            return None
+        abstract = functools.partial(jax.tree.map, ocp.utils.to_shape_dtype_struct)
+        last = self.last.restore(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract(state)),
+            best=ocp.args.StandardRestore(abstract(variables)), meta=ocp.args.JsonRestore()))
+        return last.state, last.best, last.meta
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int, label: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
+                desc=label, unit="step", disable=not config.progress, leave=False)
+
+
+def _read_history(path: Path, epochs: int) -> list[dict[str, Any]]:
+    """The records of the first ``epochs`` epochs of a metrics file (later ones were not saved)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["epoch"] <= epochs]
+
+
+def train(
+    task: Task,
+    data: data_lib.Dataset,
+    config: TrainConfig,
+    *,
+    workdir: str | Path | None = None,
+    variables: dict[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    label: str = "train",
+) -> TrainResult:
+    """Trains ``task`` on ``data``'s training split, selecting on its validation split.
+
+    Args:
+      task: the model, optimizer and reparameterisation.
+      data: the data set.
+      config: epochs, batch size, seed, augmentation, ...
+      workdir: where checkpoints and ``metrics.jsonl`` go; a run finding checkpoints there
+        resumes after the last saved epoch.
+      variables: initial ``{"params", "batch_stats"}`` (default: ``task.model.init`` with the
+        seed), e.g. a pre-trained model.
+      callbacks: called as ``callback(epoch, record, state)`` after each epoch's record and
+        checkpoint.
+      label: the progress bar's description.
+
+    Returns:
+      A :class:`TrainResult`.
+    """
+    init_key, factor_key, dropout_key = jax.random.split(jax.random.key(config.seed), 3)
+    if variables is None:
+        sample = data.normalize(data.train.images[:1])
+        variables = task.model.init(init_key, sample, train=False)
+    params = task.reparameterize(variables["params"], factor_key)
+    batch_stats = variables.get("batch_stats", {})
+    state = TrainState(jnp.zeros([], jnp.int32), params, batch_stats,
+                       task.optimizer.init(params))
+    best = _variables(task.model_params(params), batch_stats)
+    best_epoch, best_accuracy, start_epoch = 0, -1.0, 0
+    steps_per_epoch = len(data.train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the training split "
+                         f"({len(data.train)} examples).")
+
+    checkpoints = metrics_file = None
+    history: list[dict[str, Any]] = []
+    if workdir is not None:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics_file = workdir / "metrics.jsonl"
+        checkpoints = _Checkpoints(workdir.absolute())
+        restored = checkpoints.restore(state, best)
+        if restored is not None:
+            state, best, meta = restored
+            start_epoch, best_epoch, best_accuracy = (
+                meta["epoch"], meta["best_epoch"], meta["best_accuracy"])
+        history = _read_history(metrics_file, start_epoch)
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    step = _make_step(task, dropout_key)
+    bar = _progress_bar(config, steps_per_epoch, start_epoch, label)
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            began = time.perf_counter()
+            loss_sum, correct_sum = jnp.zeros([]), jnp.zeros([], jnp.int32)
+            for images, labels in data_lib.batches(
+                    data.train, config.batch_size, seed=config.seed, epoch=epoch,
+                    augmentation=config.augmentation):
+                state, loss, correct = step(state, data.normalize(images), labels)
+                loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
+                bar.update()
+            current = _variables(task.model_params(state.params), state.batch_stats)
+            validation = evaluate(task.model, current, data, "validation",
+                                  config.eval_batch_size)
+            record = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "train_loss": float(loss_sum) / steps_per_epoch,
+                "train_accuracy": int(correct_sum) / (steps_per_epoch * config.batch_size),
+                "validation_loss": validation["loss"],
+                "validation_accuracy": validation["accuracy"],
+                "seconds": time.perf_counter() - began,
+            }
+            history.append(record)
+            bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['train_loss']:.3f}",
+                            acc=f"{record['train_accuracy']:.3f}",
+                            val_acc=f"{record['validation_accuracy']:.3f}")
+            if validation["accuracy"] > best_accuracy:
+                best, best_epoch, best_accuracy = current, epoch, validation["accuracy"]
+                if checkpoints is not None:
+                    checkpoints.save_best(epoch, best, best_accuracy)
+            if metrics_file is not None:
+                with metrics_file.open("a") as file:
+                    file.write(json.dumps(record) + "\n")
+            if checkpoints is not None and (epoch % config.checkpoint_every == 0
+                                            or epoch == config.epochs):
+                checkpoints.save_last(epoch, state, best, {
+                    "epoch": epoch, "best_epoch": best_epoch, "best_accuracy": best_accuracy})
+            for callback in callbacks:
+                callback(epoch, record, state)
+    finally:
+        bar.close()
+        if checkpoints is not None:
+            checkpoints.close()
+    final = _variables(task.model_params(state.params), state.batch_stats)
+    return TrainResult(state, final, best, best_epoch, best_accuracy, history)

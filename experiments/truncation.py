@@ -1,0 +1,110 @@
+"""Accuracy against retained singular values: LoRITa's LSVT / GSVT sweeps, and their acceptance.
+
+:func:`sweep` truncates a trained model's matrices at each budget with each policy
+(:func:`jaxlr.lsvt_ranks`, :func:`jaxlr.gsvt_ranks`), compresses with :func:`jaxlr.compress` and
+evaluates on the validation and test splits. :func:`accept` chooses, per policy, the smallest
+budget whose *validation* accuracy stays within a tolerance of the untruncated model's: the test
+split is reported, never used to choose.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from experiments import data as data_lib, models
+  >>> data = data_lib.load("digits")
+  >>> model = models.FCN(depth=3, width=32)
+  >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+  >>> rows = sweep(model, variables, data, (1.0, 0.5), filter=jaxlr.kernel_filter(exclude="head"))
+  >>> [(r["policy"], r["budget"], r["retained"]) for r in rows]
+  [('none', 1.0, 1.0), ('LSVT', 1.0, 1.0), ('GSVT', 1.0, 1.0), ('LSVT', 0.5, 0.5),
+   ('GSVT', 0.5, 0.5)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+import jaxlr
+from experiments import data as data_lib
+from experiments.train import evaluate
+
+__all__ = ["POLICIES", "accept", "sweep"]
+
+POLICIES = ("LSVT", "GSVT")
+
+
+def sweep(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    data: data_lib.Dataset,
+    budgets: Sequence[float],
+    *,
+    filter: jaxlr.matrices.Filter,  # noqa: A002
+    policies: Sequence[str] = POLICIES,
+    pools: jaxlr.ranks.Pools = None,
+    normalize: str = "none",
+    batch_size: int = 1000,
+) -> list[dict[str, Any]]:
+    """Rows ``{policy, budget, retained, params, params_fraction, validation, test}``.
+
+    The first row (policy ``"none"``) is the untruncated model; then one row per budget and
+    policy: LSVT keeps ``budget`` of each matrix's singular values, GSVT ``budget`` of each pool's.
+
+    Args:
+      model: the Linen model.
+      variables: its trained ``{"params", "batch_stats"}``.
+      data: the data set (validation and test splits are evaluated).
+      budgets: fractions of singular values kept, each in ``(0, 1]``.
+      filter: which matrices are truncated (leave the classifier out, as both papers do).
+      policies: a subset of ``("LSVT", "GSVT")``.
+      pools: GSVT's pools (see :func:`jaxlr.gsvt_ranks`).
+      normalize: GSVT's normalisation, ``"none"`` or ``"max"``.
+      batch_size: evaluation batch size.
+    """
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        raise ValueError(f"policies must be among {POLICIES}, got {unknown}.")
+    params = variables["params"]
+    spectra = jaxlr.singular_values_tree(params, filter=filter)
+    total = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+
+    def row(policy: str, budget: float, ranks: jaxlr.Ranks | None) -> dict[str, Any]:
+        if ranks is None:
+            cut, retained, size = params, 1.0, total
+        else:
+            compression = jaxlr.compress(params, ranks)
+            cut, retained = compression.params, compression.report.retained
+            size = compression.report.params_after
+        scores = {split: evaluate(model, {**variables, "params": cut}, data, split,
+                                  batch_size)["accuracy"] for split in ("validation", "test")}
+        return {"policy": policy, "budget": budget, "retained": retained, "params": size,
+                "params_fraction": size / total, **scores,
+                "ranks": None if ranks is None else dict(ranks)}
+
+    rows = [row("none", 1.0, None)]
+    for budget in budgets:
+        for policy in policies:
+            if policy == "LSVT":
+                ranks = jaxlr.lsvt_ranks(params, budget, filter=filter)
+            else:
+                ranks = jaxlr.gsvt_ranks(spectra, budget, pools=pools, normalize=normalize)
+            rows.append(row(policy, budget, ranks))
+    return rows
+
+
+def accept(rows: Sequence[Mapping[str, Any]], tolerance: float) -> dict[str, Mapping[str, Any]]:
+    """Per policy, the row with the fewest retained singular values whose validation accuracy is
+    at least the untruncated model's minus ``tolerance``."""
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}.")
+    reference = next(r for r in rows if r["policy"] == "none")
+    chosen: dict[str, Mapping[str, Any]] = {}
+    for r in rows:
+        if r["policy"] == "none" or r["validation"] < reference["validation"] - tolerance:
+            continue
+        best = chosen.get(r["policy"])
+        if best is None or r["retained"] < best["retained"]:
+            chosen[r["policy"]] = r
+    return chosen
