@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 
+PRNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
+
+
 def _identity_params(params: Any) -> Any:
     return params
 
@@ -123,6 +126,10 @@ class TrainConfig:
       eval_batch_size: examples per evaluation batch.
       checkpoint_every: epochs between saves of the last checkpoint (with a ``workdir``).
       progress: show a progress bar.
+      prng_impl: the PRNG of initialisation, factorisation and dropout. ``"rbg"`` (XLA's
+        RngBitGenerator, deterministic on a given backend) by default: on a CPU a model's
+        initialisation compiles in about a second with it, against ten with ``"threefry2x32"``
+        (JAX's default, the same numbers on every backend).
     """
 
     epochs: int
@@ -132,8 +139,11 @@ class TrainConfig:
     eval_batch_size: int = 1000
     checkpoint_every: int = 1
     progress: bool = True
+    prng_impl: str = "rbg"
 
     def __post_init__(self) -> None:
+        if self.prng_impl not in PRNG_IMPLS:
+            raise ValueError(f"prng_impl must be one of {PRNG_IMPLS}, got {self.prng_impl!r}.")
         for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -348,10 +358,12 @@ def train(
     Returns:
       A :class:`TrainResult`.
     """
-    init_key, factor_key, dropout_key = jax.random.split(jax.random.key(config.seed), 3)
+    root = jax.random.key(config.seed, impl=config.prng_impl)
+    init_key, factor_key, dropout_key = jax.random.split(root, 3)
     if variables is None:
         sample = data.normalize(data.train.images[:1])
-        variables = task.model.init(init_key, sample, train=False)
+        variables = jax.jit(task.model.init, static_argnames="train")(init_key, sample,
+                                                                      train=False)
     params = task.reparameterize(variables["params"], factor_key)
     batch_stats = variables.get("batch_stats", {})
     state = TrainState(jnp.zeros([], jnp.int32), params, batch_stats,
