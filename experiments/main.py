@@ -161,7 +161,8 @@ def lorita_part(config: Config, data: data_lib.Dataset, results: Results,
             "Accuracy after truncating the hidden layers' singular values."),
         "lorita_accepted": results.table("lorita_accepted", accepted, [
             Column("N"), Column("weight_decay", "weight decay", "g"), Column("policy"),
-            Column("retained", "retained SVs", ".1%"), Column("params_fraction", "params kept", ".1%"),
+            Column("retained", "retained SVs", ".1%"),
+            Column("params_fraction", "params kept", ".1%"),
             Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")],
             f"Fewest retained singular values within {config.tolerance:.0%} of the untruncated "
             "validation accuracy (chosen on validation)."),
