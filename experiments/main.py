@@ -34,14 +34,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import jaxlr
 from experiments import data as data_lib
-from experiments import models, plots, presets, truncation
+from experiments import lorita_study, models, plots, presets, truncation
 from experiments.results import Column, Results
-from experiments.train import Task, TrainConfig, evaluate, lorita_task, train
+from experiments.train import Task, TrainConfig, evaluate, train
 from jaxlr import lorita
 
 __all__ = ["PRESETS", "Config", "main", "run"]
@@ -100,66 +99,28 @@ PRESETS = {
 }
 
 
-def _best_by_validation(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the highest validation accuracy; ties go to the larger weight decay."""
-    return max(runs, key=lambda r: (r["validation"], r["weight_decay"]))
-
-
 def lorita_part(config: Config, data: data_lib.Dataset, results: Results,
                 progress: bool) -> dict[str, Any]:
     """Trains the FCNs, sweeps LSVT / GSVT, accepts budgets; returns what the tables hold."""
     model = models.FCN(config.fcn_depth, config.fcn_width, num_classes=data.num_classes)
     hidden = jaxlr.kernel_filter(exclude="head")
-    training, sweeps, accepted, spectra, curves, styles = [], {}, [], {}, {}, {}
-    for depth in config.depths:
-        runs = []
-        for decay in config.weight_decays:
-            name = f"lorita_N{depth}_wd{decay:g}"
-            task = lorita_task(model, lorita.coupled_adam(config.learning_rate, decay), depth)
-            result = train(task, data, TrainConfig(
-                config.lorita_epochs, config.batch_size, config.seed,
-                checkpoint_every=config.checkpoint_every, progress=progress),
-                workdir=results.file(f"runs/{name}"), label=name)
-            runs.append({"N": depth, "weight_decay": decay, "best_epoch": result.best_epoch,
-                         "validation": result.best_accuracy,
-                         "test": evaluate(model, result.best, data, "test")["accuracy"],
-                         "variables": result.best})
-        chosen = _best_by_validation(runs)
-        for r in runs:
-            training.append({**r, "chosen": "yes" if r is chosen else ""})
-        rows = truncation.sweep(model, chosen["variables"], data, config.budgets, filter=hidden)
-        sweeps[depth] = rows
-        reference = rows[0]
-        chosen_rows = truncation.accept(rows, config.tolerance)
-        for policy in truncation.POLICIES:  # "-" where no budget is within the tolerance
-            accepted.append({"N": depth, "weight_decay": chosen["weight_decay"],
-                             **chosen_rows.get(policy, {}), "policy": policy})
-        for policy in truncation.POLICIES:
-            label = f"N = {depth}, {policy}"
-            curves[label] = [(r["retained"], reference["test"] - r["test"])
-                             for r in rows if r["policy"] in (policy, "none")]
-            styles[label] = {"color": f"C{len(spectra)}",
-                             "linestyle": "--" if policy == "LSVT" else "-",
-                             "marker": "s" if policy == "LSVT" else "o"}
-        spectra[f"N = {depth} (weight decay {chosen['weight_decay']:g})"] = {
-            name: np.asarray(values) for name, values in
-            jaxlr.singular_values_tree(chosen["variables"]["params"], filter=hidden).items()}
-
+    name = f"FCN-{config.fcn_depth}"
+    training, chosen = lorita_study.train_depths(
+        name, model, data, depths=config.depths, weight_decays=config.weight_decays,
+        optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
+        config=TrainConfig(config.lorita_epochs, config.batch_size, config.seed,
+                           checkpoint_every=config.checkpoint_every, progress=progress),
+        results=results)
+    study = lorita_study.study_truncation(name, model, chosen, data, budgets=config.budgets,
+                                          filter=hidden, tolerance=config.tolerance)
     tables = {
-        "lorita_training": results.table("lorita_training", training, [
-            Column("N"), Column("weight_decay", "weight decay", "g"),
-            Column("best_epoch", "best epoch"), Column("validation", "val acc", ".4f"),
-            Column("test", "test acc", ".4f"), Column("chosen")],
+        "lorita_training": results.table(
+            "lorita_training", training, lorita_study.TRAINING_COLUMNS,
             "LoRITa training runs; per N the best validation accuracy is chosen."),
         "lorita_truncation": results.table(
-            "lorita_truncation",
-            [{"N": n, **r} for n, rows in sweeps.items() for r in rows], [
-                Column("N"), Column("policy"), Column("budget", "budget", ".0%"),
-                Column("retained", "retained SVs", ".1%"),
-                Column("params_fraction", "params kept", ".1%"),
-                Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")],
+            "lorita_truncation", study["rows"], lorita_study.TRUNCATION_COLUMNS,
             "Accuracy after truncating the hidden layers' singular values."),
-        "lorita_accepted": results.table("lorita_accepted", accepted, [
+        "lorita_accepted": results.table("lorita_accepted", study["accepted"], [
             Column("N"), Column("weight_decay", "weight decay", "g"), Column("policy"),
             Column("retained", "retained SVs", ".1%"),
             Column("params_fraction", "params kept", ".1%"),
@@ -167,20 +128,13 @@ def lorita_part(config: Config, data: data_lib.Dataset, results: Results,
             f"Fewest retained singular values within {config.tolerance:.0%} of the untruncated "
             "validation accuracy (chosen on validation)."),
     }
-    plots.accuracy_drop(curves, results.file("accuracy_drop.png"),
-                        title=f"LoRITa on {data.name}: truncation of an FCN", styles=styles)
-    plots.singular_value_decay(spectra, results.file("singular_values.png"))
-    return {"tables": tables, "sweeps": sweeps, "accepted": accepted, "training": training}
-
-
-def _macs(model: Any, variables: dict[str, Any], sample: np.ndarray, factored: bool) -> int:
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    apply = jaxlr.lowrank.apply if factored else type(model).apply
-
-    def forward(params: Any, x: jax.Array) -> jax.Array:
-        return apply(model, {"params": params, **rest}, x, train=False)
-
-    return jaxlr.forward_cost(forward, variables["params"], sample, xla=False).macs
+    plots.accuracy_drop(study["curves"], results.file("accuracy_drop.png"),
+                        title=f"LoRITa on {data.name}: truncation of an FCN",
+                        styles=study["styles"])
+    plots.singular_value_decay(study["spectra"], results.file("singular_values.png"))
+    sweeps = {depth: [r for r in study["rows"] if r["N"] == depth] for depth in chosen}
+    return {"tables": tables, "sweeps": sweeps, "accepted": study["accepted"],
+            "training": training}
 
 
 def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
@@ -211,7 +165,7 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
             workdir=results.file(f"runs/{slug}"), label=slug)
         histories[name] = result.history
         variables = result.best
-        dense_macs = _macs(model, variables, sample, factored=False)
+        dense_macs = truncation.forward_macs(model, variables, sample)
         if projection is None:
             rows.append({"method": "no projection, dense", "ranks": "full", "params_fraction": 1.0,
                          "macs_fraction": 1.0, "best_epoch": result.best_epoch,
@@ -220,14 +174,11 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
             name = "no projection, truncated after training"
         ranks = jaxlr.ratio_ranks(variables["params"], config.ratio,
                                   filter=jaxlr.projection.conv_kernels)
-        compression = jaxlr.compress(variables["params"], ranks)
-        factored = {**variables, "params": jaxlr.lowrank_params(compression.params,
-                                                                compression.factors)}
-        report = compression.report
+        factored, report = truncation.factored_variables(variables, ranks)
         rows.append({
             "method": name, "ranks": "/".join(str(r) for r in ranks.values()),
             "params_fraction": report.params_after / report.params_before,
-            "macs_fraction": _macs(model, factored, sample, factored=True) / dense_macs,
+            "macs_fraction": truncation.forward_macs(model, factored, sample) / dense_macs,
             "best_epoch": result.best_epoch,
             **{s: evaluate(model, factored, data, s, factored=True)["accuracy"]
                for s in ("validation", "test")}})

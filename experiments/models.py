@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "ResNet18",
     "ResidualBlock",
     "batch_norm",
+    "create",
     "param_count",
     "shortcut_a",
 ]
@@ -281,3 +283,52 @@ class CifarResNet(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 x = ResidualBlock(width, stride, name=f"stage{stage}_block{block}")(x, train)
         return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
+
+
+def _option(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def create(spec: str, num_classes: int = 10) -> nn.Module:
+    """A model from a short name, so presets can name models as strings.
+
+    ``fcn{L}``, ``vit-l{L}-h{H}``, ``vgg13``, ``vgg16``, ``vgg`` (with ``config=32/32/M/64``),
+    ``resnet18``, ``resnet{6n+2}``; attributes after a colon, e.g. ``fcn6:width=128``,
+    ``vit-l4-h4:dim=64,mlp_dim=128,patch=2``.
+
+    Example:
+      >>> create("vit-l8-h4:dim=64").depth, create("resnet20").depth
+      (8, 20)
+    """
+    name, _, text = spec.partition(":")
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"model options are key=value, got {item!r} in {spec!r}.")
+        options[key] = _option(value)
+    if "config" in options:
+        options["config"] = tuple(_option(v) for v in str(options["config"]).split("/"))
+    try:
+        if match := re.fullmatch(r"fcn(\d+)", name):
+            return FCN(int(match[1]), num_classes=num_classes, **options)
+        if match := re.fullmatch(r"vit-l(\d+)-h(\d+)", name):
+            return ViT(int(match[1]), int(match[2]), num_classes=num_classes, **options)
+        if match := re.fullmatch(r"vgg(\d*)", name):
+            depth = int(match[1]) if match[1] else 16
+            return VGG(depth, num_classes=num_classes, **options)
+        if name == "resnet18":
+            return ResNet18(num_classes=num_classes, **options)
+        if match := re.fullmatch(r"resnet(\d+)", name):
+            return CifarResNet(int(match[1]), num_classes=num_classes, **options)
+    except TypeError as error:
+        raise ValueError(f"bad options in model {spec!r}: {error}") from error
+    raise ValueError(f"unknown model {spec!r}: expected fcn{{L}}, vit-l{{L}}-h{{H}}, vgg13, "
+                     "vgg16, vgg:config=..., resnet18 or resnet{6n+2}.")

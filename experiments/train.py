@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 
 from experiments import data as data_lib
 from jaxlr import lorita, lowrank
+from jaxlr.matrices import path_names, path_str
 
 __all__ = [
     "Callback",
@@ -53,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "cross_entropy",
     "evaluate",
     "lorita_task",
     "train",
@@ -84,6 +86,10 @@ class Task:
       model_params: ``trained tree -> params`` the model runs on (LoRITa:
         :func:`jaxlr.lorita.collapse`).
       label_smoothing: of the cross-entropy loss, in ``[0, 1)``.
+      grad_norms: ``'/'``-joined parameter paths whose gradient norm each epoch record holds, at
+        the epoch's first and last step (``grad_norm/{path}/first``, ``.../last``): with a
+        projection at the end of every epoch, the last step is just before a projection and the
+        first just after one (LRPET's Table XIX).
     """
 
     model: nn.Module
@@ -91,6 +97,7 @@ class Task:
     reparameterize: Callable[[Any, jax.Array], Any] = _keep_params
     model_params: Callable[[Any], Any] = _identity_params
     label_smoothing: float = 0.0
+    grad_norms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.label_smoothing < 1:
@@ -189,7 +196,8 @@ class TrainResult(NamedTuple):
 Callback = Callable[[int, dict[str, Any], TrainState], None]
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels and label smoothing."""
     targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
     if smoothing:
         targets = optax.smooth_labels(targets, smoothing)
@@ -206,14 +214,14 @@ def _make_step(task: Task, dropout_key: jax.Array) -> Callable[..., Any]:
     @jax.jit
     def step(
         state: TrainState, images: jax.Array, labels: jax.Array
-    ) -> tuple[TrainState, jax.Array, jax.Array]:
+    ) -> tuple[TrainState, jax.Array, jax.Array, dict[str, jax.Array]]:
         rngs = {"dropout": jax.random.fold_in(dropout_key, state.step)}
 
         def loss_fn(trained: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             variables = _variables(task.model_params(trained), state.batch_stats)
             logits, mutated = task.model.apply(
                 variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
-            loss = _cross_entropy(logits, labels, task.label_smoothing).mean()
+            loss = cross_entropy(logits, labels, task.label_smoothing).mean()
             return loss, (logits, mutated.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -222,7 +230,10 @@ def _make_step(task: Task, dropout_key: jax.Array) -> Callable[..., Any]:
             grads, state.opt_state, state.params, batch_stats=batch_stats)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return TrainState(state.step + 1, params, batch_stats, opt_state), loss, correct
+        norms = {path_str(path_names(p)): jnp.linalg.norm(g)
+                 for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+                 if path_str(path_names(p)) in task.grad_norms}
+        return TrainState(state.step + 1, params, batch_stats, opt_state), loss, correct, norms
 
     return step
 
@@ -365,6 +376,10 @@ def train(
         variables = jax.jit(task.model.init, static_argnames="train")(init_key, sample,
                                                                       train=False)
     params = task.reparameterize(variables["params"], factor_key)
+    known = {path_str(path_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    unknown = sorted(set(task.grad_norms) - known)
+    if unknown:
+        raise ValueError(f"grad_norms names paths the parameters do not have: {unknown}.")
     batch_stats = variables.get("batch_stats", {})
     state = TrainState(jnp.zeros([], jnp.int32), params, batch_stats,
                        task.optimizer.init(params))
@@ -396,10 +411,12 @@ def train(
         for epoch in range(start_epoch + 1, config.epochs + 1):
             began = time.perf_counter()
             loss_sum, correct_sum = jnp.zeros([]), jnp.zeros([], jnp.int32)
+            first_norms = norms = None
             for images, labels in data_lib.batches(
                     data.train, config.batch_size, seed=config.seed, epoch=epoch,
                     augmentation=config.augmentation):
-                state, loss, correct = step(state, data.normalize(images), labels)
+                state, loss, correct, norms = step(state, data.normalize(images), labels)
+                first_norms = norms if first_norms is None else first_norms
                 loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
                 bar.update()
             current = _variables(task.model_params(state.params), state.batch_stats)
@@ -413,6 +430,8 @@ def train(
                 "validation_loss": validation["loss"],
                 "validation_accuracy": validation["accuracy"],
                 "seconds": time.perf_counter() - began,
+                **{f"grad_norm/{path}/first": float(value) for path, value in first_norms.items()},
+                **{f"grad_norm/{path}/last": float(value) for path, value in norms.items()},
             }
             history.append(record)
             bar.set_postfix(epoch=f"{epoch}/{config.epochs}", loss=f"{record['train_loss']:.3f}",

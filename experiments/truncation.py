@@ -30,7 +30,7 @@ import jaxlr
 from experiments import data as data_lib
 from experiments.train import evaluate
 
-__all__ = ["POLICIES", "accept", "sweep"]
+__all__ = ["POLICIES", "accept", "factored_variables", "forward_macs", "sweep"]
 
 POLICIES = ("LSVT", "GSVT")
 
@@ -108,3 +108,24 @@ def accept(rows: Sequence[Mapping[str, Any]], tolerance: float) -> dict[str, Map
         if best is None or r["retained"] < best["retained"]:
             chosen[r["policy"]] = r
     return chosen
+
+
+def forward_macs(model: nn.Module, variables: Mapping[str, Any], sample: Any) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on ``sample`` (inference mode);
+    :class:`jaxlr.LowRank` factor pairs in ``variables["params"]`` are counted as run factored."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def forward(params: Any, x: jax.Array) -> jax.Array:
+        return jaxlr.lowrank.apply(model, {"params": params, **rest}, x, train=False)
+
+    return jaxlr.forward_cost(forward, variables["params"], sample, xla=False).macs
+
+
+def factored_variables(
+    variables: Mapping[str, Any], ranks: Mapping[str, int]
+) -> tuple[dict[str, Any], jaxlr.compress.CompressionReport]:
+    """``variables`` with the ranked kernels truncated and held as factor pairs where they save
+    (:func:`jaxlr.compress`, :func:`jaxlr.lowrank_params`), and the compression report."""
+    compression = jaxlr.compress(variables["params"], ranks)
+    params = jaxlr.lowrank_params(compression.params, compression.factors)
+    return {**variables, "params": params}, compression.report

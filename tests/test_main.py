@@ -27,7 +27,7 @@ def test_main_job_writes_its_results_directory(smoke):
     assert config["depths"] == [1, 3] and config["lorita_epochs"] == 2
     summary = (out / "summary.md").read_text()
     assert "## lrpet" in summary and "## lorita_truncation" in summary
-    for run in ("lorita_N1_wd0.001", "lorita_N3_wd0.001", "lrp", "lrpet", "no_projection"):
+    for run in ("FCN-3_N1_wd0.001", "FCN-3_N3_wd0.001", "lrp", "lrpet", "no_projection"):
         lines = (out / "runs" / run / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
         assert (out / "runs" / run / "checkpoints" / "last").is_dir()

@@ -1,0 +1,189 @@
+"""Rank search (LRPET-S): per-layer pruning ratios by Bayesian optimisation.
+
+A baseline is trained once. Each trial takes one pruning ratio per convolution from the optimiser,
+fine-tunes the baseline for ``trial_epochs`` with LRPET at those per-layer ranks, runs the
+compressed model factored on the *validation* split and scores it with
+``error + lam * MACs_compressed / MACs_full``; the optimiser (the ``bayesian-optimization``
+package: a Gaussian process with expected improvement) proposes the next ratios from the scores so
+far. The first ``random_trials`` are drawn at random. The best trial's ranks are written to
+``ranks.json``, which :mod:`experiments.lrpet_cifar` takes as ``--set ranks_file=...``.
+
+Presets:
+
+* ``smoke``: seconds; the tests run it.
+* ``default``: the embedded digits, ResNet-8, 20 trials of 2 epochs; minutes on a CPU. *Not* the
+  paper's setting.
+* ``paper``: CIFAR-10, ResNet-56, 20 trials (the paper's number), lambda = 1, 10 epochs per trial
+  from the baseline (our choice). Hours on one GPU.
+
+Outputs (``results/rank_search/PRESET``): ``ranks.json``, ``trials.md/csv`` (per trial: score,
+validation error, MACs ratio, mean ratio), ``search.png`` (score per trial and the best so far),
+``config.json``. Run::
+
+    python -m experiments.rank_search [--preset smoke|default|paper] [--set field=value]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+import jaxlr
+from experiments import data as data_lib
+from experiments import lorita_study, models, plots, presets, truncation
+from experiments.results import Column, Results
+from experiments.train import Task, TrainConfig, evaluate, train
+
+__all__ = ["PRESETS", "Config", "main", "ranks_from_ratios", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings (see the module's documentation).
+
+    Attributes:
+      data: the data set (:func:`experiments.data.load`).
+      data_dir: tensorflow-datasets' data_dir.
+      seed: seeds split, training and the optimiser.
+      model: the model name (:func:`experiments.models.create`).
+      trials: scored trials in all.
+      random_trials: the first trials, drawn at random.
+      lam: the weight of the MACs ratio in the score.
+      min_ratio: the lower bound of every pruning ratio.
+      max_ratio: the upper bound of every pruning ratio (< 1).
+      baseline_epochs: epochs of the baseline.
+      trial_epochs: epochs of each trial's fine-tuning.
+      batch_size: of training.
+      learning_rate: SGD's learning rate (the trials use a tenth of it).
+      weight_decay: coupled weight decay.
+    """
+
+    data: str = "digits"
+    data_dir: str | None = None
+    seed: int = 0
+    model: str = "resnet8"
+    trials: int = 20
+    random_trials: int = 5
+    lam: float = 1.0
+    min_ratio: float = 0.0
+    max_ratio: float = 0.9
+    baseline_epochs: int = 15
+    trial_epochs: int = 2
+    batch_size: int = 64
+    learning_rate: float = 0.05
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_ratio < self.max_ratio < 1:
+            raise ValueError(f"need 0 <= min_ratio < max_ratio < 1, got {self.min_ratio}, "
+                             f"{self.max_ratio}.")
+        if not 1 <= self.random_trials <= self.trials:
+            raise ValueError(f"random_trials must be in [1, trials={self.trials}], got "
+                             f"{self.random_trials}.")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}.")
+
+
+PRESETS = {
+    "default": Config(),
+    "smoke": Config(model="vgg:config=4/M/8/M", trials=3, random_trials=2, baseline_epochs=1,
+                    trial_epochs=1),
+    "paper": Config(data="cifar10", model="resnet56", baseline_epochs=200, trial_epochs=10,
+                    batch_size=128, learning_rate=0.1),
+}
+
+
+def ranks_from_ratios(full_ranks: dict[str, int], ratios: dict[str, float]) -> dict[str, int]:
+    """LRPET's rank of each matrix from its own ratio: ``max(1, floor(n - n p))``."""
+    return {name: max(1, math.floor(n - n * ratios[name])) for name, n in full_ranks.items()}
+
+
+def _sgd(config: Config, learning_rate: float, projection: Any = None
+         ) -> optax.GradientTransformation:
+    parts = [optax.add_decayed_weights(config.weight_decay),
+             optax.sgd(learning_rate, momentum=0.9)]
+    return optax.chain(*parts, *([projection] if projection is not None else []))
+
+
+def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
+    """Runs the search; returns the best ranks, the trials and the table (markdown)."""
+    from bayes_opt import BayesianOptimization, acquisition
+
+    data = data_lib.load(config.data, config.data_dir, config.seed)
+    results.json("config", config)
+    model = models.create(config.model, data.num_classes)
+    steps_per_epoch = len(data.train) // config.batch_size
+    slug = lorita_study.slug(config.model)
+    baseline = train(Task(model, _sgd(config, config.learning_rate)), data,
+                     TrainConfig(config.baseline_epochs, config.batch_size, config.seed,
+                                 progress=progress),
+                     workdir=results.file(f"runs/{slug}_baseline"), label="baseline")
+    sample = jnp.asarray(data.normalize(data.test.images[:1]))
+    dense_macs = truncation.forward_macs(model, baseline.best, sample)
+    leaves = jaxlr.matrices.matrix_leaves(baseline.best["params"],
+                                          filter=jaxlr.projection.conv_kernels)
+    full = {name: leaf.full_rank for name, leaf in sorted(leaves.items(),
+                                                           key=lambda kv: kv[1].index)}
+    # bayes_opt takes parameter names as keyword-like keys: index the layers.
+    keys = {f"layer{i:03d}": name for i, name in enumerate(full)}
+    optimizer = BayesianOptimization(
+        f=None, pbounds={k: (config.min_ratio, config.max_ratio) for k in keys},
+        acquisition_function=acquisition.ExpectedImprovement(xi=0.01),
+        random_state=config.seed, verbose=0, allow_duplicate_points=True)
+
+    trials = []
+    for trial in range(config.trials):
+        if trial < config.random_trials:
+            point = optimizer.space.array_to_params(optimizer.space.random_sample())
+        else:
+            point = optimizer.suggest()
+        ratios = {keys[k]: float(v) for k, v in point.items()}
+        ranks = ranks_from_ratios(full, ratios)
+        projection = jaxlr.low_rank_projection(ranks=ranks, every=steps_per_epoch)
+        tuned = train(Task(model, _sgd(config, config.learning_rate / 10, projection)), data,
+                      TrainConfig(config.trial_epochs, config.batch_size, config.seed,
+                                  progress=False),
+                      variables=baseline.best, label=f"trial {trial}")
+        factored, _ = truncation.factored_variables(tuned.variables, ranks)
+        error = 1 - evaluate(model, factored, data, "validation", factored=True)["accuracy"]
+        macs = truncation.forward_macs(model, factored, sample) / dense_macs
+        score = error + config.lam * macs
+        optimizer.register(params=point, target=-score)
+        trials.append({"trial": trial, "kind": "random" if trial < config.random_trials
+                       else "GP-EI", "score": score, "validation_error": error,
+                       "macs_ratio": macs, "mean_ratio": sum(ratios.values()) / len(ratios),
+                       "ranks": ranks})
+        if progress:
+            print(f"trial {trial}: score {score:.4f} (error {error:.4f}, MACs {macs:.1%})")
+    best = min(trials, key=lambda t: t["score"])
+    results.file("ranks.json").write_text(json.dumps(best["ranks"], indent=2) + "\n")
+    table = results.table("trials", trials, [
+        Column("trial"), Column("kind"), Column("score", "score", ".4f"),
+        Column("validation_error", "val error", ".4f"), Column("macs_ratio", "MACs ratio", ".1%"),
+        Column("mean_ratio", "mean p", ".3f")],
+        f"Rank search on {data.name}, {config.model}: score = validation error + {config.lam:g} x "
+        f"MACs ratio; the best trial ({best['trial']}) is in ranks.json."
+        f"{lorita_study.preset_note(data, ['cifar10'])}")
+    best_so_far = [min(t["score"] for t in trials[:i + 1]) for i in range(len(trials))]
+    plots.training_curves(
+        {"score": [{"epoch": t["trial"], "score": t["score"]} for t in trials],
+         "best so far": [{"epoch": i, "score": s} for i, s in enumerate(best_so_far)]},
+        results.file("search.png"), key="score")
+    print(table)
+    return {"ranks": best["ranks"], "trials": trials, "full_ranks": full, "table": table}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0],
+                                                  "results/rank_search")
+    return run(config, Results(output), progress)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The paper-by-paper experiment modules under their smoke presets: tables in the papers' layout,
+plots, and the rank search's ranks feeding lrpet_cifar."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from experiments import lorita_cnn, lorita_fcn, lorita_vit, lrpet_cifar, rank_search
+
+
+def header(path):
+    with path.open() as file:
+        return next(csv.reader(file))
+
+
+def pngs(directory):
+    return sorted(p.name for p in directory.glob("*.png")
+                  if p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
+
+
+def smoke(module, tmp_path, *settings):
+    argv = ["--preset", "smoke", "--output-dir", str(tmp_path), "--no-progress"]
+    for setting in settings:
+        argv += ["--set", setting]
+    return module.main(argv)
+
+
+def test_every_module_has_the_three_presets():
+    for module in (lorita_fcn, lorita_vit, lorita_cnn, lrpet_cifar, rank_search):
+        assert set(module.PRESETS) == {"smoke", "default", "paper"}
+        assert module.PRESETS["paper"].data in ("mnist", "cifar10")
+
+
+def test_lorita_fcn_smoke(tmp_path):
+    out = smoke(lorita_fcn, tmp_path)
+    assert header(tmp_path / "table1.csv") == ["model", "N = 1", "N = 2", "decay N = 1",
+                                               "decay N = 2"]
+    assert "not the paper's data" in (tmp_path / "table1.md").read_text()
+    assert pngs(tmp_path) == ["accuracy_drop_FCN-3.png", "singular_values_FCN-3.png"]
+    assert {r["N"] for r in out["training"]} == {1, 2}
+
+
+def test_lorita_vit_smoke_pools_attention_and_mlp(tmp_path):
+    out = smoke(lorita_vit, tmp_path)
+    for table in ("table1", "table2"):
+        assert header(tmp_path / f"{table}.csv") == ["model", "N = 2", "decay N = 2"]
+    assert len(pngs(tmp_path)) == 4
+    assert lorita_vit.attention_or_mlp("block0/attn/query/kernel") == "attention"
+    assert lorita_vit.attention_or_mlp("block0/fc1/kernel") == "mlp"
+    gsvt = [r for r in out["truncation"] if r["policy"] == "GSVT"]
+    assert gsvt and all(set(r["ranks"]) == {"block0/attn/query/kernel", "block0/attn/key/kernel",
+                                            "block0/attn/value/kernel", "block0/attn/out/kernel",
+                                            "block0/fc1/kernel", "block0/fc2/kernel"}
+                        for r in gsvt)
+
+
+def test_lorita_cnn_smoke_reaches_its_flop_target(tmp_path):
+    out = smoke(lorita_cnn, tmp_path)
+    assert header(tmp_path / "table2.csv") == ["model", "N = 2", "decay N = 2"]
+    assert header(tmp_path / "table3_4.csv")[:4] == ["model", "N", "target", "budget"]
+    for row in out["compressed"]:
+        assert row["macs_drop"] >= row["target"]
+        assert 0 < row["budget"] <= 1 and row["params_drop"] > 0
+    assert len(pngs(tmp_path)) == 2
+
+
+def test_rank_search_and_lrpet_cifar_smoke(tmp_path):
+    search = smoke(rank_search, tmp_path / "search")
+    config = rank_search.PRESETS["smoke"]
+    assert len(search["trials"]) == config.trials
+    for name, rank in search["ranks"].items():
+        n = search["full_ranks"][name]
+        assert max(1, math.floor(n - n * config.max_ratio)) <= rank
+        assert rank <= max(1, math.floor(n - n * config.min_ratio))
+    assert json.loads((tmp_path / "search" / "ranks.json").read_text()) == search["ranks"]
+    assert min(t["score"] for t in search["trials"]) == pytest.approx(
+        min(t["validation_error"] + config.lam * t["macs_ratio"] for t in search["trials"]))
+
+    out = smoke(lrpet_cifar, tmp_path / "lrpet",
+                f"ranks_file={tmp_path / 'search' / 'ranks.json'}")
+    assert header(tmp_path / "lrpet" / "main.csv") == [
+        "model", "pt", "method", "ratio", "accuracy", "change", "macs", "macs_pr", "params",
+        "params_pr"]
+    for table in ("ablation", "grad_norms", "timing"):
+        assert (tmp_path / "lrpet" / f"{table}.csv").exists()
+    # The searched ranks are the ones used: parameters and MACs of the factored model by hand.
+    r0, r1 = search["ranks"]["conv0/kernel"], search["ranks"]["conv1/kernel"]
+    conv0 = 9 * r0 + r0 * 4 if r0 * 13 < 36 else 36
+    conv1 = 36 * r1 + r1 * 8 if r1 * 44 < 288 else 288
+    dense_params = 36 + 4 + 2 * 4 + 288 + 8 + 2 * 8 + 32 * 10 + 10
+    for row in out["main"]:
+        if row["method"] == "LRPET":
+            assert row["params"] == dense_params - 36 - 288 + conv0 + conv1
+            assert row["macs"] == 64 * conv0 + 16 * conv1 + 320
