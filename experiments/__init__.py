@@ -9,6 +9,10 @@ Run modules from the root of the checkout: ``python -m experiments`` (the main j
 * :mod:`experiments.models`: the papers' Linen models.
 * :mod:`experiments.train`: the one training loop, with orbax checkpoints and metrics.
 * :mod:`experiments.truncation`: LSVT / GSVT sweeps and their acceptance on validation.
+* :mod:`experiments.lorita_study`: the steps every LoRITa experiment takes.
 * :mod:`experiments.results`, :mod:`experiments.plots`, :mod:`experiments.presets`: tables,
   figures, presets and the shared command line.
+* The papers' tables: :mod:`experiments.lorita_fcn`, :mod:`experiments.lorita_vit`,
+  :mod:`experiments.lorita_cnn`, :mod:`experiments.lrpet_cifar`, :mod:`experiments.rank_search`
+  (``smoke`` / ``default`` / ``paper`` presets; docs/reproducing.md).
 """

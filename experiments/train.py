@@ -311,11 +311,20 @@ class _Checkpoints:
             meta=ocp.args.JsonSave({"epoch": epoch, "accuracy": accuracy})))
 
     def restore(
-        self, state: TrainState, variables: dict[str, Any]
+        self, state: TrainState, variables: dict[str, Any], run: dict[str, Any], epochs: int
     ) -> tuple[TrainState, dict[str, Any], dict[str, Any]] | None:
         epoch = self.last.latest_step()
         if epoch is None:
             return None
+        saved = self.last.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        differ = sorted(k for k in run if saved.meta.get("run", {}).get(k) != run[k])
+        if differ:
+            raise ValueError(
+                f"{self.last.directory} holds a run with other settings ({', '.join(differ)}): "
+                "resume it with its own settings, or choose another workdir.")
+        if epoch > epochs:
+            raise ValueError(f"{self.last.directory} holds a run of {epoch} epochs, more than "
+                             f"the {epochs} asked for.")
         abstract = functools.partial(jax.tree.map, ocp.utils.to_shape_dtype_struct)
         last = self.last.restore(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract(state)),
@@ -359,7 +368,9 @@ def train(
       data: the data set.
       config: epochs, batch size, seed, augmentation, ...
       workdir: where checkpoints and ``metrics.jsonl`` go; a run finding checkpoints there
-        resumes after the last saved epoch.
+        resumes after the last saved epoch (a finished run is returned as it is; more epochs
+        continue it). Checkpoints of another model, data set, batch size, seed or augmentation
+        raise ``ValueError`` rather than being mixed in.
       variables: initial ``{"params", "batch_stats"}`` (default: ``task.model.init`` with the
         seed), e.g. a pre-trained model.
       callbacks: called as ``callback(epoch, record, state)`` after each epoch's record and
@@ -390,6 +401,12 @@ def train(
         raise ValueError(f"batch_size {config.batch_size} is larger than the training split "
                          f"({len(data.train)} examples).")
 
+    # What a resumed run must share with the saved one (epochs may grow).
+    run = {"model": repr(task.model), "data": data.name, "train_examples": len(data.train),
+           "batch_size": config.batch_size, "seed": config.seed, "prng_impl": config.prng_impl,
+           "augmentation": None if config.augmentation is None else list(config.augmentation),
+           "factored": any(lorita.is_factored(n) for n in jax.tree.leaves(
+               params, is_leaf=lorita.is_factored))}
     checkpoints = metrics_file = None
     history: list[dict[str, Any]] = []
     if workdir is not None:
@@ -397,7 +414,7 @@ def train(
         workdir.mkdir(parents=True, exist_ok=True)
         metrics_file = workdir / "metrics.jsonl"
         checkpoints = _Checkpoints(workdir.absolute())
-        restored = checkpoints.restore(state, best)
+        restored = checkpoints.restore(state, best, run, config.epochs)
         if restored is not None:
             state, best, meta = restored
             start_epoch, best_epoch, best_accuracy = (
@@ -447,7 +464,8 @@ def train(
             if checkpoints is not None and (epoch % config.checkpoint_every == 0
                                             or epoch == config.epochs):
                 checkpoints.save_last(epoch, state, best, {
-                    "epoch": epoch, "best_epoch": best_epoch, "best_accuracy": best_accuracy})
+                    "epoch": epoch, "best_epoch": best_epoch, "best_accuracy": best_accuracy,
+                    "run": run})
             for callback in callbacks:
                 callback(epoch, record, state)
     finally:

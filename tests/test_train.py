@@ -170,3 +170,17 @@ def test_batch_larger_than_the_training_split_raises(digits):
     with pytest.raises(ValueError, match="batch_size 5000"):
         train(Task(models.FCN(2, 4), optax.sgd(0.1)), digits,
               TrainConfig(epochs=1, batch_size=5000, progress=False))
+
+
+def test_a_workdir_of_other_settings_is_refused(tmp_path, digits):
+    config = TrainConfig(epochs=1, batch_size=128, progress=False)
+    train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits, config, workdir=tmp_path)
+    with pytest.raises(ValueError, match="other settings \\(model\\)"):
+        train(Task(models.FCN(2, 16), optax.sgd(0.1)), digits, config, workdir=tmp_path)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits,
+              TrainConfig(epochs=1, batch_size=100, progress=False), workdir=tmp_path)
+    # Asking for more epochs continues the saved run.
+    more = train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits,
+                 TrainConfig(epochs=2, batch_size=128, progress=False), workdir=tmp_path)
+    assert [r["epoch"] for r in more.history] == [1, 2]
