@@ -107,7 +107,8 @@ PRESETS = {
 
 
 def conv_or_dense(path: str) -> str:
-    """GSVT's pools for CNNs: 4-d kernels are convolutions; named by the layer's name."""
+    """GSVT's pools for CNNs, by layer name: ``dense`` for the classifier ``head`` and ``fc*``
+    layers, ``conv`` for the rest."""
     return "dense" if path.startswith("head") or "/fc" in path else "conv"
 
 

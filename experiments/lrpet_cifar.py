@@ -193,7 +193,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             main_rows.append({"model": name, "pt": "", "method": "baseline", "ratio": None,
                               **base, "change": 0.0})
         result, dense_macs, dense_params, base = baselines[name]
-        ranks = file_ranks if (file_ranks and index == 0) else jaxlr.ratio_ranks(
+        searched = bool(file_ranks) and index == 0
+        ranks = file_ranks if searched else jaxlr.ratio_ranks(
             result.best["params"], ratio, filter=jaxlr.projection.conv_kernels)
         starts = [("N", None, config.epochs)]
         if config.pretrained_epochs:
@@ -202,7 +203,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             trained = fit(name, model, epochs, dict(ranks), pretrained=init)
             score = _score(model, trained.best, dict(ranks), data, sample, dense_macs,
                            dense_params)
-            main_rows.append({"model": name, "pt": pt, "method": "LRPET", "ratio": ratio,
+            main_rows.append({"model": name, "pt": pt, "method": "LRPET",
+                              "ratio": "searched" if searched else ratio,
                               **score, "change": score["accuracy"] - base["accuracy"]})
     columns = [Column("model"), Column("pt", "PT?"), Column("method"),
                Column("ratio", "p", "g"), Column("accuracy", "acc", ".4f"),
