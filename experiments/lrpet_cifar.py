@@ -139,8 +139,6 @@ def _score(model: Any, variables: dict[str, Any], ranks: dict[str, int] | None,
         params = dense_params
     macs = truncation.forward_macs(model, variables, sample)
     return {"accuracy": evaluate(model, variables, data, "test", factored=bool(ranks))["accuracy"],
-            "validation": evaluate(model, variables, data, "validation",
-                                   factored=bool(ranks))["accuracy"],
             "macs": macs, "macs_pr": 1 - macs / dense_macs, "params": params,
             "params_pr": 1 - params / dense_params}
 
