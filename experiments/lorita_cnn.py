@@ -43,9 +43,8 @@ from experiments import data as data_lib
 from experiments import lorita_study, models, presets, truncation
 from experiments.results import Column, Results
 from experiments.train import TrainConfig, cross_entropy, evaluate
-from jaxlr import lowrank
 
-__all__ = ["PRESETS", "Config", "compress_to_flops", "conv_or_dense", "main", "run"]
+__all__ = ["PRESETS", "Config", "compress_to_macs", "main", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,48 +105,22 @@ PRESETS = {
 }
 
 
-def conv_or_dense(path: str) -> str:
-    """GSVT's pools for CNNs, by layer name: ``dense`` for the classifier ``head`` and ``fc*``
-    layers, ``conv`` for the rest."""
-    return "dense" if path.startswith("head") or "/fc" in path else "conv"
-
-
-def compress_to_flops(
+def compress_to_macs(
     model: Any,
     variables: dict[str, Any],
     sample: jax.Array,
     drop: float,
     filter: jaxlr.matrices.Filter,  # noqa: A002
-    steps: int = 12,
-) -> tuple[float, dict[str, Any], int, int]:
-    """The largest GSVT budget (max-normalised) whose factored model saves ``drop`` of the MACs.
-
-    Bisection on the budget (the MACs fall as it falls). Returns ``(budget, factored variables,
-    MACs, parameters)``; raises ``ValueError`` when even one singular value per matrix saves less.
-    """
-    params = variables["params"]
-    spectra = jaxlr.singular_values_tree(params, filter=filter)
-    dense = truncation.forward_macs(model, variables, sample)
-
-    def factored(budget: float) -> tuple[dict[str, Any], int, int]:
-        ranks = jaxlr.gsvt_ranks(spectra, budget, normalize="max")
-        out, report = truncation.factored_variables(variables, ranks)
-        return out, truncation.forward_macs(model, out, sample), report.params_after
-
-    low, high = 1e-3, 1.0
-    best = factored(low)
-    if 1 - best[1] / dense < drop:
-        raise ValueError(f"no GSVT budget saves {drop:.0%} of the MACs (at most "
-                         f"{1 - best[1] / dense:.1%}).")
-    best_budget = low
-    for _ in range(steps):
-        middle = (low + high) / 2
-        candidate = factored(middle)
-        if 1 - candidate[1] / dense >= drop:
-            low, best, best_budget = middle, candidate, middle
-        else:
-            high = middle
-    return best_budget, best[0], best[1], best[2]
+) -> tuple[dict[str, Any], jaxlr.Ranks, int, int]:
+    """The largest max-normalised GSVT budget whose factor pairs save ``drop`` of the MACs
+    (:func:`jaxlr.target_ranks`). Returns ``(compressed variables, ranks, MACs, parameters)``."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    cost = jaxlr.forward_cost(lambda p, x: model.apply({"params": p, **rest}, x, train=False),
+                              variables["params"], sample, xla=False)
+    ranks = jaxlr.target_ranks(variables["params"], drop, cost=cost, normalize="max",
+                               filter=filter)
+    out, report = truncation.compressed_variables(variables, ranks)
+    return out, ranks, truncation.forward_macs(model, out, sample), report.params_after
 
 
 def fine_tune_one_batch(model: Any, variables: dict[str, Any], images: jax.Array,
@@ -157,7 +130,7 @@ def fine_tune_one_batch(model: Any, variables: dict[str, Any], images: jax.Array
     BatchNorm statistics are updated in training mode."""
 
     def loss(params: Any) -> tuple[jax.Array, Any]:
-        logits, mutated = lowrank.apply(model, {**variables, "params": params}, images,
+        logits, mutated = jaxlr.apply(model, {**variables, "params": params}, images,
                                         train=True, mutable=["batch_stats"])
         return cross_entropy(logits, labels, label_smoothing).mean(), mutated
 
@@ -190,7 +163,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         [(name, built[name], augmentation) for name in names], data, results,
         depths=tuple(sorted(set(config.depths) | {config.compress_depth})),
         weight_decays=config.weight_decays, optimizer=optimizer, config=train_config,
-        budgets=config.budgets, filter=convs, pools=conv_or_dense, normalize="max",
+        budgets=config.budgets, filter=convs, pools="kind", normalize="max",
         tolerance=config.tolerance, label_smoothing=config.label_smoothing)
     table2 = [r for r in lorita_study.by_depth_rows(out["training"]) if r["model"] in
               config.models]
@@ -211,12 +184,12 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         dense_macs = truncation.forward_macs(model, variables, sample)
         dense_params = models.param_count(variables["params"])
         for drop in config.flop_drops:
-            budget, factored, macs, params = compress_to_flops(model, variables, sample, drop,
-                                                               convs)
-            tuned = fine_tune_one_batch(model, factored, data.normalize(images), labels,
+            small, ranks, macs, params = compress_to_macs(model, variables, sample, drop, convs)
+            budget = sum(ranks.values()) / sum(ranks.full.values())
+            tuned = fine_tune_one_batch(model, small, data.normalize(images), labels,
                                         config.learning_rate, config.label_smoothing)
-            accuracy = {key: evaluate(model, v, data, "test", factored=key != "dense")["accuracy"]
-                        for key, v in (("dense", variables), ("truncated", factored),
+            accuracy = {key: evaluate(model, v, data, "test")["accuracy"]
+                        for key, v in (("dense", variables), ("truncated", small),
                                        ("tuned", tuned))}
             compressed.append({
                 "model": name, "N": config.compress_depth, "target": drop, "budget": budget,

@@ -111,7 +111,7 @@ def study_truncation(
     *,
     budgets: Sequence[float],
     filter: jaxlr.matrices.Filter,  # noqa: A002
-    pools: jaxlr.ranks.Pools = None,
+    pools: jaxlr.policies.Pools = None,
     normalize: str = "none",
     tolerance: float = 0.01,
 ) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def run_models(
     config: TrainConfig,
     budgets: Sequence[float],
     filter: jaxlr.matrices.Filter,  # noqa: A002
-    pools: jaxlr.ranks.Pools = None,
+    pools: jaxlr.policies.Pools = None,
     normalize: str = "none",
     tolerance: float = 0.01,
     label_smoothing: float = 0.0,

@@ -36,7 +36,7 @@ from experiments.results import Results
 from experiments.train import TrainConfig
 from jaxlr import lorita
 
-__all__ = ["PRESETS", "Config", "attention_or_mlp", "main", "run"]
+__all__ = ["PRESETS", "Config", "main", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +93,6 @@ PRESETS = {
 }
 
 
-def attention_or_mlp(path: str) -> str:
-    """GSVT's pools for ViTs: ``attention`` for query/key/value/out, ``mlp`` otherwise."""
-    return "attention" if "/attn/" in path else "mlp"
-
-
 def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
     """Runs the experiment; returns its tables (markdown) and rows."""
     data = data_lib.load(config.data, config.data_dir, config.seed)
@@ -120,7 +115,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             entries, data, results, depths=config.depths, weight_decays=config.weight_decays,
             optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
             config=train_config, budgets=config.budgets,
-            filter=jaxlr.kernel_filter(include=r"^block"), pools=attention_or_mlp,
+            filter=jaxlr.kernel_filter(include=r"^block"), pools="kind",
             tolerance=config.tolerance)
         for key in everything:
             everything[key] += out[key]

@@ -124,8 +124,7 @@ def _optimizer(config: Config, epochs: int, steps_per_epoch: int,
 
 def _first_convs(variables: dict[str, Any]) -> tuple[str, ...]:
     """The paths of the first two projected convolutions (tree order)."""
-    leaves = jaxlr.matrices.matrix_leaves(variables["params"],
-                                          filter=jaxlr.projection.conv_kernels)
+    leaves = jaxlr.matrix_leaves(variables["params"], filter="conv")
     return tuple(sorted(leaves, key=lambda name: leaves[name].index)[:2])
 
 
@@ -133,12 +132,12 @@ def _score(model: Any, variables: dict[str, Any], ranks: dict[str, int] | None,
            data: data_lib.Dataset, sample: Any, dense_macs: int, dense_params: int,
            ) -> dict[str, Any]:
     if ranks:
-        variables, report = truncation.factored_variables(variables, ranks)
+        variables, report = truncation.compressed_variables(variables, ranks)
         params = report.params_after
     else:
         params = dense_params
     macs = truncation.forward_macs(model, variables, sample)
-    return {"accuracy": evaluate(model, variables, data, "test", factored=bool(ranks))["accuracy"],
+    return {"accuracy": evaluate(model, variables, data, "test")["accuracy"],
             "macs": macs, "macs_pr": 1 - macs / dense_macs, "params": params,
             "params_pr": 1 - params / dense_params}
 
@@ -163,9 +162,12 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                bnr, every, pretrained is not None)
         if key in fitted:
             return fitted[key]
-        projection = None if ranks is None else jaxlr.low_rank_projection(
-            ranks=ranks, every=every, energy_transfer=energy, bn_rectification=bnr)
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))
+        options = jaxlr.ProjectionOptions(
+            energy_transfer=energy,
+            bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample) if bnr else None)
+        projection = None if ranks is None else jaxlr.low_rank_projection(
+            ranks=ranks, every=every, options=options)
         task = Task(model, _optimizer(config, epochs, steps_per_epoch, projection),
                     grad_norms=_first_convs(shapes))
         train_config = TrainConfig(epochs, config.batch_size, config.seed, augmentation,
@@ -192,8 +194,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                               **base, "change": 0.0})
         result, dense_macs, dense_params, base = baselines[name]
         searched = bool(file_ranks) and index == 0
-        ranks = file_ranks if searched else jaxlr.ratio_ranks(
-            result.best["params"], ratio, filter=jaxlr.projection.conv_kernels)
+        ranks = file_ranks if searched else jaxlr.lsvt_ranks(
+            result.best["params"], prune=ratio, filter="conv")
         starts = [("N", None, config.epochs)]
         if config.pretrained_epochs:
             starts.append(("Y", result.best, config.pretrained_epochs))
@@ -217,8 +219,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     name, ratio = config.runs[0]
     model = models.create(name, data.num_classes)
     result, dense_macs, dense_params, base = baselines[name]
-    ranks = dict(jaxlr.ratio_ranks(result.best["params"], ratio,
-                                   filter=jaxlr.projection.conv_kernels))
+    ranks = dict(jaxlr.lsvt_ranks(result.best["params"], prune=ratio, filter="conv"))
     first_two = _first_convs(result.best)
     if config.ablation:
         ablation, histories = [], {}

@@ -13,10 +13,11 @@ parts, every choice made on the validation split and the test split only reporte
    singular values); the accepted budget per policy is the smallest whose validation accuracy
    is within ``tolerance`` of the untruncated model's.
 3. **LRPET against plain LRP.** A small VGG-style CNN with BatchNorm is trained with SGD, its
-   convolutions projected once per epoch to the rank of the unique pruning ratio ``ratio``: by
-   plain LRP (no energy transfer, no BN rectification) and by LRPET (both); as a reference, the
+   convolutions projected once per epoch to the rank of the unique pruning ratio ``prune``: by
+   plain LRP (no energy transfer, no BN rectification) and by LRPET (both, each convolution
+   projected through the BatchNorm :func:`jaxlr.find_bn_pairs` finds after it); as a reference, the
    same CNN trained without projection, dense and truncated once after training. Every compressed
-   model is evaluated running its factor pairs (:func:`jaxlr.lowrank.apply`).
+   model is evaluated running its factor pairs (:func:`jaxlr.apply`).
 
 Written to the results directory (``results/PRESET`` by default): ``config.json``; tables as
 markdown and CSV (``lorita_training``, ``lorita_truncation``, ``lorita_accepted``, ``lrpet``) and
@@ -66,7 +67,7 @@ class Config:
       tolerance: accepted validation accuracy drop of a truncation (fraction, 0.01 = 1 point).
       cnn: the VGG-style CNN's layers (:class:`experiments.models.VGG` ``config``).
       lrpet_epochs: training epochs of each LRPET run (projection once per epoch).
-      ratio: LRPET's unique pruning ratio p (rank ``max(1, floor(n - n p))``).
+      prune: LRPET's unique pruning ratio p (rank ``max(1, floor(n - n p))``).
       sgd_learning_rate: SGD's learning rate, divided by 10 at 50% and 75% of training.
       sgd_weight_decay: SGD's (coupled) weight decay.
       checkpoint_every: epochs between the periodic checkpoints of a run.
@@ -86,7 +87,7 @@ class Config:
     tolerance: float = 0.01
     cnn: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M")
     lrpet_epochs: int = 30
-    ratio: float = 0.8
+    prune: float = 0.8
     sgd_learning_rate: float = 0.05
     sgd_weight_decay: float = 5e-4
     checkpoint_every: int = 10
@@ -145,14 +146,15 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
     total = config.lrpet_epochs * steps_per_epoch
     schedule = optax.piecewise_constant_schedule(
         config.sgd_learning_rate, {total // 2: 0.1, (3 * total) // 4: 0.1})
+    sample = data.normalize(data.test.images[:1])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), sample)
+    lrp = jaxlr.ProjectionOptions(energy_transfer=False)
+    lrpet = jaxlr.ProjectionOptions(bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample))
     variants = {
         "no projection": None,
-        "LRP": jaxlr.low_rank_projection(config.ratio, every=steps_per_epoch,
-                                         energy_transfer=False),
-        "LRPET": jaxlr.low_rank_projection(config.ratio, every=steps_per_epoch,
-                                           bn_rectification=True),
+        "LRP": jaxlr.low_rank_projection(config.prune, every=steps_per_epoch, options=lrp),
+        "LRPET": jaxlr.low_rank_projection(config.prune, every=steps_per_epoch, options=lrpet),
     }
-    sample = data.normalize(data.test.images[:1])
     rows, histories = [], {}
     for name, projection in variants.items():
         optimizer = optax.chain(optax.add_decayed_weights(config.sgd_weight_decay),
@@ -172,22 +174,21 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
                          **{s: evaluate(model, variables, data, s)["accuracy"]
                             for s in ("validation", "test")}})
             name = "no projection, truncated after training"
-        ranks = jaxlr.ratio_ranks(variables["params"], config.ratio,
-                                  filter=jaxlr.projection.conv_kernels)
-        factored, report = truncation.factored_variables(variables, ranks)
+        ranks = jaxlr.lsvt_ranks(variables["params"], prune=config.prune, filter="conv")
+        compressed, report = truncation.compressed_variables(variables, ranks)
         rows.append({
             "method": name, "ranks": "/".join(str(r) for r in ranks.values()),
             "params_fraction": report.params_after / report.params_before,
-            "macs_fraction": truncation.forward_macs(model, factored, sample) / dense_macs,
+            "macs_fraction": truncation.forward_macs(model, compressed, sample) / dense_macs,
             "best_epoch": result.best_epoch,
-            **{s: evaluate(model, factored, data, s, factored=True)["accuracy"]
+            **{s: evaluate(model, compressed, data, s)["accuracy"]
                for s in ("validation", "test")}})
     table = results.table("lrpet", rows, [
         Column("method"), Column("ranks", "conv ranks"),
         Column("params_fraction", "params kept", ".1%"),
         Column("macs_fraction", "MACs kept", ".1%"), Column("best_epoch", "best epoch"),
         Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")],
-        f"VGG-style CNN {list(config.cnn)}, convolutions at p = {config.ratio}; compressed models "
+        f"VGG-style CNN {list(config.cnn)}, convolutions at p = {config.prune}; compressed models "
         "run as factor pairs.")
     plots.training_curves(histories, results.file("lrpet_training.png"))
     return {"tables": {"lrpet": table}, "rows": rows}

@@ -10,9 +10,8 @@
   (subsample, zero-pad the channels; no parameters): 0.27M / 0.85M / 1.7M parameters.
 
 Every model takes ``train`` (BatchNorm statistics and dropout) and flattens or pools what it needs,
-so the training loop calls them all the same way. Layer names follow :mod:`jaxlr.projection`'s
-BatchNorm pairing (``conv1`` -> ``bn1``, ``shortcut_conv`` -> ``shortcut_bn``), so LRPET's BN
-rectification finds every pair; :meth:`FCN.bn_pairs` gives the FCN's.
+so the training loop calls them all the same way. LRPET's BN rectification finds which BatchNorm
+follows which kernel by tracing the model (:func:`jaxlr.find_bn_pairs`), whatever the names.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -92,12 +91,6 @@ class FCN(nn.Module):
                 x = batch_norm(train, name=f"bn{i}")(x)
             x = nn.relu(x)
         return nn.Dense(self.num_classes, name="head")(x)
-
-    def bn_pairs(self) -> dict[str, str]:
-        """``{kernel path: BatchNorm path}`` for LRPET's BN rectification (empty without BN)."""
-        if not self.batch_norm:
-            return {}
-        return {f"fc{i}/kernel": f"bn{i}" for i in range(self.depth - 1)}
 
 
 class EncoderBlock(nn.Module):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +39,7 @@ from experiments import lorita_study, models, plots, presets, truncation
 from experiments.results import Column, Results
 from experiments.train import Task, TrainConfig, evaluate, train
 
-__all__ = ["PRESETS", "Config", "main", "ranks_from_ratios", "run"]
+__all__ = ["PRESETS", "Config", "main", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +54,8 @@ class Config:
       trials: scored trials in all.
       random_trials: the first trials, drawn at random.
       lam: the weight of the MACs ratio in the score.
-      min_ratio: the lower bound of every pruning ratio.
-      max_ratio: the upper bound of every pruning ratio (< 1).
+      min_prune: the lower bound of every pruning ratio.
+      max_prune: the upper bound of every pruning ratio (< 1).
       baseline_epochs: epochs of the baseline.
       trial_epochs: epochs of each trial's fine-tuning.
       batch_size: of training.
@@ -71,8 +70,8 @@ class Config:
     trials: int = 20
     random_trials: int = 5
     lam: float = 1.0
-    min_ratio: float = 0.0
-    max_ratio: float = 0.9
+    min_prune: float = 0.0
+    max_prune: float = 0.9
     baseline_epochs: int = 15
     trial_epochs: int = 2
     batch_size: int = 64
@@ -80,9 +79,9 @@ class Config:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_ratio < self.max_ratio < 1:
-            raise ValueError(f"need 0 <= min_ratio < max_ratio < 1, got {self.min_ratio}, "
-                             f"{self.max_ratio}.")
+        if not 0 <= self.min_prune < self.max_prune < 1:
+            raise ValueError(f"need 0 <= min_prune < max_prune < 1, got {self.min_prune}, "
+                             f"{self.max_prune}.")
         if not 1 <= self.random_trials <= self.trials:
             raise ValueError(f"random_trials must be in [1, trials={self.trials}], got "
                              f"{self.random_trials}.")
@@ -97,11 +96,6 @@ PRESETS = {
     "paper": Config(data="cifar10", model="resnet56", baseline_epochs=200, trial_epochs=10,
                     batch_size=128, learning_rate=0.1),
 }
-
-
-def ranks_from_ratios(full_ranks: dict[str, int], ratios: dict[str, float]) -> dict[str, int]:
-    """LRPET's rank of each matrix from its own ratio: ``max(1, floor(n - n p))``."""
-    return {name: max(1, math.floor(n - n * ratios[name])) for name, n in full_ranks.items()}
 
 
 def _sgd(config: Config, learning_rate: float, projection: Any = None
@@ -126,14 +120,13 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                      workdir=results.file(f"runs/{slug}_baseline"), label="baseline")
     sample = jnp.asarray(data.normalize(data.test.images[:1]))
     dense_macs = truncation.forward_macs(model, baseline.best, sample)
-    leaves = jaxlr.matrices.matrix_leaves(baseline.best["params"],
-                                          filter=jaxlr.projection.conv_kernels)
+    leaves = jaxlr.matrix_leaves(baseline.best["params"], filter="conv")
     full = {name: leaf.full_rank for name, leaf in sorted(leaves.items(),
                                                            key=lambda kv: kv[1].index)}
     # bayes_opt takes parameter names as keyword-like keys: index the layers.
     keys = {f"layer{i:03d}": name for i, name in enumerate(full)}
     optimizer = BayesianOptimization(
-        f=None, pbounds={k: (config.min_ratio, config.max_ratio) for k in keys},
+        f=None, pbounds={k: (config.min_prune, config.max_prune) for k in keys},
         acquisition_function=acquisition.ExpectedImprovement(xi=0.01),
         random_state=config.seed, verbose=0, allow_duplicate_points=True)
 
@@ -144,15 +137,16 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         else:
             point = optimizer.suggest()
         ratios = {keys[k]: float(v) for k, v in point.items()}
-        ranks = ranks_from_ratios(full, ratios)
+        ranks = {name: jaxlr.policies.local_rank(n, prune=ratios[name])
+                 for name, n in full.items()}
         projection = jaxlr.low_rank_projection(ranks=ranks, every=steps_per_epoch)
         tuned = train(Task(model, _sgd(config, config.learning_rate / 10, projection)), data,
                       TrainConfig(config.trial_epochs, config.batch_size, config.seed,
                                   progress=False),
                       variables=baseline.best, label=f"trial {trial}")
-        factored, _ = truncation.factored_variables(tuned.variables, ranks)
-        error = 1 - evaluate(model, factored, data, "validation", factored=True)["accuracy"]
-        macs = truncation.forward_macs(model, factored, sample) / dense_macs
+        compressed, _ = truncation.compressed_variables(tuned.variables, ranks)
+        error = 1 - evaluate(model, compressed, data, "validation")["accuracy"]
+        macs = truncation.forward_macs(model, compressed, sample) / dense_macs
         score = error + config.lam * macs
         optimizer.register(params=point, target=-score)
         trials.append({"trial": trial, "kind": "random" if trial < config.random_trials

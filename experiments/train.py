@@ -3,8 +3,8 @@
 What is trained is a :class:`Task`: a Linen model, an optax optimizer and, for LoRITa, the
 reparameterisation of its parameters. The methods plug in without a copy of the loop:
 
-* LoRITa: :func:`lorita_task` trains :func:`jaxlr.lorita.factorize` d parameters; the model runs on
-  :func:`jaxlr.lorita.collapse` of them.
+* LoRITa: :func:`lorita_task` trains :func:`jaxlr.lorita.factorize` d parameters (the model runs
+  on their products; the variables it returns are collapsed to dense kernels).
 * LRPET: put :func:`jaxlr.low_rank_projection` last in the optimizer; the step passes the new
   BatchNorm statistics as its ``batch_stats`` extra argument.
 
@@ -44,9 +44,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+import jaxlr
 from experiments import data as data_lib
-from jaxlr import lorita, lowrank
-from jaxlr.matrices import path_names, path_str
+from jaxlr import lorita
+from jaxlr.matrices import path_key
 
 __all__ = [
     "Callback",
@@ -230,27 +231,23 @@ def _make_step(task: Task, dropout_key: jax.Array) -> Callable[..., Any]:
             grads, state.opt_state, state.params, batch_stats=batch_stats)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        norms = {path_str(path_names(p)): jnp.linalg.norm(g)
+        norms = {path_key(p): jnp.linalg.norm(g)
                  for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
-                 if path_str(path_names(p)) in task.grad_norms}
+                 if path_key(p) in task.grad_norms}
         return TrainState(state.step + 1, params, batch_stats, opt_state), loss, correct, norms
 
     return step
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0,))
 def _eval_batch(
     model: nn.Module,
-    factored: bool,
     variables: Any,
     images: jax.Array,
     labels: jax.Array,
     mask: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    if factored:
-        logits = lowrank.apply(model, variables, images, train=False)
-    else:
-        logits = model.apply(variables, images, train=False)
+    logits = jaxlr.apply(model, variables, images, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & mask
     return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(correct)
@@ -262,15 +259,12 @@ def evaluate(
     data: data_lib.Dataset,
     split: str = "validation",
     batch_size: int = 1000,
-    *,
-    factored: bool = False,
 ) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` with ``variables`` on one split.
 
     Every batch has ``batch_size`` rows (the last one padded and masked), so a model compiles once
-    however many times it is evaluated. With ``factored``, ``variables`` may hold
-    :class:`jaxlr.LowRank` factor pairs (:func:`jaxlr.lowrank_params`) and the model runs them
-    as two thin layers (:func:`jaxlr.lowrank.apply`).
+    however many times it is evaluated. ``variables`` may hold :class:`jaxlr.LowRank` factor
+    pairs (:func:`jaxlr.compress`): the model runs them as two thin layers (:func:`jaxlr.apply`).
     """
     part = data.split(split)
     size = min(batch_size, len(part))
@@ -283,7 +277,7 @@ def evaluate(
             images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]),
                                                       images.dtype)])
             labels = np.concatenate([labels, np.zeros(size - count, labels.dtype)])
-        batch_loss, batch_correct = _eval_batch(model, factored, variables, images, labels,
+        batch_loss, batch_correct = _eval_batch(model, variables, images, labels,
                                                 np.arange(size) < count)
         loss += float(batch_loss)
         correct += int(batch_correct)
@@ -387,7 +381,7 @@ def train(
         variables = jax.jit(task.model.init, static_argnames="train")(init_key, sample,
                                                                       train=False)
     params = task.reparameterize(variables["params"], factor_key)
-    known = {path_str(path_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    known = {path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     unknown = sorted(set(task.grad_norms) - known)
     if unknown:
         raise ValueError(f"grad_norms names paths the parameters do not have: {unknown}.")
@@ -405,8 +399,8 @@ def train(
     run = {"model": repr(task.model), "data": data.name, "train_examples": len(data.train),
            "batch_size": config.batch_size, "seed": config.seed, "prng_impl": config.prng_impl,
            "augmentation": None if config.augmentation is None else list(config.augmentation),
-           "factored": any(lorita.is_factored(n) for n in jax.tree.leaves(
-               params, is_leaf=lorita.is_factored))}
+           "lorita": any(isinstance(n, jaxlr.Product) for n in jax.tree.leaves(
+               params, is_leaf=jaxlr.nodes.is_node))}
     checkpoints = metrics_file = None
     history: list[dict[str, Any]] = []
     if workdir is not None:

@@ -1,8 +1,8 @@
 """Accuracy against retained singular values: LoRITa's LSVT / GSVT sweeps, and their acceptance.
 
-:func:`sweep` truncates a trained model's matrices at each budget with each policy
-(:func:`jaxlr.lsvt_ranks`, :func:`jaxlr.gsvt_ranks`), compresses with :func:`jaxlr.compress` and
-evaluates on the validation and test splits. :func:`accept` chooses, per policy, the smallest
+:func:`sweep` chooses ranks at each budget with each policy (:func:`jaxlr.lsvt_ranks`,
+:func:`jaxlr.gsvt_ranks`), truncates with :func:`jaxlr.compress` and evaluates the truncated
+(dense) model on the validation and test splits. :func:`accept` chooses, per policy, the smallest
 budget whose *validation* accuracy stays within a tolerance of the untruncated model's: the test
 split is reported, never used to choose.
 
@@ -30,7 +30,7 @@ import jaxlr
 from experiments import data as data_lib
 from experiments.train import evaluate
 
-__all__ = ["POLICIES", "accept", "factored_variables", "forward_macs", "sweep"]
+__all__ = ["POLICIES", "accept", "compressed_variables", "forward_macs", "sweep"]
 
 POLICIES = ("LSVT", "GSVT")
 
@@ -43,7 +43,7 @@ def sweep(
     *,
     filter: jaxlr.matrices.Filter,  # noqa: A002
     policies: Sequence[str] = POLICIES,
-    pools: jaxlr.ranks.Pools = None,
+    pools: jaxlr.policies.Pools = None,
     normalize: str = "none",
     batch_size: int = 1000,
 ) -> list[dict[str, Any]]:
@@ -59,7 +59,8 @@ def sweep(
       budgets: fractions of singular values kept, each in ``(0, 1]``.
       filter: which matrices are truncated (leave the classifier out, as both papers do).
       policies: a subset of ``("LSVT", "GSVT")``.
-      pools: GSVT's pools (see :func:`jaxlr.gsvt_ranks`).
+      pools: GSVT's pools (see :func:`jaxlr.gsvt_ranks`): ``"kind"`` pools attention, conv and
+        dense matrices apart.
       normalize: GSVT's normalisation, ``"none"`` or ``"max"``.
       batch_size: evaluation batch size.
     """
@@ -75,7 +76,7 @@ def sweep(
             cut, retained, size = params, 1.0, total
         else:
             compression = jaxlr.compress(params, ranks)
-            cut, retained = compression.params, compression.report.retained
+            cut, retained = jaxlr.collapse(compression.compressed), compression.report.retained
             size = compression.report.params_after
         scores = {split: evaluate(model, {**variables, "params": cut}, data, split,
                                   batch_size)["accuracy"] for split in ("validation", "test")}
@@ -87,9 +88,10 @@ def sweep(
     for budget in budgets:
         for policy in policies:
             if policy == "LSVT":
-                ranks = jaxlr.lsvt_ranks(params, budget, filter=filter)
+                ranks = jaxlr.lsvt_ranks(params, keep=budget, filter=filter)
             else:
-                ranks = jaxlr.gsvt_ranks(spectra, budget, pools=pools, normalize=normalize)
+                ranks = jaxlr.gsvt_ranks(params, keep=budget, pools=pools, normalize=normalize,
+                                         filter=filter, spectra=spectra)
             rows.append(row(policy, budget, ranks))
     return rows
 
@@ -116,16 +118,15 @@ def forward_macs(model: nn.Module, variables: Mapping[str, Any], sample: Any) ->
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def forward(params: Any, x: jax.Array) -> jax.Array:
-        return jaxlr.lowrank.apply(model, {"params": params, **rest}, x, train=False)
+        return jaxlr.apply(model, {"params": params, **rest}, x, train=False)
 
     return jaxlr.forward_cost(forward, variables["params"], sample, xla=False).macs
 
 
-def factored_variables(
+def compressed_variables(
     variables: Mapping[str, Any], ranks: Mapping[str, int]
-) -> tuple[dict[str, Any], jaxlr.compress.CompressionReport]:
+) -> tuple[dict[str, Any], jaxlr.CompressionReport]:
     """``variables`` with the ranked kernels truncated and held as factor pairs where they save
-    (:func:`jaxlr.compress`, :func:`jaxlr.lowrank_params`), and the compression report."""
+    (:func:`jaxlr.compress`), and the compression report."""
     compression = jaxlr.compress(variables["params"], ranks)
-    params = jaxlr.lowrank_params(compression.params, compression.factors)
-    return {**variables, "params": params}, compression.report
+    return {**variables, "params": compression.compressed}, compression.report

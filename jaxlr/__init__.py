@@ -2,109 +2,111 @@
 
 The public API, re-exported from the modules that define it:
 
-* :mod:`jaxlr.matrices`: how kernel leaves are seen as matrices, and which leaves are selected.
-* :mod:`jaxlr.svd`: jitted singular values, rank-``r`` projection (with energy transfer) and
-  truncated factors, for one matrix or every selected matrix of a tree.
-* :mod:`jaxlr.ranks`: rank policies (fixed, LRPET ratio, energy, LSVT, GSVT) and the retained
-  singular values metric.
-* :mod:`jaxlr.lorita`: LoRITa's factorize / collapse transforms and weight-decay helpers.
-* :mod:`jaxlr.projection`: LRPET's periodic low-rank projection as an optax transformation.
-* :mod:`jaxlr.compress`: after training: the truncated tree, its factor pairs and a report (the
-  package exports its function, ``jaxlr.compress``; import its types from the module).
-* :mod:`jaxlr.lowrank`: compressed inference: unchanged Linen and NNX models run on factor pairs.
-* :mod:`jaxlr.cost`: parameters and multiply-accumulates of a forward pass, per layer, and XLA's
-  count.
-* :mod:`jaxlr.export`: save and load compressed trees (factor pairs) with orbax-checkpoint.
+* :mod:`jaxlr.matrices`: how kernel leaves are seen as matrices (Flax and PyTorch/Equinox layouts),
+  which leaves are selected, and the keys of paths.
+* :mod:`jaxlr.nodes`: the two kernel representations, LoRITa's ``Product`` and the factor pair
+  ``LowRank``, and ``collapse`` back to dense kernels.
+* :mod:`jaxlr.svd`: jitted singular values, rank-``r`` projection and truncated factors.
+* :mod:`jaxlr.policies`: rank policies (fixed, LSVT / LRPET ratio, GSVT, energy, cost targets).
+* :mod:`jaxlr.lorita`: LoRITa's factorization of trees and NNX modules, weight-decay helpers.
+* :mod:`jaxlr.projection`: LRPET's low-rank projection as an optax transformation or wrapper.
+* :mod:`jaxlr.batchnorm`: which BatchNorm follows which kernel, by tracing the model.
+* :mod:`jaxlr.compression`: after training: factor pairs where they save, and a report.
+* :mod:`jaxlr.inference`: unchanged Linen and NNX models run on factor pairs.
+* :mod:`jaxlr.train_state`: a Linen ``TrainState`` that forwards ``batch_stats`` to the optimizer.
+* :mod:`jaxlr.cost`: parameters and multiply-accumulates of a forward pass, per layer.
+* :mod:`jaxlr.export`: orbax checkpoints of trees with factor pairs and products.
 """
 
-from jaxlr import cost, export, lorita, lowrank, matrices, projection, ranks, svd
-from jaxlr.compress import Compression, CompressionReport, compress
+from jaxlr import (
+    batchnorm,
+    compression,
+    cost,
+    export,
+    inference,
+    lorita,
+    matrices,
+    nodes,
+    policies,
+    projection,
+    svd,
+    train_state,
+)
+from jaxlr.batchnorm import bn_pairs_by_name, find_bn_pairs
+from jaxlr.compression import CompressionReport, CompressionResult, compress
 from jaxlr.cost import ForwardCost, LayerCost, forward_cost
-from jaxlr.lorita import (
-    Factored,
-    collapse,
-    coupled_adam,
-    factorize,
-    from_dense,
-    weight_decay_mask,
-)
-from jaxlr.lowrank import LowRank, lowrank_params
-from jaxlr.matrices import (
-    MatrixView,
-    default_view,
-    is_kernel,
-    kernel_filter,
-    kernel_kinds,
-    matrix_leaves,
-)
-from jaxlr.projection import LowRankProjectionState, low_rank_projection, project_params
-from jaxlr.ranks import (
+from jaxlr.inference import apply, nnx_model
+from jaxlr.lorita import factorize
+from jaxlr.matrices import MatrixView, is_kernel, kernel_filter, kernel_kinds, matrix_leaves
+from jaxlr.nodes import LowRank, Product, collapse
+from jaxlr.policies import (
     Ranks,
     energy_ranks,
     fixed_ranks,
     gsvt_ranks,
     lsvt_ranks,
-    ratio_ranks,
     retained_fraction,
+    target_ranks,
 )
-from jaxlr.svd import (
-    Factorization,
-    Projection,
-    project_matrix,
-    project_tree,
-    singular_values,
-    singular_values_tree,
-    truncated_factors,
-    truncated_factors_tree,
+from jaxlr.projection import (
+    LowRankProjectionState,
+    ProjectionOptions,
+    low_rank_projection,
+    project,
+    with_low_rank_projection,
 )
+from jaxlr.svd import project_matrix, singular_values, singular_values_tree, truncated_factors
+from jaxlr.train_state import TrainState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Compression",
+    "CompressionResult",
     "CompressionReport",
-    "Factored",
-    "Factorization",
     "ForwardCost",
     "LayerCost",
     "LowRank",
     "LowRankProjectionState",
     "MatrixView",
-    "Projection",
+    "Product",
+    "ProjectionOptions",
     "Ranks",
+    "TrainState",
+    "apply",
+    "batchnorm",
+    "bn_pairs_by_name",
     "collapse",
     "compress",
+    "compression",
     "cost",
-    "coupled_adam",
-    "default_view",
     "energy_ranks",
     "export",
     "factorize",
+    "find_bn_pairs",
     "fixed_ranks",
     "forward_cost",
-    "from_dense",
     "gsvt_ranks",
+    "inference",
     "is_kernel",
     "kernel_filter",
     "kernel_kinds",
     "lorita",
     "low_rank_projection",
-    "lowrank",
-    "lowrank_params",
     "lsvt_ranks",
     "matrices",
     "matrix_leaves",
+    "nnx_model",
+    "nodes",
+    "project",
     "project_matrix",
-    "project_params",
-    "project_tree",
     "projection",
-    "ranks",
-    "ratio_ranks",
+    "policies",
     "retained_fraction",
     "singular_values",
     "singular_values_tree",
     "svd",
+    "target_ranks",
+    "train_state",
     "truncated_factors",
-    "truncated_factors_tree",
-    "weight_decay_mask",
+    "with_low_rank_projection",
 ]

@@ -3,7 +3,7 @@
 :func:`forward_cost` traces ``fn(params, *inputs)`` to a jaxpr and counts every matrix product
 (``dot_general``) and convolution in it, nested jits, custom derivatives, ``scan`` and ``cond``
 included. Each product whose operand is (a reshape or cast of) a parameter leaf is charged to that
-leaf's path; a :class:`~jaxlr.lowrank.LowRank` node's two factors are charged to its kernel's path,
+leaf's path; a :class:`~jaxlr.nodes.LowRank` node's two factors are charged to its kernel's path,
 so a dense model and its factored version report the same layers. Products of activations with
 activations (attention's scores and weighted values) are reported as ``other``.
 
@@ -44,8 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxlr import matrices
-from jaxlr.lowrank import is_lowrank
+from jaxlr import matrices, nodes
 
 __all__ = ["ForwardCost", "LayerCost", "forward_cost", "xla_flops"]
 
@@ -68,7 +67,7 @@ class LayerCost(NamedTuple):
     """One parameter leaf's share of the forward pass.
 
     Attributes:
-      params: parameters of the leaf (``r (m + n)`` for a :class:`~jaxlr.lowrank.LowRank` node).
+      params: parameters of the leaf (``r (m + n)`` for a :class:`~jaxlr.nodes.LowRank` node).
       macs: multiply-accumulates of the products it takes part in (padding counted).
       macs_in_bounds: the same without the taps that fall on zero padding (XLA's convention).
     """
@@ -177,8 +176,8 @@ def xla_flops(fn: Callable[..., Any], *args: Any, backend: str | None = "cpu") -
 def _parameter_tags(params: Any) -> tuple[list[str], dict[str, int]]:
     """The kernel path of every flattened leaf of ``params``, and the parameters per path."""
     tags, sizes = [], {}
-    for path, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]:
-        name = matrices.path_str(matrices.path_names(path))
+    for path, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=nodes.is_node)[0]:
+        name = matrices.path_key(path)
         leaves = jax.tree.leaves(node)
         tags.extend([name] * len(leaves))
         sizes[name] = sum(math.prod(np.shape(leaf)) for leaf in leaves)
@@ -297,9 +296,9 @@ def forward_cost(
 
     Args:
       fn: the forward pass, parameters first, e.g. ``lambda p, x: model.apply({"params": p}, x)``
-        or ``lambda p, x: jaxlr.lowrank.apply(model, {"params": p}, x)``. Other variables
+        or ``lambda p, x: jaxlr.apply(model, {"params": p}, x)``. Other variables
         (``batch_stats``) belong in the closure.
-      params: the parameter tree (dense, or with :class:`~jaxlr.lowrank.LowRank` nodes).
+      params: the parameter tree (dense, or with :class:`~jaxlr.nodes.LowRank` nodes).
       *inputs: example inputs; the counts are for this batch (pass one example for per-example
         figures).
       xla: also compile ``fn`` and read XLA's cost analysis (:func:`xla_flops`).

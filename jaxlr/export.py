@@ -1,15 +1,26 @@
-"""Save a compressed parameter tree with orbax-checkpoint and load it back, factor pairs included.
+"""Checkpoints of jaxlr's trees with orbax-checkpoint: factor pairs and LoRITa products included.
 
-:func:`save` writes the arrays of a tree that holds :class:`~jaxlr.lowrank.LowRank` nodes (the
-factor pairs ``a`` and ``b``, never the dense kernels they stand for) and, beside them, a JSON
-layout naming each factored kernel with its shape and matrix view. :func:`load` rebuilds the same
-tree without being told the ranks, ready for :func:`jaxlr.lowrank.apply` or
-:func:`jaxlr.lowrank.nnx_model`. The checkpoint is an orbax composite checkpoint (items
-``params`` and ``layout``), written atomically.
+:func:`save` writes a tree that holds :class:`~jaxlr.nodes.LowRank` factor pairs and
+:class:`~jaxlr.nodes.Product` s (their factors, never the dense kernels they stand for) and, beside
+them, a JSON layout naming each node with its kernel's shape and matrix view. :func:`load` rebuilds
+the same tree, typed nodes included, without being told the ranks or the depths. It takes a Linen
+variable dict, an NNX ``State`` or an NNX module (its whole state, with the nodes its layers hold).
+A module's random number streams (``nnx.Rngs``) are not saved. A loaded tree runs with
+:func:`jaxlr.apply` (Linen) or :func:`jaxlr.nnx_model` (NNX).
+
+The same format works in an orbax ``CheckpointManager`` (steps, retention, async saving):
+:class:`Save` and :class:`Restore` are checkpoint arguments handled by
+:class:`TreeCheckpointHandler`::
+
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=3))
+    manager.save(step, args=jaxlr.export.Save(params))
+    params = manager.restore(manager.latest_step(), args=jaxlr.export.Restore())
+
+or, beside other items, ``ocp.args.Composite(params=jaxlr.export.Save(params), ...)``.
 
 Example:
   >>> import tempfile, jax.numpy as jnp
-  >>> from jaxlr.lowrank import LowRank
+  >>> from jaxlr.nodes import LowRank
   >>> from jaxlr.matrices import MatrixView
   >>> tree = {"Dense_0": {"kernel": LowRank(jnp.ones((8, 2)), jnp.ones((2, 4)), (8, 4),
   ...                                       MatrixView((0,), (1,))),
@@ -22,99 +33,180 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
-import jax
+import orbax.checkpoint as ocp
+from etils import epath
 
-from jaxlr import matrices
-from jaxlr.lowrank import LowRank, is_lowrank
+from jaxlr import _nnx, nodes
 from jaxlr.matrices import MatrixView
+from jaxlr.nodes import LowRank, Product
 
-__all__ = ["load", "save"]
+__all__ = ["Restore", "Save", "TreeCheckpointHandler", "load", "save"]
 
-_FORMAT = "jaxlr.lowrank/1"
+_FORMAT = "jaxlr.tree/2"
+_LAYOUT = "jaxlr_layout.json"
 
 
-def _nested(tree: Any) -> Any:
-    """The tree as nested dicts of arrays, each LowRank node as ``{"a": ..., "b": ...}``."""
-    return jax.tree.map(
-        lambda node: {"a": node.a, "b": node.b} if is_lowrank(node) else node,
-        tree,
-        is_leaf=is_lowrank,
-    )
+def _plain(tree: Any) -> Any:
+    """The tree to save as nested dicts of arrays (an NNX module's state but its random number
+    streams, nodes kept)."""
+    if _nnx.is_module(tree):
+        from flax import nnx  # noqa: PLC0415
+
+        return _nnx.parameters(tree, nnx.Not(nnx.RngState))
+    from flax import nnx  # noqa: PLC0415
+
+    if isinstance(tree, nnx.State):
+        return nnx.to_pure_dict(tree)
+    return tree
+
+
+def _layout_and_arrays(tree: Any) -> tuple[dict[str, Any], Any]:
+    """The layout of the tree's nodes and the tree as string-keyed nested dicts of arrays."""
+    layout: dict[str, Any] = {}
+
+    def convert(path: tuple[str, ...], node: Any) -> Any:
+        if nodes.is_node(node):
+            entry = {"shape": list(node.shape), "row_axes": list(node.view.row_axes),
+                     "col_axes": list(node.view.col_axes)}
+            if isinstance(node, LowRank):
+                layout["/".join(path)] = {"type": "LowRank", **entry}
+                return {"a": nodes.value_of(node.a), "b": nodes.value_of(node.b)}
+            layout["/".join(path)] = {"type": "Product", "depth": node.depth, **entry}
+            return {"factors": {str(i): nodes.value_of(f) for i, f in enumerate(node.factors)}}
+        if isinstance(node, Mapping):
+            return {str(k): convert((*path, str(k)), v) for k, v in node.items()}
+        if isinstance(node, list | tuple) or not hasattr(node, "shape"):
+            raise TypeError(
+                f"save takes nested dicts of arrays (and jaxlr's nodes); "
+                f"{'/'.join(path) or 'the tree'} is a {type(node).__name__}. Pass a Linen "
+                "variable dict, an NNX State or an NNX module.")
+        return node
+
+    return layout, convert((), _plain(tree))
+
+
+def _rebuild(arrays: Any, layout: Mapping[str, Any]) -> Any:
+    for key, entry in layout.items():
+        *parents, last = key.split("/")
+        parent = arrays
+        for name in parents:
+            parent = parent[name]
+        stored = parent[last]
+        view = MatrixView(tuple(entry["row_axes"]), tuple(entry["col_axes"]))
+        shape = tuple(entry["shape"])
+        if entry["type"] == "LowRank":
+            parent[last] = LowRank(stored["a"], stored["b"], shape, view)
+        else:
+            factors = tuple(stored["factors"][str(i)] for i in range(entry["depth"]))
+            parent[last] = Product(factors, shape, view)
+    return arrays
+
+
+class TreeCheckpointHandler(ocp.AsyncCheckpointHandler):
+    """An orbax checkpoint handler of trees with jaxlr's nodes (:class:`Save`, :class:`Restore`).
+
+    The arrays go through orbax's ``StandardCheckpointHandler`` (sharded, async); the nodes'
+    layout through its ``JsonCheckpointHandler``, in a file beside them.
+    """
+
+    def __init__(self) -> None:
+        self._arrays = ocp.StandardCheckpointHandler()
+        self._layout = ocp.JsonCheckpointHandler(filename=_LAYOUT)
+
+    async def async_save(self, directory: epath.Path, args: Save) -> list[Any] | None:
+        layout, arrays = _layout_and_arrays(args.item)
+        futures = await self._arrays.async_save(directory, args=ocp.args.StandardSave(arrays))
+        futures = list(futures or [])
+        futures += await self._layout.async_save(
+            directory, args=ocp.args.JsonSave({"format": _FORMAT, "nodes": layout})) or []
+        return futures
+
+    def save(self, directory: epath.Path, args: Save) -> None:
+        layout, arrays = _layout_and_arrays(args.item)
+        self._arrays.save(directory, args=ocp.args.StandardSave(arrays))
+        self._layout.save(directory, args=ocp.args.JsonSave({"format": _FORMAT, "nodes": layout}))
+
+    def restore(self, directory: epath.Path, args: Restore | None = None) -> Any:
+        del args
+        if not (epath.Path(directory) / _LAYOUT).exists():
+            raise ValueError(f"{directory} is not a checkpoint written by jaxlr.export (it has no "
+                             f"{_LAYOUT}).")
+        layout = self._layout.restore(directory)
+        if not isinstance(layout, dict) or layout.get("format") != _FORMAT:
+            raise ValueError(f"{directory} was written by another version of jaxlr.export "
+                             f"({layout.get('format') if isinstance(layout, dict) else layout}).")
+        arrays = self._arrays.restore(directory, args=ocp.args.StandardRestore())
+        return _rebuild(arrays, layout["nodes"])
+
+    def metadata(self, directory: epath.Path) -> Any:
+        return self._arrays.metadata(directory)
+
+    def finalize(self, directory: epath.Path) -> None:
+        self._arrays.finalize(directory)
+
+    def close(self) -> None:
+        self._arrays.close()
+        self._layout.close()
+
+
+@ocp.args.register_with_handler(TreeCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class Save(ocp.args.CheckpointArgs):
+    """Saves a tree with jaxlr's nodes (a Linen variable dict, an NNX ``State`` or module).
+
+    Attributes:
+      item: the tree.
+    """
+
+    item: Any
+
+
+@ocp.args.register_with_handler(TreeCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class Restore(ocp.args.CheckpointArgs):
+    """Restores a tree saved with :class:`Save`, its nodes rebuilt; needs no target."""
 
 
 def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
-    """Writes ``tree`` (nested dicts with :class:`~jaxlr.lowrank.LowRank` nodes) to ``directory``.
+    """Writes ``tree`` to ``directory`` (module documentation).
 
     Args:
       directory: where the checkpoint goes; must not exist unless ``force``.
-      tree: the parameter tree, e.g. ``jaxlr.lowrank.lowrank_params(...)`` or a whole Linen
-        ``variables`` dict.
+      tree: a Linen variable dict (or its ``params``), an NNX ``State`` or an NNX module, with
+        :class:`~jaxlr.nodes.LowRank` and :class:`~jaxlr.nodes.Product` nodes anywhere.
       force: overwrite an existing checkpoint.
 
     Raises:
-      TypeError: if the tree holds containers other than dicts (NNX ``State``: pass
-        ``nnx.to_pure_dict(state)``).
+      TypeError: if the tree holds containers other than dicts.
       FileExistsError: if ``directory`` exists and not ``force``.
     """
-    import orbax.checkpoint as ocp
-
-    layout = {}
-    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_lowrank)[0]:
-        if any(not isinstance(key, jax.tree_util.DictKey) for key in path):
-            raise TypeError(
-                f"save takes nested dicts; {jax.tree_util.keystr(path)} is reached through "
-                f"another container. Pass nnx.to_pure_dict(state) for an NNX state."
-            )
-        if is_lowrank(node):
-            layout[matrices.path_str(matrices.path_names(path))] = {
-                "shape": list(node.shape),
-                "row_axes": list(node.view.row_axes),
-                "col_axes": list(node.view.col_axes),
-            }
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not force:
         raise FileExistsError(f"{directory} exists; pass force=True to overwrite it.")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(
-            directory,
-            ocp.args.Composite(
-                params=ocp.args.StandardSave(_nested(tree)),
-                layout=ocp.args.JsonSave({"format": _FORMAT, "lowrank": layout}),
-            ),
-            force=force,
-        )
+    _layout_and_arrays(tree)  # refuses an unsupported tree before anything is written
+    with ocp.Checkpointer(TreeCheckpointHandler()) as checkpointer:
+        checkpointer.save(directory, args=Save(tree), force=force)
 
 
 def load(directory: str | os.PathLike) -> Any:
-    """Reads a checkpoint written by :func:`save` and rebuilds its :class:`LowRank` nodes.
+    """Reads a checkpoint written by :func:`save` and rebuilds its nodes.
+
+    Returns:
+      Nested dicts of arrays with :class:`~jaxlr.nodes.LowRank` and
+      :class:`~jaxlr.nodes.Product` nodes where they were saved.
 
     Raises:
       FileNotFoundError: if ``directory`` holds no checkpoint.
       ValueError: if the checkpoint was not written by :func:`save`.
     """
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint at {directory}.")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            directory,
-            ocp.args.Composite(params=ocp.args.StandardRestore(), layout=ocp.args.JsonRestore()),
-        )
-    layout = restored["layout"]
-    if not isinstance(layout, dict) or layout.get("format") != _FORMAT:
-        raise ValueError(f"{directory} is not a checkpoint written by jaxlr.export.save.")
-    tree = restored["params"]
-    for name, entry in layout["lowrank"].items():
-        *parents, last = name.split("/")
-        node = tree
-        for key in parents:
-            node = node[key]
-        pair = node[last]
-        view = MatrixView(tuple(entry["row_axes"]), tuple(entry["col_axes"]))
-        node[last] = LowRank(pair["a"], pair["b"], tuple(entry["shape"]), view)
-    return tree
+    with ocp.Checkpointer(TreeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(directory, args=Restore())
+

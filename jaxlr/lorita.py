@@ -1,23 +1,31 @@
 """LoRITa: over-parameterise weight matrices as products of ``N`` matrices, and collapse them back.
 
 :func:`factorize` replaces each selected kernel ``W`` (seen as an ``m x n`` matrix through its
-:class:`~jaxlr.matrices.MatrixView`) by a :class:`Factored` node holding ``N`` factors with
-``W = W_1 W_2 ... W_N``. The node is a pytree, so ``jit``, ``grad``, optax (``masked`` and
-``chain`` included), orbax and ``jax.tree`` utilities see its factors as ordinary leaves.
-:func:`collapse` multiplies every node back into a kernel of its own shape, so the user's model is
-applied unchanged::
+:class:`~jaxlr.matrices.MatrixView`) by a :class:`~jaxlr.nodes.Product` of ``N`` factors with
+``W = W_1 W_2 ... W_N``. It takes a parameter tree or a Flax NNX module:
 
-    fparams = jaxlr.lorita.factorize(params, depth=3, key=key)
-    logits = model.apply({"params": jaxlr.lorita.collapse(fparams)}, x)       # Flax Linen
-    logits = nnx.merge(graphdef, jaxlr.lorita.collapse(fstate))(x)            # Flax NNX
+* **Flax NNX.** ``factorize(model, ...)`` returns a copy of the module whose kernels are products
+  of ``nnx.Param`` factors. NNX layers read their kernel as ``self.kernel[...]``, which multiplies
+  the factors, so the model runs unchanged, and ``nnx.grad`` / ``nnx.Optimizer`` train the factors
+  with no split or merge by the user::
+
+      model = jaxlr.lorita.factorize(model, depth=3, key=key)
+      optimizer = nnx.Optimizer(model, jaxlr.lorita.coupled_adam(1e-3, 1e-4), wrt=nnx.Param)
+
+* **Flax Linen and other trees.** ``factorize(params, ...)`` returns the tree with product nodes;
+  the model is applied to :func:`collapse` of it (``model.apply({"params": collapse(p)}, x)``), or
+  through :class:`jaxlr.TrainState` / :func:`jaxlr.apply`, which collapse for you. **Applying a
+  Linen model to a factorized tree without collapsing fails inside Flax** (its
+  ``ScopeParamShapeError`` names the kernel's expected shape): collapse first.
 
 Weight decay on the factors, ``lambda * sum_i ||W_i||_F^2``, is a Schatten-``2/N`` quasi-norm
 penalty on ``W`` (LoRITa, Prop. 4.2), which drives ``W`` towards low rank without choosing a rank.
 The paper trains with Adam and *coupled* L2 decay, as PyTorch's ``Adam(weight_decay=...)`` does:
-:func:`coupled_adam` (``optax.add_decayed_weights`` then ``optax.adam``) reproduces it. Decoupled
-decay is ``optax.adamw(lr, weight_decay=..., mask=weight_decay_mask)``. Either way
-:func:`weight_decay_mask` makes the decay reach every factor and every other kernel, and leaves
-biases and normalisation parameters alone.
+:func:`coupled_adam` (``optax.add_decayed_weights`` then ``optax.adam``) with
+:func:`weight_decay_mask` decays the factors and the other kernels and leaves biases and
+normalisation parameters alone; PyTorch's optimizer decays every parameter, which
+``coupled_adam(lr, wd, mask=None)`` reproduces. Decoupled decay is
+``optax.adamw(lr, weight_decay=..., mask=weight_decay_mask)``.
 
 Shapes. With ``k = min(m, n)``, every inner dimension is at least ``k``, so the product can still
 reach every ``m x n`` matrix (Prop. 4.1). ``placement`` says where the ``N - 1`` square factors go:
@@ -43,26 +51,24 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxlr import matrices, svd
-from jaxlr.matrices import MatrixView
+from jaxlr import _nnx, matrices, nodes, svd
+from jaxlr.nodes import Product, collapse
 
 __all__ = [
-    "Factored",
     "Placement",
     "collapse",
     "coupled_adam",
     "factorize",
     "from_dense",
-    "is_factored",
     "weight_decay_mask",
 ]
 
@@ -70,52 +76,6 @@ Placement = Literal["smaller", "input", "output", "paper"]
 _PLACEMENTS = ("smaller", "input", "output", "paper")
 _INITS = ("orthogonal", "balanced")
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["factors"], meta_fields=["shape", "view"]
-)
-@dataclasses.dataclass(frozen=True)
-class Factored:
-    """A kernel held as the product of its factors, ``view.from_matrix(W_1 @ ... @ W_N, shape)``.
-
-    A pytree node: its children are the factors; the kernel's shape and view are static.
-
-    Attributes:
-      factors: the ``N`` factor matrices, first applied to the input first.
-      shape: the shape of the kernel the product stands for.
-      view: how that kernel is seen as a matrix.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> node = Factored((jnp.eye(2), 2 * jnp.ones((2, 3))), shape=(2, 3),
-      ...                 view=MatrixView((0,), (1,)))
-      >>> node.kernel()
-      Array([[2., 2., 2.],
-             [2., 2., 2.]], dtype=float32)
-    """
-
-    factors: tuple[jax.Array, ...]
-    shape: tuple[int, ...]
-    view: MatrixView
-
-    @property
-    def depth(self) -> int:
-        """``N``, the number of factors."""
-        return len(self.factors)
-
-    def matrix(self) -> jax.Array:
-        """The product ``W_1 @ ... @ W_N`` as an ``m x n`` matrix."""
-        return functools.reduce(lambda a, b: jnp.matmul(a, b, precision=_HIGHEST), self.factors)
-
-    def kernel(self) -> jax.Array:
-        """The product reshaped to the kernel's own shape."""
-        return self.view.from_matrix(self.matrix(), self.shape)
-
-
-def is_factored(node: Any) -> bool:
-    """Whether ``node`` is a :class:`Factored` (use as ``is_leaf`` in ``jax.tree`` functions)."""
-    return isinstance(node, Factored)
 
 
 def _check_depth(depth: Any) -> int:
@@ -169,32 +129,53 @@ def _balanced_factors(matrix: jax.Array, shapes: list[tuple[int, int]]) -> tuple
     return tuple(factors)
 
 
+def _holds_products(tree: Any) -> bool:
+    if _nnx.is_module(tree):
+        return any(isinstance(node, Product) for _, node in _nnx.node_paths(tree))
+    return any(isinstance(node, Product) for node in jax.tree.leaves(tree, is_leaf=nodes.is_node))
+
+
+def _into_module(model: Any, replacements: dict[str, Any]) -> Any:
+    """A copy of an NNX module with each ``{key: Product of arrays}`` written in as a product of
+    ``nnx.Param`` factors."""
+    from flax import nnx  # noqa: PLC0415
+
+    model = nnx.clone(model)
+    for key, node in replacements.items():
+        path = tuple(key.split("/"))
+        *_, parent, _ = (None, *_nnx.walk(model, path, key))
+        factors = tuple(nnx.Param(f) for f in node.factors)
+        _nnx.set_child(parent, path[-1], Product(factors, node.shape, node.view))
+    return model
+
+
 def factorize(
     params: Any,
     depth: int,
     key: jax.Array | None = None,
     *,
-    filter: matrices.Filter = matrices.is_kernel,  # noqa: A002
-    view: matrices.ViewFn = matrices.default_view,
+    filter: matrices.Filter | None = None,  # noqa: A002
+    view: matrices.View = None,
     placement: Placement = "smaller",
     init: Literal["orthogonal", "balanced"] = "orthogonal",
 ) -> Any:
-    """Replaces every selected kernel by a :class:`Factored` node of ``depth`` factors.
+    """Replaces every selected kernel by a :class:`~jaxlr.nodes.Product` of ``depth`` factors.
 
     Args:
-      params: a Flax Linen variable dict (or its ``"params"``), an NNX ``State``, or any pytree.
+      params: a Flax NNX module (a factorized copy is returned), a Linen variable dict (or its
+        ``params``), an NNX ``State``, an Equinox module, or any pytree.
       depth: ``N >= 1``, the number of factors; ``N = 1`` holds each kernel as one ``m x n``
         factor and changes nothing else.
       key: a PRNG key for the orthogonal squares (needed when ``depth > 1`` and
         ``init="orthogonal"``).
       filter: which leaves are factorized (default: kernels of >= 2 dimensions).
-      view: how each kernel is seen as a matrix.
+      view: how each kernel is seen as a matrix (:mod:`jaxlr.matrices`).
       placement: where the square factors go (see the module's documentation).
       init: ``"orthogonal"`` (the product is the given kernel rotated: the layer's own initial
         scale) or ``"balanced"`` (the product is the given kernel, split with equal norms).
 
     Returns:
-      The tree with each selected kernel replaced by a :class:`Factored` node.
+      The tree (or a copy of the module) with each selected kernel replaced by a product.
 
     Raises:
       ValueError: for ``depth < 1``, an unknown placement or init, a missing key, a tree that is
@@ -209,6 +190,13 @@ def factorize(
       >>> bool(jnp.allclose(jnp.linalg.norm(collapse(fparams)["Dense_0"]["kernel"]),
       ...                   jnp.linalg.norm(params["Dense_0"]["kernel"])))
       True
+
+      With Flax NNX the layers keep running, on the product of their factors:
+
+      >>> from flax import nnx
+      >>> model = factorize(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), 2, jax.random.key(0))
+      >>> model(jnp.ones((1, 4))).shape, model.kernel[...].shape, model.kernel.depth
+      ((1, 6), (4, 6), 2)
     """
     depth = _check_depth(depth)
     if placement not in _PLACEMENTS:
@@ -217,75 +205,43 @@ def factorize(
         raise ValueError(f"init must be one of {_INITS}, got {init!r}.")
     if depth > 1 and init == "orthogonal" and key is None:
         raise ValueError("key is required to draw the orthogonal factors when depth > 1.")
-    if any(is_factored(node) for node in jax.tree.leaves(params, is_leaf=is_factored)):
+    if _holds_products(params):
         raise ValueError("params is already factorized; collapse(params) first to refactor it.")
-    selected = matrices.matrix_leaves(params, filter=filter, view=view)
-    by_index = {leaf.index: leaf for leaf in selected.values()}
-    keys = jax.random.split(key, len(selected)) if key is not None else [None] * len(selected)
-    key_of = dict(zip(by_index, keys, strict=True))
+    if _nnx.is_module(params):
+        tree = _nnx.parameters(params)
+        factorized = factorize(tree, depth, key, filter=filter, view=view, placement=placement,
+                               init=init)
+        return _into_module(params, {matrices.path_key(path): leaf
+                                     for path, leaf in matrices.flatten(factorized)[0]
+                                     if isinstance(leaf, Product)})
 
-    flat, treedef = jax.tree_util.tree_flatten(params)
-    for index, leaf in by_index.items():
-        matrix = leaf.view.to_matrix(jnp.asarray(flat[index]))
+    selected = matrices.matrix_leaves(params, filter=filter, view=view)
+    keys = jax.random.split(key, len(selected)) if key is not None else [None] * len(selected)
+    flat, treedef = matrices.flatten(params)
+    leaves = [leaf for _, leaf in flat]
+    for leaf, leaf_key in zip(selected.values(), keys, strict=True):
+        matrix = leaf.view.to_matrix(jnp.asarray(leaves[leaf.index]))
         shapes, outer = _factor_shapes(*leaf.matrix_shape, depth, placement, len(leaf.shape))
         if depth == 1:
             factors = (matrix,)
         elif init == "balanced":
             factors = _balanced_factors(matrix, shapes)
         else:
-            factors = _orthogonal_factors(matrix, shapes, outer, key_of[index])
-        flat[index] = Factored(factors, leaf.shape, leaf.view)
-    return jax.tree_util.tree_unflatten(treedef, flat)
-
-
-def collapse(tree: Any) -> Any:
-    """Multiplies every :class:`Factored` node back into a kernel of its own shape.
-
-    Differentiable: gradients reach each factor through the product. A tree without nodes is
-    returned as it is.
-
-    Raises:
-      ValueError: if a node's factors do not chain (``W_i.shape[1] != W_{i+1}.shape[0]``) or their
-        product does not match the kernel's shape; the message names the node's path.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}
-      >>> collapse(factorize(params, 2, jax.random.key(0)))["Conv_0"]["kernel"].shape
-      (3, 3, 2, 4)
-    """
-
-    def product(path: Any, node: Any) -> Any:
-        if not is_factored(node):
-            return node
-        _check_chain(matrices.path_str(matrices.path_names(path)), node)
-        return node.kernel()
-
-    return jax.tree_util.tree_map_with_path(product, tree, is_leaf=is_factored)
-
-
-def _check_chain(name: str, node: Factored) -> None:
-    shapes = [tuple(jnp.shape(f)) for f in node.factors]
-    expected = node.view.matrix_shape(node.shape)
-    chained = all(len(s) == 2 for s in shapes) and all(
-        a[1] == b[0] for a, b in zip(shapes, shapes[1:], strict=False)
-    )
-    if not shapes or not chained or (shapes[0][0], shapes[-1][1]) != expected:
-        raise ValueError(
-            f"factors of {name!r} have shapes {shapes}; they must chain into a {expected[0]} x "
-            f"{expected[1]} matrix for the kernel of shape {node.shape}."
-        )
+            factors = _orthogonal_factors(matrix, shapes, outer, leaf_key)
+        leaves[leaf.index] = Product(factors, leaf.shape, leaf.view)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def from_dense(ftree: Any, params: Any) -> Any:
     """Refactors the kernels of ``params`` into the factor shapes of the factorized ``ftree``.
 
-    Each node of ``ftree`` gets balanced factors (see ``init="balanced"``) of the kernel at the same
-    path of ``params``, with the node's own shapes: the product equals the kernel (to float32
+    Each product of ``ftree`` (a tree, or an NNX module made by :func:`factorize`) gets balanced
+    factors (see ``init="balanced"``) of the kernel at the same key of ``params`` (a tree, or an
+    NNX module), with the product's own shapes: the product equals the kernel (to float32
     rounding). Use it to start LoRITa from pre-trained weights.
 
     Raises:
-      ValueError: if ``params`` lacks a node's path or its kernel's shape differs from the node's.
+      ValueError: if ``params`` lacks a product's key or its kernel's shape differs.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -297,36 +253,47 @@ def from_dense(ftree: Any, params: Any) -> Any:
              [1., 1., 1., 1.],
              [1., 1., 1., 1.]], dtype=float32)
     """
-    dense = {
-        matrices.path_str(matrices.path_names(p)): leaf
-        for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
+    if _nnx.is_module(params):
+        params = _nnx.parameters(params)
+    dense = {matrices.path_key(path): leaf for path, leaf in matrices.flatten(params)[0]}
 
-    def refactor(path: Any, node: Any) -> Any:
-        if not is_factored(node):
+    def refactor(key: str, node: Product) -> Product:
+        if key not in dense:
+            raise ValueError(f"params has no kernel at {key!r}, which ftree factorizes.")
+        kernel = dense[key]
+        if nodes.is_node(kernel):
+            kernel = kernel.kernel()
+        if tuple(np.shape(kernel)) != tuple(node.shape):
+            raise ValueError(f"kernel {key!r} has shape {tuple(np.shape(kernel))}; ftree's "
+                             f"factors stand for a kernel of shape {node.shape}.")
+        shapes = [tuple(np.shape(nodes.value_of(f))) for f in node.factors]
+        factors = _balanced_factors(node.view.to_matrix(jnp.asarray(kernel)), shapes)
+        return Product(factors, node.shape, node.view)
+
+    if _nnx.is_module(ftree):
+        return _into_module(ftree, {matrices.path_key(path): refactor(matrices.path_key(path), node)
+                                    for path, node in _nnx.node_paths(ftree)})
+
+    def visit(path: Any, node: Any) -> Any:
+        if not isinstance(node, Product):
             return node
-        name = matrices.path_str(matrices.path_names(path))
-        if name not in dense:
-            raise ValueError(f"params has no kernel at {name!r}, which ftree factorizes.")
-        kernel = jnp.asarray(dense[name])
-        if tuple(kernel.shape) != tuple(node.shape):
-            raise ValueError(
-                f"kernel {name!r} has shape {tuple(kernel.shape)}; ftree's factors stand for "
-                f"a kernel of shape {node.shape}."
-            )
-        shapes = [tuple(jnp.shape(f)) for f in node.factors]
-        factors = _balanced_factors(node.view.to_matrix(kernel), shapes)
-        return Factored(factors, node.shape, node.view)
+        return refactor(matrices.path_key(path), node)
 
-    return jax.tree_util.tree_map_with_path(refactor, ftree, is_leaf=is_factored)
+    return jax.tree_util.tree_map_with_path(visit, ftree, is_leaf=nodes.is_node)
+
+
+def _is_factor(path: matrices.Path) -> bool:
+    """A factor of a product inside an NNX ``State`` (``.../kernel/factors/i``)."""
+    return len(path) >= 3 and path[-2] == "factors" and path[-1].isdigit()
 
 
 def weight_decay_mask(tree: Any, include_kernels: bool = True) -> Any:
-    """A mask tree for optax's weight decay: ``True`` on every factor (and, by default, on every
-    other kernel of >= 2 dimensions), ``False`` on biases, norm scales and everything else.
+    """A mask tree for optax's weight decay: ``True`` on every LoRITa factor (and, by default, on
+    every other kernel of >= 2 dimensions), ``False`` on biases, norm scales and everything else.
 
     Pass it, or the function itself, as ``mask=`` to ``optax.add_decayed_weights`` or
-    ``optax.adamw``.
+    ``optax.adamw``. It reads a tree with product nodes (Linen) and an NNX ``State`` of a
+    factorized module alike.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -334,30 +301,43 @@ def weight_decay_mask(tree: Any, include_kernels: bool = True) -> Any:
       >>> jax.tree.leaves(weight_decay_mask(factorize(params, 2, jax.random.key(0))))
       [False, True, True]
     """
+    svd.check_flag("include_kernels", include_kernels)
 
     def mark(path: Any, node: Any) -> Any:
-        if is_factored(node):
+        if isinstance(node, Product):
             return jax.tree.map(lambda _: True, node)
-        return include_kernels and matrices.is_kernel(matrices.path_names(path), node)
+        names = matrices.path_names(path)
+        if _is_factor(names):
+            return True
+        return include_kernels and matrices.is_kernel(names, node)
 
-    return jax.tree_util.tree_map_with_path(mark, tree, is_leaf=is_factored)
+    return jax.tree_util.tree_map_with_path(mark, tree, is_leaf=nodes.is_node)
+
+
+def _check_decay(weight_decay: Any) -> float:
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float | np.floating):
+        raise TypeError(f"weight_decay must be a number >= 0, got {weight_decay!r}.")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}.")
+    return float(weight_decay)
 
 
 def coupled_adam(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: float,
     *,
-    mask: Any | Callable[[Any], Any] = weight_decay_mask,
+    mask: Any | Callable[[Any], Any] | None = weight_decay_mask,
 ) -> optax.GradientTransformation:
-    """Adam with coupled L2 decay, as PyTorch's ``Adam(weight_decay=...)``: the paper's optimizer.
+    """Adam with coupled L2 decay: the decay is added to the gradient before Adam's normalisation.
 
-    ``optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.adam(learning_rate))``: the
-    decay is added to the gradient before Adam's normalisation. For decoupled decay use
+    ``optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.adam(learning_rate))``.
+    PyTorch's ``Adam(weight_decay=...)``, which the paper used, decays every parameter: pass
+    ``mask=None`` for exactly that. The default mask decays the LoRITa factors and the other
+    kernels only, which is what the decay's low-rank argument needs. For decoupled decay use
     ``optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)``.
 
     Raises:
-      ValueError: for a negative ``weight_decay``.
+      ValueError: for a negative or non-finite ``weight_decay``.
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    weight_decay = _check_decay(weight_decay)
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.adam(learning_rate))

@@ -1,39 +1,50 @@
-"""How a kernel leaf of a parameter tree is seen as a matrix, and which leaves are seen.
+"""How a kernel leaf of a parameter tree is seen as a matrix, which leaves are seen, and their keys.
 
 A *view* is declarative: it names which axes of the leaf become the rows of the matrix and which
 become its columns (like the dimension numbers of ``jax.lax.dot_general``). Every method of jaxlr
 that cuts singular values works on that matrix and writes the result back through the same view,
 so the leaf keeps its shape and the user's model is used unchanged.
 
-The views jaxlr chooses by default (:func:`default_view`), for Flax kernels that compute
-``y = x @ W``:
+Two layouts are built in (``view=`` takes a view function, a :class:`MatrixView`, or a preset name):
 
-=========================================  =========================  =========================
-kernel                                     shape                      matrix
-=========================================  =========================  =========================
-``Dense`` / ``nnx.Linear``                 ``(in, out)``              ``(in, out)``
-``Conv`` (any number of spatial axes)      ``(kh, kw, cin, cout)``    ``(kh*kw*cin, cout)``
-attention ``query`` / ``key`` / ``value``  ``(in, heads, head_dim)``  ``(in, heads*head_dim)``
-attention ``out``                          ``(heads, head_dim, out)`` ``(heads*head_dim, out)``
-``DenseGeneral``, ``features=(a, b)``      ``(in, a, b)``             ``(in, a*b)``
-=========================================  =========================  =========================
+=================  ==========================================  ==========================
+preset             kernel                                      matrix
+=================  ==========================================  ==========================
+``"flax"``         Dense ``(in, out)``                         ``(in, out)``
+                   Conv ``(kh, kw, cin, cout)`` (HWIO)         ``(kh*kw*cin, cout)``
+                   attention ``query/key/value`` ``(in, h, d)``  ``(in, h*d)``
+                   attention ``out`` ``(h, d, out)``           ``(h*d, out)``
+``"torch"``        Linear ``(out, in)`` (PyTorch, Equinox)     ``(in, out)``
+                   Conv ``(cout, cin, kh, kw)`` (OIHW)         ``(cin*kh*kw, cout)``
+=================  ==========================================  ==========================
 
-A 3-D kernel is ambiguous by shape alone (a 1-D convolution's ``(k, cin, cout)`` looks like an
-attention projection's ``(in, heads, head_dim)``), so :func:`default_view` decides by the name of
-the module that holds it and raises for a name it cannot place; pass a ``view`` function of your
-own for such kernels, or for any layout not listed here.
+The default (``view=None``) is the ``"flax"`` layout plus two checks that catch a kernel of the
+other layout before anything is cut: a 4-D kernel whose trailing axes look like a convolution
+window and leading ones do not (an OIHW kernel such as ``(16, 3, 3, 3)``) raises, and so does a
+kernel whose column count differs from the size of the ``bias`` beside it. Both errors name the
+``view="torch"`` / ``view="flax"`` option.
 
-Paths are tuples of names, e.g. ``('params', 'Dense_0', 'kernel')`` for a Flax Linen variable
-dict and ``('linear', 'kernel')`` for a Flax NNX ``State`` (the trailing ``.value`` of an NNX
-variable is dropped, so Linen and NNX trees are addressed alike). Mappings keyed by matrix, such as
-ranks and singular values, use the ``'/'``-joined string: ``'params/Dense_0/kernel'``.
+**Paths and keys.** A leaf's path is a tuple of names (``('params', 'Dense_0', 'kernel')`` in a
+Flax Linen variable dict, ``('linear', 'kernel')`` in a Flax NNX ``State``; the trailing
+``.value`` of an NNX variable is dropped). Mappings keyed by matrix (ranks, BatchNorm pairs, cost
+tables) use the *key* of a path: its names joined by ``'/'``, without the leading ``params`` of a
+Linen variable dict, so ``variables`` and ``variables["params"]`` give the same keys. Everywhere a
+key is taken, a ``'/'``-joined string or a tuple of names is accepted (:func:`path_key`).
+
+**Kinds.** Each selected matrix is an ``"attention"``, ``"conv"`` or ``"dense"`` matrix, decided
+by what its module is, not by the name a user gave it: the projections of an attention module
+(one whose children are ``query``, ``key``, ``value`` and ``out``, as Flax's attention modules)
+are ``"attention"``; other kernels of three or more dimensions are ``"conv"`` (``DenseGeneral`` /
+``LinearGeneral`` kernels excepted); the rest are ``"dense"``. A filter may be a kind name or a
+tuple of them (``filter="conv"``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -41,25 +52,32 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "KINDS",
     "Filter",
+    "KernelFilter",
     "MatrixLeaf",
     "MatrixView",
     "Path",
+    "View",
     "ViewFn",
     "default_view",
+    "flax_view",
     "is_kernel",
     "kernel_filter",
     "kernel_kinds",
     "matrix_leaves",
+    "path_key",
     "path_names",
-    "path_str",
+    "resolve_filter",
+    "resolve_view",
+    "torch_view",
 ]
 
 Path = tuple[str, ...]
 """A leaf's position in a tree, as a tuple of names (``('params', 'Dense_0', 'kernel')``)."""
 
-Filter = Callable[[Path, Any], bool]
-"""``(path, leaf) -> bool``: whether a leaf is treated as a weight matrix."""
+KINDS = ("attention", "conv", "dense")
+"""The kinds of matrices (module documentation)."""
 
 
 class MatrixView(NamedTuple):
@@ -110,7 +128,10 @@ class MatrixView(NamedTuple):
     def to_matrix(self, leaf: jax.Array) -> jax.Array:
         """The leaf as an ``(m, n)`` matrix."""
         perm = tuple(self.row_axes) + tuple(self.col_axes)
-        return jnp.transpose(leaf, perm).reshape(self.matrix_shape(leaf.shape))
+        shape = self.matrix_shape(tuple(np.shape(leaf)))
+        if perm != tuple(range(len(perm))):
+            leaf = jnp.transpose(leaf, perm)
+        return jnp.reshape(leaf, shape)
 
     def from_matrix(self, matrix: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """The inverse of :meth:`to_matrix`: an ``(m, n)`` matrix back to a leaf of ``shape``."""
@@ -120,32 +141,38 @@ class MatrixView(NamedTuple):
                 f"matrix of shape {tuple(matrix.shape)} cannot be viewed as a leaf of shape "
                 f"{shape} through {self}: expected {self.matrix_shape(shape)}."
             )
-        permuted = matrix.reshape(tuple(shape[a] for a in perm))
+        permuted = jnp.reshape(matrix, tuple(shape[a] for a in perm))
+        if perm == tuple(range(len(perm))):
+            return permuted
         return jnp.transpose(permuted, np.argsort(perm))
 
 
 ViewFn = Callable[[Path, Any], MatrixView]
 """``(path, leaf) -> MatrixView``: how a selected leaf is seen as a matrix."""
 
-_ATTENTION_INPUT_PROJECTIONS = ("query", "key", "value")
+View = ViewFn | MatrixView | str | None
+"""What ``view=`` arguments take: a view function, one :class:`MatrixView` for every leaf, a preset
+name (``"flax"``, ``"torch"``, ``"default"``) or ``None`` (the default)."""
+
+_ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
+_GENERAL_DENSE = ("DenseGeneral", "LinearGeneral")
+# A convolution window: every spatial axis of a kernel at most this long.
+_WINDOW = 7
 
 
-def default_view(path: Path, leaf: Any) -> MatrixView:
-    """The matrix view jaxlr uses for a Flax kernel unless told otherwise.
+def _module_name(path: Path) -> str:
+    return path[-2] if len(path) >= 2 else ""
+
+
+def flax_view(path: Path, leaf: Any) -> MatrixView:
+    """The Flax layout: kernels compute ``y = x @ W``, ``W`` of shape ``(inputs..., outputs...)``.
 
     * 2-D ``(in, out)``: rows ``in``, columns ``out``.
     * 3-D under a module named ``query``, ``key`` or ``value``, or a module whose name starts with
       ``DenseGeneral`` / ``LinearGeneral``: rows are the first axis (``(in, heads*head_dim)``).
     * 3-D under a module named ``out`` or whose name contains ``conv``: rows are the first two axes
       (``(heads*head_dim, out)``, ``(k*cin, cout)``).
-    * 4-D and more (convolutions): every axis but the last is a row axis.
-
-    Args:
-      path: the leaf's path, as given by :func:`path_names`.
-      leaf: the kernel (anything with a ``shape``).
-
-    Returns:
-      The :class:`MatrixView` of the leaf.
+    * 4-D and more (convolutions, HWIO): every axis but the last is a row axis.
 
     Raises:
       ValueError: for a leaf of fewer than two dimensions, or a 3-D kernel under a module whose name
@@ -153,34 +180,119 @@ def default_view(path: Path, leaf: Any) -> MatrixView:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> default_view(("params", "Conv_0", "kernel"), jnp.zeros((3, 3, 8, 16)))
+      >>> flax_view(("Conv_0", "kernel"), jnp.zeros((3, 3, 8, 16)))
       MatrixView(row_axes=(0, 1, 2), col_axes=(3,))
-      >>> default_view(("attn", "query", "kernel"), jnp.zeros((64, 4, 16)))
+      >>> flax_view(("attn", "query", "kernel"), jnp.zeros((64, 4, 16)))
       MatrixView(row_axes=(0,), col_axes=(1, 2))
     """
     ndim = len(np.shape(leaf))
     if ndim < 2:
-        raise ValueError(f"leaf {path_str(path)!r} has {ndim} dimension(s); a matrix needs >= 2.")
+        raise ValueError(f"leaf {path_key(path)!r} has {ndim} dimension(s); a matrix needs >= 2.")
     if ndim == 2:
         return MatrixView((0,), (1,))
     if ndim >= 4:
         return MatrixView.split(ndim, ndim - 1)
-    module = path[-2] if len(path) >= 2 else ""
-    if module in _ATTENTION_INPUT_PROJECTIONS or module.startswith(
-        ("DenseGeneral", "LinearGeneral")
-    ):
+    module = _module_name(path)
+    if module in ("query", "key", "value") or module.startswith(_GENERAL_DENSE):
         return MatrixView.split(3, 1)
     if module == "out" or "conv" in module.lower():
         return MatrixView.split(3, 2)
     raise ValueError(
-        f"cannot tell which axes of the 3-D kernel {path_str(path)!r} of shape {np.shape(leaf)} "
+        f"cannot tell which axes of the 3-D kernel {path_key(path)!r} of shape {np.shape(leaf)} "
         "are inputs: its module name is neither an attention projection (query/key/value/out), "
-        "a DenseGeneral/LinearGeneral nor a convolution. Pass view=lambda path, leaf: "
-        "MatrixView(row_axes=..., col_axes=...) for it."
+        "a DenseGeneral/LinearGeneral nor a convolution. Pass view=MatrixView(row_axes=..., "
+        "col_axes=...) or a function (path, leaf) -> MatrixView for it."
     )
 
 
-def path_names(keypath: tuple[Any, ...]) -> Path:
+def torch_view(path: Path, leaf: Any) -> MatrixView:
+    """The PyTorch / Equinox layout: Linear ``(out, in)``, Conv ``(out, in, *window)`` (OIHW).
+
+    The matrix is ``(in * prod(window), out)``, the same matrix (and singular values) as the Flax
+    layout of the same layer.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> view = torch_view(("conv", "weight"), jnp.zeros((16, 3, 3, 3)))
+      >>> view, view.matrix_shape((16, 3, 3, 3))
+      (MatrixView(row_axes=(1, 2, 3), col_axes=(0,)), (27, 16))
+    """
+    ndim = len(np.shape(leaf))
+    if ndim < 2:
+        raise ValueError(f"leaf {path_key(path)!r} has {ndim} dimension(s); a matrix needs >= 2.")
+    return MatrixView(tuple(range(1, ndim)), (0,))
+
+
+def default_view(path: Path, leaf: Any) -> MatrixView:
+    """:func:`flax_view`, refusing 4-D kernels that look like PyTorch/Equinox OIHW kernels.
+
+    A kernel of ``>= 4`` dimensions whose trailing spatial axes are all at most 7 long while one
+    of its leading ones is longer (``(16, 3, 3, 3)``: 16 filters of 3 x 3 x 3) is an OIHW kernel
+    seen the wrong way round (as a ``144 x 3`` matrix), so it raises, naming ``view="torch"``;
+    pass ``view="flax"`` for a Flax kernel that only looks like one.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> default_view(("Conv_0", "kernel"), jnp.zeros((3, 3, 8, 16)))
+      MatrixView(row_axes=(0, 1, 2), col_axes=(3,))
+    """
+    shape = tuple(np.shape(leaf))
+    if len(shape) >= 4:
+        spatial = len(shape) - 2
+        leading, trailing = shape[:spatial], shape[-spatial:]
+        if max(trailing) <= _WINDOW < max(leading):
+            raise ValueError(
+                f"kernel {path_key(path)!r} of shape {shape} looks like a PyTorch/Equinox (OIHW) "
+                f"kernel: the Flax layout (HWIO) would see it as a "
+                f"{math.prod(shape[:-1])} x {shape[-1]} matrix. Pass view='torch' for OIHW "
+                "kernels, or view='flax' if it is a Flax kernel."
+            )
+    return flax_view(path, leaf)
+
+
+_VIEW_PRESETS: dict[str, ViewFn] = {"flax": flax_view, "torch": torch_view,
+                                    "default": default_view}
+
+
+def resolve_view(view: View) -> ViewFn:
+    """The view function that ``view`` stands for (module documentation).
+
+    Raises:
+      ValueError: for an unknown preset name.
+      TypeError: for anything that is not a view function, a :class:`MatrixView`, a preset name or
+        ``None``.
+    """
+    if view is None:
+        return default_view
+    if isinstance(view, str):
+        if view not in _VIEW_PRESETS:
+            raise ValueError(f"view must be one of {sorted(_VIEW_PRESETS)} (a preset name), a "
+                             f"MatrixView or a function (path, leaf) -> MatrixView; got {view!r}.")
+        return _VIEW_PRESETS[view]
+    if isinstance(view, MatrixView):
+        return _ConstantView(view)
+    if callable(view):
+        return view
+    raise TypeError(f"view must be a function (path, leaf) -> MatrixView, a MatrixView or one of "
+                    f"{sorted(_VIEW_PRESETS)}; got {view!r} of type {type(view).__name__}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConstantView:
+    """One :class:`MatrixView` for every leaf (hashable, so it can be a static argument)."""
+
+    view: MatrixView
+
+    def __call__(self, path: Path, leaf: Any) -> MatrixView:
+        del path, leaf
+        return self.view
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and keys.
+
+
+def path_names(keypath: Iterable[Any]) -> Path:
     """Converts a ``jax.tree_util`` key path into a tuple of names.
 
     Dict keys, attribute names and sequence indices become strings; the trailing ``value``
@@ -192,6 +304,7 @@ def path_names(keypath: tuple[Any, ...]) -> Path:
       >>> [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path({'a': [1, 2]})[0]]
       [('a', '0'), ('a', '1')]
     """
+    keypath = tuple(keypath)
     names = []
     for key in keypath:
         if isinstance(key, jax.tree_util.DictKey):
@@ -209,9 +322,61 @@ def path_names(keypath: tuple[Any, ...]) -> Path:
     return tuple(names)
 
 
-def path_str(path: Path) -> str:
-    """The ``'/'``-joined form of a path, used as the key of per-matrix mappings."""
-    return "/".join(path)
+def path_key(path: str | Sequence[Any]) -> str:
+    """The key of a path: its names joined by ``'/'``, without a leading ``params``.
+
+    Accepts a ``'/'``-joined string, a tuple of names (as ``flax.traverse_util`` gives) or a
+    ``jax.tree_util`` key path.
+
+    Raises:
+      TypeError: for anything else.
+
+    Example:
+      >>> path_key(("params", "Conv_0", "kernel")), path_key("Conv_0/kernel")
+      ('Conv_0/kernel', 'Conv_0/kernel')
+      >>> path_key(("blocks", 0, "conv1", "kernel"))
+      'blocks/0/conv1/kernel'
+    """
+    if isinstance(path, str):
+        names = tuple(name for name in path.split("/") if name)
+    elif isinstance(path, Sequence) and not isinstance(path, bytes):
+        if any(isinstance(k, jax.tree_util.DictKey | jax.tree_util.GetAttrKey
+                          | jax.tree_util.SequenceKey | jax.tree_util.FlattenedIndexKey)
+               for k in path):
+            names = path_names(path)
+        else:
+            names = tuple(str(name) for name in path)
+    else:
+        raise TypeError(f"a path is a '/'-joined string or a tuple of names, got {path!r} of "
+                        f"type {type(path).__name__}.")
+    if len(names) > 1 and names[0] == "params":
+        names = names[1:]
+    return "/".join(names)
+
+
+def keyed(mapping: Mapping[Any, Any], name: str = "mapping") -> dict[str, Any]:
+    """``mapping`` with every key replaced by its :func:`path_key`.
+
+    Raises:
+      TypeError: if ``mapping`` is not a mapping.
+      ValueError: if two keys name the same path.
+    """
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{name} must be a mapping {{path: value}}, got {type(mapping).__name__}.")
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        canonical = path_key(key)
+        if canonical in out:
+            raise ValueError(f"{name} names the path {canonical!r} twice.")
+        out[canonical] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters.
+
+Filter = Callable[[Path, Any], bool] | str | Sequence[str]
+"""Which leaves are matrices: ``(path, leaf) -> bool``, or a kind name or tuple of kind names."""
 
 
 def is_kernel(path: Path, leaf: Any) -> bool:
@@ -222,15 +387,74 @@ def is_kernel(path: Path, leaf: Any) -> bool:
     return bool(path) and path[-1] == "kernel" and len(np.shape(leaf)) >= 2
 
 
-def kernel_filter(include: str | None = None, exclude: str | None = None) -> Filter:
-    """A filter of kernels whose ``'/'``-joined path matches ``include`` and not ``exclude``.
+@dataclasses.dataclass(frozen=True)
+class KernelFilter:
+    """A filter of kernels by leaf name, path pattern and kind (built by :func:`kernel_filter`).
+
+    Attributes:
+      names: leaf names that are kernels.
+      include: a regular expression searched in the key, or ``None``.
+      exclude: a regular expression searched in the key, or ``None``.
+      kinds: kinds of matrices selected (``None``: all), checked by :func:`matrix_leaves`, which
+        sees the whole tree.
+    """
+
+    names: tuple[str, ...] = ("kernel",)
+    include: str | None = None
+    exclude: str | None = None
+    kinds: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("include", "exclude"):
+            pattern = getattr(self, field)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, str):
+                raise TypeError(f"{field} must be a regular expression (str) or None, got "
+                                f"{pattern!r}.")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{field}={pattern!r} is not a valid regular expression: "
+                                 f"{error}.") from None
+        if isinstance(self.names, str) or not all(isinstance(n, str) for n in self.names):
+            raise TypeError(f"names must be a tuple of leaf names, got {self.names!r}.")
+        if self.kinds is not None:
+            unknown = sorted(set(self.kinds) - set(KINDS))
+            if isinstance(self.kinds, str) or unknown or not self.kinds:
+                raise ValueError(f"kinds must be a non-empty tuple of {KINDS}, got "
+                                 f"{self.kinds!r}.")
+
+    def __call__(self, path: Path, leaf: Any) -> bool:
+        if not path or path[-1] not in self.names or len(np.shape(leaf)) < 2:
+            return False
+        key = path_key(path)
+        if self.include is not None and not re.search(self.include, key):
+            return False
+        return self.exclude is None or not re.search(self.exclude, key)
+
+
+def kernel_filter(
+    include: str | None = None,
+    exclude: str | None = None,
+    *,
+    names: str | Sequence[str] = ("kernel",),
+    kinds: str | Sequence[str] | None = None,
+) -> KernelFilter:
+    """A filter of kernels whose key matches ``include`` and not ``exclude``.
 
     Args:
-      include: a regular expression searched in the path; ``None`` accepts every kernel.
-      exclude: a regular expression searched in the path; ``None`` rejects none.
+      include: a regular expression searched in the key; ``None`` accepts every kernel.
+      exclude: a regular expression searched in the key; ``None`` rejects none.
+      names: leaf names that are kernels: ``"kernel"`` (Flax), ``"weight"`` (PyTorch, Equinox).
+      kinds: ``"conv"``, ``"dense"``, ``"attention"`` or a tuple of them; ``None``: every kind.
 
     Returns:
-      A ``(path, leaf) -> bool`` filter that also requires :func:`is_kernel`.
+      A :class:`KernelFilter`, a ``(path, leaf) -> bool`` filter of leaves named as ``names`` with
+      at least two dimensions.
+
+    Raises:
+      ValueError: for a pattern that is not a regular expression or an unknown kind.
 
     Example:
       >>> import jax.numpy as jnp
@@ -240,29 +464,50 @@ def kernel_filter(include: str | None = None, exclude: str | None = None) -> Fil
       >>> keep(("params", "head", "kernel"), jnp.zeros((4, 4)))
       False
     """
-    include_re = re.compile(include) if include is not None else None
-    exclude_re = re.compile(exclude) if exclude is not None else None
+    return KernelFilter(
+        names=(names,) if isinstance(names, str) else tuple(names),
+        include=include,
+        exclude=exclude,
+        kinds=(kinds,) if isinstance(kinds, str) else None if kinds is None else tuple(kinds),
+    )
 
-    def select(path: Path, leaf: Any) -> bool:
-        if not is_kernel(path, leaf):
-            return False
-        name = path_str(path)
-        if include_re is not None and not include_re.search(name):
-            return False
-        return exclude_re is None or not exclude_re.search(name)
 
-    return select
+def resolve_filter(filter: Filter | None) -> Callable[[Path, Any], bool]:  # noqa: A002
+    """The filter function that ``filter`` stands for: ``None`` is :func:`is_kernel`; a kind name
+    or a tuple of them is a :class:`KernelFilter` of those kinds.
+
+    Raises:
+      ValueError: for an unknown kind name.
+      TypeError: for anything that is not a function, a kind name or a tuple of kind names.
+    """
+    if filter is None:
+        return is_kernel
+    if isinstance(filter, str) or (isinstance(filter, Sequence) and not callable(filter)):
+        kinds = (filter,) if isinstance(filter, str) else tuple(filter)
+        if not kinds or not all(isinstance(k, str) and k in KINDS for k in kinds):
+            raise ValueError(f"a filter given by name must be one of {KINDS} or a tuple of them, "
+                             f"got {filter!r}; or pass a function (path, leaf) -> bool.")
+        return KernelFilter(kinds=kinds)
+    if callable(filter):
+        return filter
+    raise TypeError(f"filter must be a function (path, leaf) -> bool, a kind name among {KINDS} "
+                    f"or a tuple of them; got {filter!r} of type {type(filter).__name__}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection.
 
 
 class MatrixLeaf(NamedTuple):
     """A selected leaf together with how it is seen as a matrix.
 
     Attributes:
-      index: position of the leaf in ``jax.tree_util.tree_flatten_with_path(tree)``.
+      index: position of the leaf among the tree's leaves (jaxlr's nodes counted as one leaf).
       path: the leaf's path (:func:`path_names`).
       view: its :class:`MatrixView`.
       shape: the leaf's shape.
       matrix_shape: ``(m, n)``, the shape of its matrix.
+      kind: ``"attention"``, ``"conv"`` or ``"dense"`` (module documentation).
     """
 
     index: int
@@ -270,6 +515,12 @@ class MatrixLeaf(NamedTuple):
     view: MatrixView
     shape: tuple[int, ...]
     matrix_shape: tuple[int, int]
+    kind: str
+
+    @property
+    def key(self) -> str:
+        """The leaf's key (:func:`path_key`)."""
+        return path_key(self.path)
 
     @property
     def full_rank(self) -> int:
@@ -279,7 +530,7 @@ class MatrixLeaf(NamedTuple):
 
 def check_floating(name: str, leaf: Any) -> None:
     """Raises ``TypeError`` unless ``leaf`` has a floating dtype."""
-    dtype = jnp.result_type(leaf)
+    dtype = jnp.result_type(getattr(leaf, "dtype", leaf))
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"leaf {name!r} has dtype {dtype}; only floating-point matrices (float16, bfloat16, "
@@ -287,20 +538,72 @@ def check_floating(name: str, leaf: Any) -> None:
         )
 
 
+def flatten(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
+    """The tree's leaves with their paths, jaxlr's kernel nodes (LoRITa products, factor pairs)
+    counted as one leaf each, and the treedef to rebuild it. A Flax NNX module stands for its
+    ``nnx.Param`` s, with the nodes its layers hold."""
+    from jaxlr import _nnx, nodes  # noqa: PLC0415 - both import this module
+
+    if _nnx.is_module(tree):
+        tree = _nnx.parameters(tree)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=nodes.is_node)
+    return [(path_names(p), leaf) for p, leaf in flat], treedef
+
+
+def _attention_modules(paths: Iterable[Path]) -> set[Path]:
+    """Modules whose children include query, key, value and out projections (with kernels)."""
+    children: dict[Path, set[str]] = {}
+    for path in paths:
+        if len(path) >= 2:
+            children.setdefault(path[:-2], set()).add(path[-2])
+    return {parent for parent, names in children.items()
+            if set(_ATTENTION_PROJECTIONS) <= names}
+
+
+def _kind(path: Path, shape: tuple[int, ...], attention: set[Path]) -> str:
+    module = _module_name(path)
+    if module in _ATTENTION_PROJECTIONS and path[:-2] in attention:
+        return "attention"
+    if len(shape) >= 3 and not module.startswith(_GENERAL_DENSE):
+        return "conv"
+    return "dense"
+
+
+def _check_bias(key: str, path: Path, leaf: MatrixLeaf, siblings: dict[Path, Any],
+                torch_layout: bool) -> None:
+    """A preset view whose column count differs from the bias beside the kernel is the wrong way
+    round."""
+    bias = siblings.get((*path[:-1], "bias"))
+    if bias is None or not hasattr(bias, "shape"):
+        return
+    size = math.prod(np.shape(bias))
+    m, n = leaf.matrix_shape
+    if size != n:
+        other = "flax" if torch_layout else "torch"
+        raise ValueError(
+            f"kernel {key!r} of shape {leaf.shape} is seen as a {m} x {n} matrix, but the bias "
+            f"beside it has {size} entries, so its columns are not the layer's outputs: the "
+            f"kernel has another layout. Pass view='{other}' (or a MatrixView) for it."
+        )
+
+
 def matrix_leaves(
     tree: Any,
-    filter: Filter = is_kernel,  # noqa: A002 - the name every caller expects.
-    view: ViewFn = default_view,
+    filter: Filter | None = None,  # noqa: A002 - the name every caller expects.
+    view: View = None,
 ) -> dict[str, MatrixLeaf]:
     """Selects the weight matrices of a tree and says how each is seen as a matrix.
 
     Args:
-      tree: a parameter tree: a Flax Linen variable dict, a Flax NNX ``State``, or any pytree.
-      filter: ``(path, leaf) -> bool``; which leaves are matrices.
-      view: ``(path, leaf) -> MatrixView``; how each selected leaf is seen as a matrix.
+      tree: a parameter tree: a Flax Linen variable dict (or its ``params``), a Flax NNX
+        ``State`` or module, an Equinox module, or any pytree; LoRITa products and factor pairs
+        (:mod:`jaxlr.nodes`) count as one kernel each.
+      filter: which leaves are matrices (default: kernels of >= 2 dimensions; a kind name or a
+        tuple of them selects those kinds).
+      view: how each selected leaf is seen as a matrix (module documentation).
 
     Returns:
-      An ordered mapping from the ``'/'``-joined path to a :class:`MatrixLeaf`, in tree order.
+      An ordered mapping from each selected leaf's key to its :class:`MatrixLeaf`, in tree order.
 
     Raises:
       ValueError: if the filter selects no leaf, or a view does not fit its leaf.
@@ -312,36 +615,57 @@ def matrix_leaves(
       >>> list(matrix_leaves(params))
       ['Dense_0/kernel']
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    selected = {}
-    for index, (keypath, leaf) in enumerate(flat):
-        path = path_names(keypath)
-        if not filter(path, leaf):
+    select = resolve_filter(filter)
+    view_fn = resolve_view(view)
+    kinds = getattr(select, "kinds", None)
+    preset = view_fn in (flax_view, torch_view, default_view)
+    flat, _ = flatten(tree)
+    kernels = [path for path, leaf in flat if len(np.shape(leaf)) >= 2]
+    attention = _attention_modules(kernels)
+    siblings = dict(flat)
+    selected: dict[str, MatrixLeaf] = {}
+    for index, (path, leaf) in enumerate(flat):
+        if not select(path, leaf):
             continue
-        name = path_str(path)
-        check_floating(name, leaf)
-        leaf_view = view(path, leaf)
+        key = path_key(path)
         shape = tuple(np.shape(leaf))
-        leaf_view.check(shape, name=repr(name))
-        selected[name] = MatrixLeaf(index, path, leaf_view, shape, leaf_view.matrix_shape(shape))
+        kind = _kind(path, shape, attention)
+        if kinds is not None and kind not in kinds:
+            continue
+        check_floating(key, leaf)
+        leaf_view = view_fn(path, leaf)
+        if not isinstance(leaf_view, MatrixView):
+            raise TypeError(f"view returned {leaf_view!r} for {key!r}; a view function must "
+                            "return a MatrixView.")
+        leaf_view.check(shape, name=repr(key))
+        entry = MatrixLeaf(index, path, leaf_view, shape, leaf_view.matrix_shape(shape), kind)
+        if preset:
+            _check_bias(key, path, entry, siblings, view_fn is torch_view)
+        if key in selected:
+            raise ValueError(f"two leaves have the key {key!r}; keys must be unique.")
+        selected[key] = entry
     if not selected:
+        from jaxlr import nodes  # noqa: PLC0415
+
+        hint = ""
+        if any(nodes.is_node(leaf) for _, leaf in flat):
+            hint = " (the tree holds LoRITa products or factor pairs: they count as kernels)"
+        elif any(len(p) >= 3 and p[-2] == "factors" for p, _ in flat):
+            hint = (" (it is the State of a LoRITa-factorized NNX module, which holds only the "
+                    "factors: pass the module itself)")
         raise ValueError(
-            "filter selected no leaf of the tree; paths in the tree: "
-            f"{[path_str(path_names(p)) for p, _ in flat][:20]}"
+            f"filter {filter!r} selected no matrix of the tree{hint}; leaves of the tree: "
+            f"{[path_key(p) for p, _ in flat][:20]}"
         )
     return selected
 
 
 def kernel_kinds(
     tree: Any,
-    filter: Filter = is_kernel,  # noqa: A002
-    view: ViewFn = default_view,
+    filter: Filter | None = None,  # noqa: A002
+    view: View = None,
 ) -> dict[str, str]:
-    """Names each selected matrix ``'attention'``, ``'conv'`` or ``'dense'``, e.g. for GSVT pools.
-
-    A kernel is ``'attention'`` when its path has a ``query``/``key``/``value`` module or a module
-    whose name contains ``attention`` or ``attn`` (any case); otherwise ``'conv'`` when it has three
-    or more dimensions, else ``'dense'``.
+    """The kind (``'attention'``, ``'conv'`` or ``'dense'``) of each selected matrix.
 
     Example:
       >>> import jax.numpy as jnp
@@ -350,14 +674,4 @@ def kernel_kinds(
       >>> kernel_kinds(params)
       {'Conv_0/kernel': 'conv', 'Dense_0/kernel': 'dense'}
     """
-    kinds = {}
-    for name, leaf in matrix_leaves(tree, filter=filter, view=view).items():
-        modules = leaf.path[:-1]
-        if any(m in _ATTENTION_INPUT_PROJECTIONS or re.search("attn|attention", m, re.I)
-               for m in modules):
-            kinds[name] = "attention"
-        elif len(leaf.shape) >= 3:
-            kinds[name] = "conv"
-        else:
-            kinds[name] = "dense"
-    return kinds
+    return {key: leaf.kind for key, leaf in matrix_leaves(tree, filter, view).items()}

@@ -1,42 +1,63 @@
 """LRPET: periodic low-rank projection with energy transfer and BatchNorm rectification.
 
-:func:`low_rank_projection` is an optax transformation that goes **last** in a chain::
+Three entry points share one :class:`ProjectionOptions` and one rank specification (``prune=``,
+``keep=`` or ``ranks=``, exactly one):
 
-    optimizer = optax.chain(
-        optax.add_decayed_weights(5e-4),
-        optax.sgd(schedule, momentum=0.9),
-        jaxlr.low_rank_projection(ratio=0.57, every=steps_per_epoch),
-    )
-    updates, state = optimizer.update(grads, state, params, batch_stats=batch_stats)
+* :func:`with_low_rank_projection` wraps any optax optimizer, so the projection cannot be put in
+  the wrong place::
 
-On a projection step it sees the weights the step would produce, ``params + updates``, projects
-every selected matrix onto its rank (optionally keeping its Frobenius norm: energy transfer, and
-optionally through the following BatchNorm: BN rectification) and emits
-``projected - params``; on every other step it passes ``updates`` through untouched and computes no
-decomposition (``jax.lax.cond`` on an int32 step counter). Under ``vmap`` with a batched predicate
-``cond`` becomes ``select`` and both branches run. :func:`project_params` applies the same
-projection once, e.g. after the last step so the final weights are exactly of rank ``<= r``.
+      optimizer = jaxlr.with_low_rank_projection(
+          optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9)),
+          prune=0.57, every=steps_per_epoch, options=jaxlr.ProjectionOptions(bn_pairs=pairs))
 
-**Which layers.** By default the convolution kernels (``>= 3``-D kernels outside attention), as the
-paper: dense layers, the classifier among them, are left alone. Pass ``filter=`` for others.
+* :func:`low_rank_projection` is the same projection as a transformation that goes **last** in an
+  optax chain (``optax.chain(..., jaxlr.low_rank_projection(...))``). Put anywhere else, the
+  transformations after it would rescale its output; the update after its first projection
+  detects that (for free): it raises when ``update`` runs outside ``jit``, and inside ``jit``
+  counts it in the state's ``misplaced`` (``check_placement="raise"`` raises there too, at the
+  cost of JAX's fast dispatch path).
+* :func:`project` applies the projection once, e.g. after the last step so the final weights are
+  exactly of rank ``<= r``.
 
-**Ranks.** ``ratio=p`` gives ``r = max(1, floor(n - n p))`` with ``n = min(m, n)``; ``ranks=``
-takes ``{path: rank}`` or a callable ``(path, (m, n)) -> rank``. Ranks are static, so a training
-step compiles once.
+On a projection step the transformation sees the weights the step would produce,
+``params + updates``, projects every selected matrix onto its rank and emits
+``projected - params``; other leaves keep their updates bit for bit, and on every other step it
+passes ``updates`` through and computes no decomposition (``jax.lax.cond`` on an int32 step
+counter; under ``vmap`` with a batched predicate ``cond`` becomes ``select`` and both branches
+run).
 
-**BN rectification** (paper eq. 16). With ``a = gamma / sqrt(running_var + bn_epsilon)`` of the
-BatchNorm that follows a kernel (per output channel), the matrix ``M = W diag(a)`` is projected and
-``W <- M_r diag(a / (a^2 + 1e-5))``. The BatchNorm is found by name in the same parent module: a
-kernel in module ``<prefix>conv<suffix>`` (any case: ``conv1``, ``Conv_0``, ``shortcut_conv``)
-pairs with the module ``<prefix>bn<suffix>`` or ``<prefix>BatchNorm<suffix>`` (``bn1``,
-``BatchNorm_0``). ``bn_pairs={kernel path: BatchNorm module path}`` overrides it. ``gamma`` is read
-from ``params`` (``<bn>/scale``) and the running variance from the ``batch_stats`` extra argument
-(``<bn>/var``): Linen's ``variables["batch_stats"]`` or NNX's ``nnx.state(model, nnx.BatchStat)``.
-A kernel without a BatchNorm raises, unless ``missing_bn="skip"`` (then it is projected plainly).
+**Ranks.** ``prune=p`` gives each selected matrix ``r = max(1, floor(n - n p))`` with
+``n = min(m, n)`` (LRPET's unique pruning ratio; :func:`jaxlr.lsvt_ranks` is the one rule);
+``keep=k`` the same with ``keep = 1 - prune``; ``ranks=`` a :class:`jaxlr.Ranks`, a mapping
+``{path: rank}`` or a function of the params returning one (from their shapes: it is called while
+tracing). Python numbers give static ranks and the fast path. ``prune`` or ``keep`` may instead be
+a schedule (a function of the step, e.g. ``optax.linear_schedule(0.0, 0.7, 10_000)`` for gradual
+compression), and :func:`low_rank_projection` works with ``optax.inject_hyperparams`` (any of
+``prune``, ``keep``, ``every``, ``start``, ``end`` becomes a hyperparameter): then the rank is
+traced, every singular triplet is formed and those beyond the rank are masked, so shapes stay static
+and the step compiles once.
 
-**LoRITa trees.** Projecting a :class:`~jaxlr.lorita.Factored` node would need refactoring its
-product after every projection, which throws away the optimizer's moments of the old factors;
-LRPET trains dense kernels, so factorized trees are rejected with an error.
+**Which layers.** By default the convolution kernels (``ProjectionOptions.filter="conv"``:
+kernels of three or more dimensions that are not attention projections), as the paper: dense
+layers, the classifier among them, are left alone. With ``ranks=``, exactly the matrices it names.
+
+**BN rectification** (paper eq. 16) for the kernels of ``ProjectionOptions.bn_pairs``
+(:func:`jaxlr.find_bn_pairs`, which traces the model). With ``a = gamma / sqrt(running_var +
+bn_epsilon)`` of the BatchNorm after a kernel (per output channel), the matrix ``M = W diag(a)`` is
+projected and ``W <- M_r diag(a / (a^2 + 1e-5))``. ``gamma`` is read from ``params`` and the
+running variance from the ``batch_stats`` extra argument: Linen's ``variables["batch_stats"]``
+(:class:`jaxlr.TrainState` passes it) or NNX's ``nnx.state(model, nnx.BatchStat)``
+(``optimizer.update(model, grads, batch_stats=...)``).
+
+**Soft projection.** ``ProjectionOptions(tail_scale=f)`` multiplies the dropped singular values by
+``f`` instead of zeroing them (the LRPET release's ``--redu_fac``); energy transfer then scales the
+kept ones so that the Frobenius norm is still unchanged.
+
+**NaN and Inf.** A matrix holding NaN or Inf is left unchanged; the state's ``nonfinite`` counts
+those of the last projection, for logging.
+
+**LoRITa trees** are refused: projecting a product would need refactoring it after every
+projection, which throws away the optimizer's moments of the old factors.
 
 References:
   "Compact Model Training by Low-Rank Projection with Energy Transfer", arXiv:2204.05566.
@@ -44,37 +65,115 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxlr import lorita, matrices, svd
-from jaxlr.ranks import check_fraction, check_rank
+from jaxlr import _nnx, matrices, nodes, policies, svd
 
 __all__ = [
     "LowRankProjectionState",
-    "conv_kernels",
+    "ProjectionOptions",
     "low_rank_projection",
-    "project_params",
+    "project",
+    "with_low_rank_projection",
 ]
-
-RankSpec = Mapping[str, int] | Callable[[str, tuple[int, int]], int]
 
 # Paper eq. 16: the regulariser of the inverse of the BatchNorm scale.
 _BN_INVERSE_EPSILON = 1e-5
 
 
-def conv_kernels(path: matrices.Path, leaf: Any) -> bool:
-    """The default LRPET filter: kernels of three or more dimensions outside attention modules."""
-    if not matrices.is_kernel(path, leaf) or len(jnp.shape(leaf)) < 3:
-        return False
-    return not any(re.search("attn|attention", m, re.I) or m in ("query", "key", "value")
-                   for m in path[:-1])
+class _FrozenMap(Mapping[str, str]):
+    """An immutable, hashable ``{key: key}`` mapping (options are static arguments of ``jit``)."""
+
+    def __init__(self, items: Mapping[str, str]):
+        self._items = dict(items)
+
+    def __getitem__(self, key: Any) -> str:
+        return self._items[matrices.path_key(key)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._items.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self) == dict(other)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionOptions:
+    """How LRPET projects: shared by :func:`low_rank_projection`, :func:`with_low_rank_projection`
+    and :func:`project`.
+
+    Attributes:
+      energy_transfer: keep each matrix's Frobenius norm (``False``: plain LRP).
+      tail_scale: multiply the dropped singular values by this, ``0 <= tail_scale < 1`` (``0``,
+        the default, is the hard projection; the LRPET release's ``--redu_fac``).
+      bn_pairs: ``{kernel path: BatchNorm path}`` of the kernels projected through their
+        BatchNorm (BN rectification), e.g. :func:`jaxlr.find_bn_pairs`; ``None`` or empty: none.
+      bn_epsilon: the BatchNorms' epsilon (Flax's default is 1e-5).
+      filter: which kernels ``prune=`` / ``keep=`` project: a kind name or tuple of them, or a
+        ``(path, leaf) -> bool`` function (default ``"conv"``, as the paper).
+      view: how each kernel is seen as a matrix (:mod:`jaxlr.matrices`).
+      method: the decomposition (:mod:`jaxlr.svd`): ``"auto"``, ``"gram"`` or ``"svd"``.
+
+    Raises:
+      TypeError / ValueError: at construction, naming the field, for a value of the wrong type or
+        out of range.
+
+    Example:
+      >>> ProjectionOptions(energy_transfer=False).filter
+      'conv'
+      >>> ProjectionOptions(tail_scale=1.5)
+      Traceback (most recent call last):
+        ...
+      ValueError: tail_scale must be a number in [0, 1) (0: the hard projection), got 1.5.
+    """
+
+    energy_transfer: bool = True
+    tail_scale: float = 0.0
+    bn_pairs: Mapping[Any, Any] | None = None
+    bn_epsilon: float = 1e-5
+    filter: matrices.Filter = "conv"
+    view: matrices.View = None
+    method: svd.Method = "auto"
+
+    def __post_init__(self) -> None:
+        svd.check_flag("energy_transfer", self.energy_transfer)
+        object.__setattr__(self, "tail_scale", svd.check_tail_scale(self.tail_scale))
+        epsilon = self.bn_epsilon
+        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (
+                math.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"bn_epsilon must be a number > 0, got {epsilon!r}.")
+        pairs = self.bn_pairs
+        if pairs is not None:
+            if not isinstance(pairs, Mapping):
+                raise TypeError(f"bn_pairs must be a mapping {{kernel path: BatchNorm path}} "
+                                f"(jaxlr.find_bn_pairs gives one), got {type(pairs).__name__}.")
+            object.__setattr__(self, "bn_pairs", _FrozenMap(
+                {k: matrices.path_key(v) for k, v in matrices.keyed(pairs, "bn_pairs").items()}))
+        matrices.resolve_filter(self.filter)
+        matrices.resolve_view(self.view)
+        svd.check_method(self.method)
+
+    @property
+    def bn_rectification(self) -> bool:
+        """Whether some kernel is projected through its BatchNorm."""
+        return bool(self.bn_pairs)
 
 
 class LowRankProjectionState(NamedTuple):
@@ -82,207 +181,402 @@ class LowRankProjectionState(NamedTuple):
 
     Attributes:
       count: the number of updates so far (int32).
+      nonfinite: matrices left unchanged at the last projection because they held NaN or Inf.
+      misplaced: updates whose weights showed that the last projection had been changed by a
+        transformation after this one (it is not last in its chain); see ``check_placement``.
+      pending: whether the last update projected (its result is checked at the next update).
+      sketch: per projected matrix, two random sketches ``u^T M v`` of the weights before the last
+        projection and two of its result, and the result's Frobenius norm (``(L, 5)``): the next
+        update's weights must equal the result, which only holds when the transformation is last.
     """
 
     count: jax.Array
+    nonfinite: jax.Array
+    misplaced: jax.Array
+    pending: jax.Array
+    sketch: jax.Array
 
 
-class _Options(NamedTuple):
-    ratio: Any
-    ranks: RankSpec | None
-    energy_transfer: bool
-    bn_rectification: bool
-    bn_pairs: Mapping[str, str] | None
-    bn_epsilon: float
-    missing_bn: str
-    filter: matrices.Filter
-    view: matrices.ViewFn
-    method: str
+# ---------------------------------------------------------------------------------------------
+# What is projected, and to which rank.
 
 
-def _options(
-    ratio: float | None,
-    ranks: RankSpec | None,
-    energy_transfer: bool,
-    bn_rectification: bool,
-    bn_pairs: Mapping[str, str] | None,
-    bn_epsilon: float,
-    missing_bn: str,
-    filter: matrices.Filter,  # noqa: A002
-    view: matrices.ViewFn,
-    method: str,
-) -> _Options:
-    if (ratio is None) == (ranks is None):
-        raise ValueError("give exactly one of ratio (LRPET's p, in [0, 1)) and ranks.")
-    if ratio is not None:
-        ratio = check_fraction("ratio", ratio, 0.0, 1.0, low_open=False, high_open=True)
-    if ranks is not None and not (callable(ranks) or isinstance(ranks, Mapping)):
-        raise TypeError("ranks must be a mapping {path: rank} or a callable (path, shape) -> rank.")
-    if missing_bn not in ("raise", "skip"):
-        raise ValueError(f"missing_bn must be 'raise' or 'skip', got {missing_bn!r}.")
-    if not bn_epsilon > 0:
-        raise ValueError(f"bn_epsilon must be > 0, got {bn_epsilon}.")
-    if method not in ("auto", "gram", "svd"):
-        raise ValueError(f"method must be one of ('auto', 'gram', 'svd'), got {method!r}.")
-    return _Options(ratio, ranks, energy_transfer, bn_rectification, bn_pairs, bn_epsilon,
-                    missing_bn, filter, view, method)
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
 
 
-def _ranks_of(params: Any, options: _Options) -> dict[str, int]:
-    """Static ranks of the selected matrices, from shapes only."""
-    if any(lorita.is_factored(n) for n in jax.tree.leaves(params, is_leaf=lorita.is_factored)):
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray)
+
+
+class _Spec(NamedTuple):
+    """The rank specification: ranks, or a kept/pruned fraction (static, or traced)."""
+
+    ranks: policies.RankSpec | None
+    name: str | None  # "keep" or "prune"
+    fraction: Any  # a number (static), or a schedule / scalar array (traced)
+    traced: bool
+
+
+def _spec(prune: Any, keep: Any, rank_spec: Any) -> _Spec:
+    given = [name for name, v in (("prune", prune), ("keep", keep), ("ranks", rank_spec))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of prune (the fraction of singular values pruned, in "
+                         "[0, 1)), keep (the fraction kept, in (0, 1]) and ranks (a Ranks, "
+                         f"{{path: rank}} or a function of the params); got {given or 'none'}.")
+    if rank_spec is not None:
+        if not (isinstance(rank_spec, Mapping) or callable(rank_spec)):
+            raise TypeError(f"ranks must be a Ranks, a mapping {{path: rank}} or a function of "
+                            f"the params returning one; got {type(rank_spec).__name__}.")
+        if isinstance(rank_spec, Mapping) and not rank_spec:
+            raise ValueError("ranks is empty: name at least one matrix.")
+        return _Spec(rank_spec, None, None, False)
+    name, value = ("prune", prune) if prune is not None else ("keep", keep)
+    if _is_number(value):
+        policies.kept_fraction(**{name: value})
+        return _Spec(None, name, value, False)
+    if callable(value):
+        first = value(0)
+        if _is_array(first) and not isinstance(first, jax.core.Tracer):
+            first = float(first)
+        if _is_number(first):
+            policies.kept_fraction(**{name: first})  # validates the schedule's first value
+        return _Spec(None, name, value, True)
+    if _is_array(value) and jnp.ndim(value) == 0:
+        if not isinstance(value, jax.core.Tracer):
+            policies.kept_fraction(**{name: float(value)})
+        return _Spec(None, name, value, True)
+    raise TypeError(f"{name} must be a number, a schedule (a function of the step) or a scalar "
+                    f"array; got {value!r} of type {type(value).__name__}.")
+
+
+class _Plan(NamedTuple):
+    """The projected matrices (static): their keys, leaves, and ranks (bounds when traced)."""
+
+    keys: tuple[str, ...]
+    leaves: tuple[matrices.MatrixLeaf, ...]
+    ranks: tuple[int, ...]
+    traced: bool
+
+
+def _refuse_nodes(params: Any) -> None:
+    held = {type(n) for n in jax.tree.leaves(params, is_leaf=nodes.is_node) if nodes.is_node(n)}
+    if nodes.Product in held:
         raise ValueError(
             "low-rank projection got a LoRITa-factorized tree; LRPET projects dense kernels "
-            "(collapse the tree, or train it with LoRITa's weight decay instead)."
-        )
-    selected = matrices.matrix_leaves(params, filter=options.filter, view=options.view)
-    ranks = {}
-    for name, leaf in selected.items():
-        n = leaf.full_rank
-        if options.ratio is not None:
-            rank = max(1, math.floor(n - n * options.ratio))
-        elif callable(options.ranks):
-            rank = options.ranks(name, leaf.matrix_shape)
-        else:
-            if name not in options.ranks:
-                raise ValueError(f"ranks has no rank for the selected matrix {name!r}.")
-            rank = options.ranks[name]
-        ranks[name] = check_rank(repr(name), rank, n)
-    if not callable(options.ranks) and options.ranks is not None:
-        unknown = sorted(set(options.ranks) - set(selected))
+            "(collapse the tree, or train it with LoRITa's weight decay instead).")
+    if nodes.LowRank in held:
+        raise ValueError("low-rank projection got a tree of factor pairs (LowRank): it is "
+                         "compressed already; project the dense tree (jaxlr.collapse).")
+
+
+def _plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
+    _refuse_nodes(params)
+    if options.bn_pairs:
+        present = {matrices.path_key(path) for path, _ in matrices.flatten(params)[0]}
+        unknown = sorted(set(options.bn_pairs) - present)
         if unknown:
-            raise ValueError(f"ranks name paths that the filter does not select: {unknown}.")
-    return ranks
+            raise ValueError(f"bn_pairs name kernels that are not in the params: {unknown}; "
+                             f"leaves of the params: {sorted(present)[:20]}.")
+    chosen: policies.Ranks | None = None
+    if spec.ranks is not None:
+        try:
+            chosen = policies.resolve_ranks(spec.ranks, params, options.view)
+        except jax.errors.ConcretizationTypeError as error:
+            raise TypeError(
+                "the ranks function read the values of the params, which are traced during a "
+                "training step; compute a Ranks beforehand (e.g. jaxlr.gsvt_ranks(params, ...)) "
+                "and pass it as ranks=.") from error
+    elif not spec.traced:  # the one rank rule, through its policy function
+        chosen = policies.lsvt_ranks(params, **{spec.name: spec.fraction},
+                                     filter=options.filter, view=options.view)
+    if chosen is None:  # traced ranks: every selected matrix, bounded by its full rank
+        found = matrices.matrix_leaves(params, filter=options.filter, view=options.view)
+        bounds = tuple(leaf.full_rank for leaf in found.values())
+        return _Plan(tuple(found), tuple(found.values()), bounds, True)
+    found = matrices.matrix_leaves(
+        params, filter=lambda path, leaf: matrices.path_key(path) in chosen, view=options.view)
+    return _Plan(tuple(found), tuple(found.values()), tuple(chosen[k] for k in found), False)
 
 
-def _bn_module(kernel_path: matrices.Path, bn_modules: set[matrices.Path]) -> matrices.Path | None:
-    module, parent = kernel_path[-2], kernel_path[:-2]
-    match = re.fullmatch(r"(.*?)(conv)(.*)", module, re.I)
-    if not match:
+def _traced_ranks(plan: _Plan, spec: _Spec, count: jax.Array) -> list[jax.Array] | None:
+    if not plan.traced:
         return None
-    prefix, _, suffix = match.groups()
-    for name in ("bn", "BatchNorm", "batchnorm", "batch_norm", "norm"):
-        candidate = (*parent, f"{prefix}{name}{suffix}")
-        if candidate in bn_modules:
-            return candidate
-    return None
+    value = spec.fraction(count) if callable(spec.fraction) else spec.fraction
+    value = jnp.asarray(value, jnp.float32)
+    kept = 1 - value if spec.name == "prune" else value
+    return [policies.traced_local_rank(leaf.full_rank, kept) for leaf in plan.leaves]
 
 
-def _bn_scales(
-    params: Any, batch_stats: Any, ranks: dict[str, int], options: _Options
-) -> dict[str, jax.Array]:
-    """``a = gamma / sqrt(var + eps)`` per output channel, for every ranked kernel with a BN."""
+# ---------------------------------------------------------------------------------------------
+# The projection.
+
+
+def _named_leaves(tree: Any, strip: str) -> dict[str, Any]:
+    out = {}
+    for path, leaf in matrices.flatten(tree)[0]:
+        if path and path[0] == strip:
+            path = path[1:]
+        out[matrices.path_key(path)] = leaf
+    return out
+
+
+def _bn_scales(params: Any, batch_stats: Any, plan: _Plan,
+               options: ProjectionOptions) -> dict[str, jax.Array]:
+    """``a = gamma / sqrt(var + eps)`` per output channel, for every projected kernel with a BN."""
+    given = options.bn_pairs or {}
+    pairs = {key: given[key] for key in plan.keys if key in given}
+    if not pairs:
+        return {}
     if batch_stats is None:
         raise ValueError(
             "BN rectification needs the BatchNorm statistics: call "
-            "update(updates, state, params, batch_stats=variables['batch_stats']) (Linen) or "
-            "batch_stats=nnx.state(model, nnx.BatchStat) (NNX)."
-        )
-
-    def named(tree: Any) -> dict[matrices.Path, Any]:
-        return {matrices.path_names(p): leaf
-                for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    param_leaves, stat_leaves = named(params), named(batch_stats)
-    bn_modules = {p[:-1] for p in stat_leaves if p[-1] == "var"}
+            "update(updates, state, params, batch_stats=variables['batch_stats']) (Linen; "
+            "jaxlr.TrainState passes them) or optimizer.update(model, grads, "
+            "batch_stats=nnx.state(model, nnx.BatchStat)) (NNX).")
+    param_leaves = _named_leaves(params, "params")
+    stat_leaves = _named_leaves(batch_stats, "batch_stats")
     scales = {}
-    for name in ranks:
-        path = tuple(name.split("/"))
-        if options.bn_pairs is not None and name in options.bn_pairs:
-            bn = tuple(options.bn_pairs[name].split("/"))
-            if bn not in bn_modules:
-                raise ValueError(
-                    f"bn_pairs pairs {name!r} with {options.bn_pairs[name]!r}, which has no "
-                    "running variance in batch_stats."
-                )
-        else:
-            bn = _bn_module(path, bn_modules)
-        if bn is None:
-            if options.missing_bn == "skip":
-                continue
-            raise ValueError(
-                f"no BatchNorm follows {name!r} by the naming rule (conv* -> bn*/BatchNorm*); "
-                "pass bn_pairs={kernel path: BatchNorm path}, or missing_bn='skip'."
-            )
-        if (*bn, "scale") not in param_leaves:
-            raise ValueError(f"BatchNorm {'/'.join(bn)!r} has no scale in params.")
-        gamma = param_leaves[(*bn, "scale")]
-        variance = stat_leaves[(*bn, "var")]
-        scales[name] = gamma / jnp.sqrt(variance + options.bn_epsilon)
+    for key, bn in pairs.items():
+        variance = stat_leaves.get(f"{bn}/var")
+        if variance is None:
+            raise ValueError(f"bn_pairs pairs {key!r} with the BatchNorm {bn!r}, which has no "
+                             f"running variance {bn + '/var'!r} in batch_stats.")
+        gamma = param_leaves.get(f"{bn}/scale", jnp.ones_like(variance))
+        leaf = plan.leaves[plan.keys.index(key)]
+        n = leaf.matrix_shape[1]
+        if np.shape(variance) != (n,) or np.shape(gamma) != (n,):
+            raise ValueError(f"the BatchNorm {bn!r} has {np.shape(variance)} channels, but "
+                             f"the kernel {key!r} paired with it has {n} outputs.")
+        scales[key] = gamma / jnp.sqrt(variance + options.bn_epsilon)
     return scales
 
 
-def _project(params: Any, batch_stats: Any, options: _Options) -> tuple[Any, dict[str, int]]:
-    """The projected tree, and the ranks of the matrices it projected."""
-    ranks = _ranks_of(params, options)
-    if not options.bn_rectification:
-        return svd.project_tree(params, ranks, energy_transfer=options.energy_transfer,
-                                method=options.method, view=options.view).params, ranks
-    scales = _bn_scales(params, batch_stats, ranks, options)
+def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array] | None,
+             options: ProjectionOptions) -> tuple[Any, list[jax.Array]]:
+    """The projected tree (every unprojected leaf the input's own) and the finiteness flags."""
+    flat, treedef = matrices.flatten(params)
+    leaves = [leaf for _, leaf in flat]
+    scales = _bn_scales(params, batch_stats, plan, options)
+    folded, shapes = [], []
+    for key, leaf in zip(plan.keys, plan.leaves, strict=True):
+        array = leaves[leaf.index]
+        shapes.append(np.shape(array))
+        if key in scales:  # fold diag(a) into the output channels (the matrix's columns)
+            scale = scales[key].astype(array.dtype)
+            array = leaf.view.from_matrix(leaf.view.to_matrix(array) * scale, leaf.shape)
+        folded.append(array)
+    projected, flags = svd.project_leaves(
+        folded, [leaf.view for leaf in plan.leaves], plan.ranks,
+        energy_transfer=options.energy_transfer, tail_scale=options.tail_scale,
+        method=options.method, traced_ranks=traced)
+    for key, leaf, new in zip(plan.keys, plan.leaves, projected, strict=True):
+        if key in scales:  # unfold with the regularised inverse a / (a^2 + 1e-5)
+            a = scales[key]
+            inverse = (a / (a * a + _BN_INVERSE_EPSILON)).astype(new.dtype)
+            new = leaf.view.from_matrix(leaf.view.to_matrix(new) * inverse, leaf.shape)
+        leaves[leaf.index] = new
+    return jax.tree_util.tree_unflatten(treedef, leaves), flags
 
-    def scaled(by: Callable[[jax.Array], jax.Array]) -> Callable[[Any, Any], Any]:
-        def apply(path: Any, leaf: Any) -> Any:
-            name = matrices.path_str(matrices.path_names(path))
-            return leaf * by(scales[name]).astype(leaf.dtype) if name in scales else leaf
-        return apply
 
-    # Fold diag(a) into the output-channel (last) axis, project, unfold with the regularised
-    # inverse a / (a^2 + 1e-5).
-    folded = jax.tree_util.tree_map_with_path(scaled(lambda a: a), params)
-    projected = svd.project_tree(folded, ranks, energy_transfer=options.energy_transfer,
-                                 method=options.method, view=options.view).params
-    unfolded = jax.tree_util.tree_map_with_path(
-        scaled(lambda a: a / (a * a + _BN_INVERSE_EPSILON)), projected
-    )
-    return unfolded, ranks
+def _stats_from(params: Any, batch_stats: Any) -> Any:
+    """``batch_stats``, or the ``batch_stats`` collection of a Linen variable dict given as
+    ``params``."""
+    if batch_stats is None and isinstance(params, Mapping) and "batch_stats" in params \
+            and "params" in params:
+        return params["batch_stats"]
+    return batch_stats
+
+
+def project(
+    params: Any,
+    ranks: policies.RankSpec | None = None,
+    *,
+    prune: float | None = None,
+    keep: float | None = None,
+    batch_stats: Any = None,
+    options: ProjectionOptions | None = None,
+) -> Any:
+    """The projection of :func:`low_rank_projection`, applied once to ``params``.
+
+    Use it in a loop of your own, or after the last step so that the final weights are exactly of
+    rank ``<= r``.
+
+    Args:
+      params: the parameter tree (a Linen variable dict, whose ``batch_stats`` are then used, or
+        its ``params``; an NNX ``State``; any pytree), or an NNX module (a projected copy is
+        returned; its BatchNorm statistics are used).
+      ranks: a :class:`jaxlr.Ranks`, ``{path: rank}`` or a function of the params returning one.
+      prune: instead of ``ranks``: the fraction of singular values pruned, in ``[0, 1)``.
+      keep: instead of ``ranks``: the fraction kept, in ``(0, 1]``.
+      batch_stats: the BatchNorm statistics, for BN rectification.
+      options: :class:`ProjectionOptions` (default: energy transfer, convolutions).
+
+    Returns:
+      The projected tree, with the input's structure, shapes and dtypes.
+
+    Raises:
+      ValueError: for a bad rank specification, a path not in the tree, missing BatchNorm
+        statistics, or (called eagerly) a matrix holding NaN or Inf.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4)) + jnp.eye(4)[:2]}}
+      >>> out = project(params, prune=0.5)
+      >>> int(jnp.linalg.matrix_rank(out["Conv_0"]["kernel"].reshape(18, 4)))
+      2
+    """
+    options = _options(options)
+    spec = _spec(prune, keep, ranks)
+    if spec.traced:
+        raise TypeError("project takes a fixed prune or keep fraction; schedules belong to "
+                        "low_rank_projection.")
+    if _nnx.is_module(params):
+        from flax import nnx  # noqa: PLC0415
+
+        from jaxlr import inference  # noqa: PLC0415
+
+        if batch_stats is None:
+            batch_stats = nnx.to_pure_dict(nnx.state(params, nnx.BatchStat))
+        tree = project(_nnx.parameters(params), ranks, prune=prune, keep=keep,
+                       batch_stats=batch_stats, options=options)
+        return inference.nnx_model(params, tree)
+    plan = _plan(params, spec, options)
+    out, flags = _project(params, _stats_from(params, batch_stats), plan, None, options)
+    if not svd.is_traced(out):
+        svd.raise_if_nonfinite(plan.keys, [~f for f in flags])
+    return out
+
+
+def _options(options: Any) -> ProjectionOptions:
+    if options is None:
+        return ProjectionOptions()
+    if not isinstance(options, ProjectionOptions):
+        raise TypeError(f"options must be a jaxlr.ProjectionOptions, got "
+                        f"{type(options).__name__}.")
+    return options
+
+
+def _check_step(name: str, value: Any, low: int) -> Any:
+    """Validates ``every`` / ``start`` / ``end``: an int (or a scalar int array, as
+    ``optax.inject_hyperparams`` passes it) ``>= low``."""
+    if value is None:
+        return None
+    if _is_array(value):
+        if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+            raise TypeError(f"{name} must be an int, got an array of shape {jnp.shape(value)} "
+                            f"and dtype {jnp.result_type(value)}.")
+        if not isinstance(value, jax.core.Tracer) and int(value) < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {int(value)}.")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}.")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}.")
+    return int(value)
+
+
+# Sketches of the placement check: two random sign pairs (u, v) per matrix.
+_SKETCHES = 2
+
+
+def _sketches(mats: list[jax.Array]) -> jax.Array:
+    rows = []
+    for i, matrix in enumerate(mats):
+        rng = np.random.default_rng(1_000_003 + i)
+        m, n = matrix.shape
+        u = jnp.asarray(rng.choice([-1.0, 1.0], (_SKETCHES, m)), jnp.float32)
+        v = jnp.asarray(rng.choice([-1.0, 1.0], (_SKETCHES, n)), jnp.float32)
+        work = matrix.astype(jnp.float32)
+        left = jnp.matmul(u, work, precision=jax.lax.Precision.HIGHEST)
+        rows.append(jnp.sum(left * v, axis=1))
+    return jnp.stack(rows) if rows else jnp.zeros((0, _SKETCHES), jnp.float32)
+
+
+def _matrices_of(tree: Any, plan: _Plan) -> list[jax.Array]:
+    leaves = [leaf for _, leaf in matrices.flatten(tree)[0]]
+    return [leaf.view.to_matrix(leaves[leaf.index]) for leaf in plan.leaves]
+
+
+def _raise_misplaced(misplaced: Any) -> None:
+    if bool(misplaced):
+        raise ValueError(
+            "low_rank_projection is not the last transformation of its optax chain: the weights "
+            "after its projection step are not the projection it computed, because a "
+            "transformation after it changed its output. Put it last, "
+            "optax.chain(..., jaxlr.low_rank_projection(...)), or wrap the optimizer: "
+            "jaxlr.with_low_rank_projection(optimizer, ...). (If the weights were changed on "
+            "purpose between steps, pass check_placement=False.)")
+
+
+def _misplaced(params: Any, state: LowRankProjectionState, plan: _Plan) -> jax.Array:
+    """Whether the weights after the last projection step are not its result although they
+    changed: a transformation after the projection rescaled its output. Costs nothing on the
+    other steps (``jax.lax.cond`` on ``state.pending``)."""
+    no = jnp.zeros((), bool)
+    if not plan.keys:
+        return no
+    eps = max(float(jnp.finfo(jnp.result_type(leaf.dtype)).eps)
+              for leaf in _matrices_of(params, plan))
+    if eps > 1e-6:  # half precision: its rounding hides the signal
+        return no
+
+    def check() -> jax.Array:
+        now = _sketches(_matrices_of(params, plan))
+        before, target = state.sketch[:, :_SKETCHES], state.sketch[:, _SKETCHES:2 * _SKETCHES]
+        scale = jnp.maximum(state.sketch[:, -1:], jnp.finfo(jnp.float32).tiny)
+        tolerance = 1000 * eps
+        moved = jnp.abs(now - before) / scale > tolerance
+        off = jnp.abs(now - target) / scale > tolerance
+        return jnp.any(moved & off)
+
+    return jax.lax.cond(state.pending, check, lambda: no)
 
 
 def low_rank_projection(
-    ratio: float | None = None,
+    prune: float | Callable[[jax.Array], Any] | None = None,
     *,
-    ranks: RankSpec | None = None,
+    keep: float | Callable[[jax.Array], Any] | None = None,
+    ranks: policies.RankSpec | None = None,
     every: int = 1,
     start: int | None = None,
     end: int | None = None,
-    energy_transfer: bool = True,
-    bn_rectification: bool = False,
-    bn_pairs: Mapping[str, str] | None = None,
-    bn_epsilon: float = 1e-5,
-    missing_bn: Literal["raise", "skip"] = "raise",
-    filter: matrices.Filter = conv_kernels,  # noqa: A002
-    view: matrices.ViewFn = matrices.default_view,
-    method: svd.Method = "auto",
+    options: ProjectionOptions | None = None,
+    check_placement: bool | Literal["raise"] = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Periodic low-rank projection of the weights (LRPET); goes last in an optax chain.
 
     Args:
-      ratio: LRPET's unique pruning ratio ``p`` in ``[0, 1)``.
-      ranks: instead of ``ratio``: ``{path: rank}`` or ``(path, (m, n)) -> rank``.
+      prune: LRPET's unique pruning ratio ``p`` in ``[0, 1)``, or a schedule of it.
+      keep: instead: the fraction of singular values kept, in ``(0, 1]``, or a schedule of it.
+      ranks: instead: a :class:`jaxlr.Ranks`, ``{path: rank}`` or a function of the params
+        returning one.
       every: project after every ``every``-th update (once per epoch in the paper; 1 gives the
         TRP-style every-step baseline).
       start: the number of the first projected update (default: ``every``).
       end: the number of the last update that may project (default: no end).
-      energy_transfer: keep each matrix's Frobenius norm (off: plain LRP).
-      bn_rectification: project through the following BatchNorm (needs ``batch_stats``).
-      bn_pairs: ``{kernel path: BatchNorm module path}`` for kernels the naming rule misses.
-      bn_epsilon: the BatchNorm's epsilon (Flax's default is 1e-5).
-      missing_bn: ``"raise"`` (default) or ``"skip"`` rectification of kernels without a BN.
-      filter: which kernels are projected (default: convolutions, as the paper).
-      view: how each kernel is seen as a matrix.
-      method: decomposition method of :mod:`jaxlr.svd`.
+      options: :class:`ProjectionOptions` (energy transfer, BN pairs, filter, ...).
+      check_placement: check, at the update after a projection, that the weights are its result
+        (they are not when the transformation is not last in its chain and they changed). ``True``
+        (the default): the check costs nothing on other steps; a failure raises at once when
+        ``update`` runs outside ``jit``, and inside ``jit`` is counted in the state's
+        ``misplaced``. ``"raise"``: raise inside ``jit`` as well, through a host callback (which
+        takes the step off JAX's fast dispatch path: about 1 ms a step on a CPU). ``False``: no
+        check (for weights changed on purpose between steps).
 
     Returns:
       A ``GradientTransformationExtraArgs``; its ``update`` takes ``params`` (required) and the
-      keyword ``batch_stats``.
+      keyword ``batch_stats`` (for BN rectification).
 
     Raises:
-      ValueError: for a bad ratio, ranks, ``every < 1``, ``start < 1`` or ``end < start`` (here),
-        and for missing ``params``, missing ``batch_stats`` or BatchNorms (when updating).
+      ValueError / TypeError: for a bad rank specification, ``every < 1``, ``start < 1`` or
+        ``end < start`` (here); for missing ``params`` or ``batch_stats`` (when updating).
 
     Example:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> params = {"Conv_0": {"kernel": jnp.ones((3, 3, 4, 8)) + jnp.eye(8)[:4]}}
-      >>> tx = optax.chain(optax.sgd(0.1), low_rank_projection(ratio=0.5, every=2))
+      >>> tx = optax.chain(optax.sgd(0.1), low_rank_projection(prune=0.5, every=2))
       >>> state = tx.init(params)
       >>> grads = jax.tree.map(jnp.zeros_like, params)
       >>> for _ in range(2):
@@ -294,19 +588,25 @@ def low_rank_projection(
     References:
       "Compact Model Training by Low-Rank Projection with Energy Transfer", arXiv:2204.05566.
     """
-    options = _options(ratio, ranks, energy_transfer, bn_rectification, bn_pairs, bn_epsilon,
-                       missing_bn, filter, view, method)
-    for name, value in (("every", every), ("start", start)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    spec = _spec(prune, keep, ranks)
+    options = _options(options)
+    if not (isinstance(check_placement, bool) or check_placement == "raise"):
+        raise TypeError(f"check_placement must be True, False or 'raise', got "
+                        f"{check_placement!r}.")
+    every = _check_step("every", every, 1)
+    start = _check_step("start", start, 1)
     first = every if start is None else start
-    if end is not None and (not isinstance(end, int) or end < first):
-        raise ValueError(f"end must be an int >= start ({first}), got {end!r}.")
+    end = _check_step("end", end, 1)
+    if end is not None and not any(isinstance(v, jax.core.Tracer) for v in (end, first)) and \
+            int(end) < int(first):
+        raise ValueError(f"end must be an int >= start ({int(first)}), got {int(end)}.")
 
     def init_fn(params: Any) -> LowRankProjectionState:
-        del params
-        return LowRankProjectionState(count=jnp.zeros([], jnp.int32))
+        plan = _plan(params, spec, options)
+        return LowRankProjectionState(
+            count=jnp.zeros([], jnp.int32), nonfinite=jnp.zeros([], jnp.int32),
+            misplaced=jnp.zeros([], jnp.int32), pending=jnp.zeros([], bool),
+            sketch=jnp.zeros((len(plan.keys), 2 * _SKETCHES + 1), jnp.float32))
 
     def update_fn(
         updates: Any,
@@ -320,57 +620,84 @@ def low_rank_projection(
         if params is None:
             raise ValueError(
                 "low_rank_projection needs params: put it last in the optax chain and call "
-                "optimizer.update(grads, state, params)."
-            )
+                "optimizer.update(grads, state, params).")
+        plan = _plan(params, spec, options)
+        if state.sketch.shape[0] != len(plan.keys):
+            raise ValueError(f"the projection state was made for {state.sketch.shape[0]} "
+                             f"matrices, the params have {len(plan.keys)}: init it with these "
+                             "params.")
+        misplaced = state.misplaced
+        if check_placement:
+            found = _misplaced(params, state, plan)
+            if check_placement == "raise":
+                jax.debug.callback(_raise_misplaced, found)
+            elif not svd.is_traced(found):
+                _raise_misplaced(found)
+            misplaced = misplaced + found.astype(jnp.int32)
         number = state.count + 1  # this update's number, 1-based
         due = (number >= first) & ((number - first) % every == 0)
         if end is not None:
             due = due & (number <= end)
+        traced = _traced_ranks(plan, spec, state.count)
 
-        def projected() -> Any:
+        def projected() -> tuple[Any, jax.Array, jax.Array]:
             new = optax.apply_updates(params, updates)
-            target, ranks = _project(new, batch_stats, options)
+            target, flags = _project(new, batch_stats, plan, traced, options)
+            goals = _matrices_of(target, plan)
+            sketch = jnp.concatenate([
+                _sketches(_matrices_of(params, plan)), _sketches(goals),
+                jnp.stack([jnp.linalg.norm(g.astype(jnp.float32)) for g in goals])[:, None]
+                if goals else jnp.zeros((0, 1), jnp.float32)], axis=1)
+            skipped = sum((~f).astype(jnp.int32) for f in flags) if flags else jnp.int32(0)
+            keys = set(plan.keys)
 
             # Projected matrices move to their projection; every other leaf keeps its update.
             def emit(path: Any, update: Any, goal: Any, param: Any) -> Any:
-                name = matrices.path_str(matrices.path_names(path))
-                return goal - param if name in ranks else update
+                return goal - param if matrices.path_key(path) in keys else update
 
-            return jax.tree_util.tree_map_with_path(emit, updates, target, params)
+            out = jax.tree_util.tree_map_with_path(emit, updates, target, params)
+            return out, jnp.asarray(skipped, jnp.int32), sketch
 
-        updates = jax.lax.cond(due, projected, lambda: updates)
-        return updates, LowRankProjectionState(count=optax.safe_int32_increment(state.count))
+        def passed() -> tuple[Any, jax.Array, jax.Array]:
+            return updates, state.nonfinite, state.sketch
+
+        out, nonfinite, sketch = jax.lax.cond(due, projected, passed)
+        return out, LowRankProjectionState(
+            count=optax.safe_int32_increment(state.count), nonfinite=nonfinite,
+            misplaced=misplaced, pending=due, sketch=sketch)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def project_params(
-    params: Any,
-    ratio: float | None = None,
+def with_low_rank_projection(
+    optimizer: optax.GradientTransformation,
+    prune: float | Callable[[jax.Array], Any] | None = None,
     *,
-    ranks: RankSpec | None = None,
-    batch_stats: Any = None,
-    energy_transfer: bool = True,
-    bn_rectification: bool = False,
-    bn_pairs: Mapping[str, str] | None = None,
-    bn_epsilon: float = 1e-5,
-    missing_bn: Literal["raise", "skip"] = "raise",
-    filter: matrices.Filter = conv_kernels,  # noqa: A002
-    view: matrices.ViewFn = matrices.default_view,
-    method: svd.Method = "auto",
-) -> Any:
-    """The projection of :func:`low_rank_projection`, applied once to ``params``.
+    keep: float | Callable[[jax.Array], Any] | None = None,
+    ranks: policies.RankSpec | None = None,
+    every: int = 1,
+    start: int | None = None,
+    end: int | None = None,
+    options: ProjectionOptions | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``optimizer`` followed by :func:`low_rank_projection`: the projection cannot be misplaced.
 
-    Use it in a loop of your own, or after the last step so that the final weights are exactly of
-    rank ``<= r``. Arguments as :func:`low_rank_projection`.
+    Arguments after ``optimizer`` as :func:`low_rank_projection`. Extra arguments of ``update``
+    (``batch_stats``) reach both; an optimizer that takes none ignores them.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4)) + jnp.eye(4)[:2]}}
-      >>> out = project_params(params, ratio=0.5)
-      >>> int(jnp.linalg.matrix_rank(out["Conv_0"]["kernel"].reshape(18, 4)))
-      2
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"Conv_0": {"kernel": jnp.ones((3, 3, 4, 8)) + jnp.eye(8)[:4]}}
+      >>> tx = with_low_rank_projection(optax.sgd(0.1, momentum=0.9), prune=0.5)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> int(jnp.linalg.matrix_rank(params["Conv_0"]["kernel"].reshape(36, 8)))
+      4
     """
-    options = _options(ratio, ranks, energy_transfer, bn_rectification, bn_pairs, bn_epsilon,
-                       missing_bn, filter, view, method)
-    return _project(params, batch_stats, options)[0]
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax GradientTransformation, got "
+                        f"{type(optimizer).__name__}.")
+    projection = low_rank_projection(prune, keep=keep, ranks=ranks, every=every, start=start,
+                                     end=end, options=options)
+    return optax.chain(optimizer, projection)

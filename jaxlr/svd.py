@@ -1,14 +1,19 @@
-"""Jitted singular-value truncation of matrices and of every selected matrix of a tree.
+"""Jitted singular-value truncation: the numerical core of every jaxlr method.
 
-Three operations, each for one matrix and for a whole tree in one jitted call:
+For one matrix:
 
-* :func:`singular_values` / :func:`singular_values_tree`: the spectrum, largest first.
-* :func:`project_matrix` / :func:`project_tree`: the best rank-``r`` approximation
-  ``W_r = U_r S_r V_r^T`` (Eckart-Young), optionally with *energy transfer*, which multiplies the
-  kept singular values by ``alpha = sqrt(sum_all s^2 / sum_kept s^2)`` so that
-  ``||W_r||_F = ||W||_F`` (LRPET's energy transfer).
-* :func:`truncated_factors` / :func:`truncated_factors_tree`: ``A = U_r sqrt(S_r)`` (``m x r``) and
-  ``B = sqrt(S_r) V_r^T`` (``r x n``), whose product is the rank-``r`` approximation.
+* :func:`singular_values`: the spectrum, largest first.
+* :func:`project_matrix`: the best rank-``r`` approximation ``W_r = U_r S_r V_r^T`` (Eckart-Young)
+  with LRPET's *energy transfer* (on by default, as everywhere in jaxlr): the kept singular values
+  are multiplied by ``alpha = sqrt(sum_all s^2 / sum_kept s^2)`` so that ``||W_r||_F = ||W||_F``.
+  ``tail_scale`` makes the projection *soft*: the dropped singular values are multiplied by it
+  instead of zeroed (``0``, the default, is the hard projection).
+* :func:`truncated_factors`: ``A = U_r sqrt(S_r)`` (``m x r``) and ``B = sqrt(S_r) V_r^T``
+  (``r x n``), whose product is the rank-``r`` approximation.
+
+For every selected matrix of a tree, in one jitted call: :func:`singular_values_tree`, and the
+functions :mod:`jaxlr.projection`, :mod:`jaxlr.compression` and :mod:`jaxlr.policies` build on
+(:func:`project_leaves`, :func:`factor_leaves`, :func:`spectra_of`).
 
 **Precision.** float16 and bfloat16 matrices are decomposed in float32 and the results (projected
 matrices, factors) are returned in the input's dtype; singular values are returned in the dtype of
@@ -22,47 +27,50 @@ no gap at ``r`` or decays steeply, because the Gram matrix squares the condition
 ``method="auto"`` (the default) computes the Gram path, estimates its error from the computed
 eigenvalues (the Davis-Kahan bound ``eps * s_1^2 / ((s_r - s_{r+1}) * ||W||_F)``) and, under
 ``jax.lax.cond``, falls back to the SVD for any matrix whose estimate exceeds ``2e-5`` relative
-Frobenius error, so the result is within ``1e-4`` of the full SVD's. Random (flat) spectra mostly
-take the fast path; steeply decaying spectra cut deep in their tail, and spectra with repeated
-singular values at the cut, take the SVD. (Under ``vmap`` with a batched predicate, ``cond``
-becomes ``select`` and both paths run.) The decompositions of a tree run as a Python loop inside
-one ``jit`` (no ``vmap`` over ``eigh``, which has deadlocked on some CPU builds of jaxlib).
+Frobenius error, so the result is within ``1e-4`` of the full SVD's. (Under ``vmap`` with a
+batched predicate, ``cond`` becomes ``select`` and both paths run.) The decompositions of a tree
+run as a Python loop inside one ``jit`` (no ``vmap`` over ``eigh``, which has deadlocked on some
+CPU builds of jaxlib).
+
+**Static and traced ranks.** Ranks are static Python ints on the fast path: only the top ``r``
+singular triplets are formed. A traced rank (a schedule of the kept fraction, or
+``optax.inject_hyperparams``) keeps every triplet and masks the singular values beyond the rank,
+so shapes stay static under ``jit`` while the rank changes.
 
 **NaN and Inf.** A matrix holding NaN or Inf is never decomposed (its NaN would spread to every
 entry). Called eagerly, the tree-level functions raise ``ValueError`` naming the matrix; traced
-under ``jit``, such a matrix is returned unchanged and reported in the ``nonfinite`` flags of the
-result. The matrix-level functions return the input unchanged (projection) or NaN factors.
+under ``jit``, such a matrix is returned unchanged and flagged. The matrix-level functions return
+the input unchanged (projection) or NaN factors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from jaxlr import matrices
-from jaxlr.matrices import MatrixLeaf, MatrixView, ViewFn
-from jaxlr.ranks import check_rank
+from jaxlr import matrices, nodes
+from jaxlr.matrices import MatrixView
 
 __all__ = [
-    "Factorization",
     "Method",
-    "Projection",
+    "factor_leaves",
+    "project_leaves",
     "project_matrix",
-    "project_tree",
     "singular_values",
     "singular_values_tree",
+    "spectra_of",
     "thin_svd",
     "truncated_factors",
-    "truncated_factors_tree",
 ]
 
 Method = Literal["auto", "gram", "svd"]
-_METHODS = ("auto", "gram", "svd")
+METHODS = ("auto", "gram", "svd")
 
 # `auto` keeps the Gram result where its estimated relative Frobenius error is below this. The
 # estimate was never below 0.8x the measured error (tests/test_svd.py checks spectra of every kind),
@@ -71,41 +79,31 @@ _GRAM_TOLERANCE = 2e-5
 _HIGHEST = lax.Precision.HIGHEST
 
 
-class Projection(NamedTuple):
-    """The result of :func:`project_tree`.
-
-    Attributes:
-      params: the tree with every ranked matrix replaced by its (energy-transferred) rank-``r``
-        projection; every other leaf is the input's own.
-      nonfinite: ``{path: bool array}``; ``True`` where the matrix held NaN or Inf and was returned
-        unchanged (only possible under ``jit``; eager calls raise instead).
-    """
-
-    params: Any
-    nonfinite: dict[str, jax.Array]
-
-
-class Factorization(NamedTuple):
-    """The result of :func:`truncated_factors_tree`.
-
-    Attributes:
-      factors: ``{path: (A, B)}`` with ``A`` of shape ``(m, r)`` and ``B`` of shape ``(r, n)`` in
-        the leaf's dtype; ``A @ B`` is the matrix (through its view) truncated to rank ``r``.
-      nonfinite: ``{path: bool array}``; ``True`` where the matrix held NaN or Inf (its factors
-        are NaN then; only possible under ``jit``; eager calls raise instead).
-    """
-
-    factors: dict[str, tuple[jax.Array, jax.Array]]
-    nonfinite: dict[str, jax.Array]
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation, shared by the matrix- and tree-level functions.
 
 
-def _check_method(method: str) -> None:
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+def check_method(method: Any) -> str:
+    """Validates a decomposition method name and returns it."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    return method
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """Validates a boolean option (a string such as ``"False"`` is refused, not read as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type "
+                        f"{type(value).__name__}.")
+    return value
+
+
+def check_tail_scale(value: Any) -> float:
+    """Validates the soft projection's tail factor, ``0 <= tail_scale < 1``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"tail_scale must be a number in [0, 1) (0: the hard projection), got "
+                         f"{value!r}.")
+    return float(value)
 
 
 def _check_matrix(matrix: Any) -> None:
@@ -114,17 +112,34 @@ def _check_matrix(matrix: Any) -> None:
     matrices.check_floating("matrix", matrix)
 
 
-def _is_traced(leaves: Any) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(leaves))
+def is_traced(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a tracer (the call runs inside ``jit``/``grad``)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
-def _raise_if_nonfinite(names: list[str], flags: list[jax.Array]) -> None:
+def raise_if_nonfinite(names: Sequence[str], flags: Sequence[Any]) -> None:
+    """Raises ``ValueError`` naming the matrices whose flag is set (eager calls only)."""
     bad = [name for name, flag in zip(names, flags, strict=True) if bool(flag)]
     if bad:
         raise ValueError(
             f"matrices {bad} hold NaN or Inf; they cannot be decomposed. (Under jit they are "
-            "returned unchanged and reported in the result's `nonfinite` flags.)"
+            "returned unchanged.)"
         )
+
+
+def check_rank(label: str, rank: Any, full: int) -> int:
+    """Validates one matrix's rank, ``1 <= rank <= full``, and returns it as a Python int.
+
+    Raises:
+      TypeError: if ``rank`` is not an integer (a bool is not one).
+      ValueError: if it is outside ``[1, full]``.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
+        raise TypeError(f"rank for {label} must be an int, got {rank!r}.")
+    rank = int(rank)
+    if not 1 <= rank <= full:
+        raise ValueError(f"rank for {label} is {rank}; allowed 1 <= rank <= min(m, n) = {full}.")
+    return rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +191,13 @@ def _thin_svd(matrix: jax.Array, rank: int) -> Triplets:
     return u[:, :rank], s[:rank], vt[:rank]
 
 
-def _gram_subspace(matrix: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+def _gram_subspace(
+    matrix: jax.Array, rank: int, cut: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """The top-``rank`` eigenvectors of the Gram matrix of the shorter side (the right singular
     vectors of a tall matrix, the left ones of a wide one), and an estimate of the relative
-    Frobenius error of the rank-``rank`` approximation they give."""
+    Frobenius error of the truncation they give at ``cut`` (default: ``rank``; a traced rank
+    ``<= rank`` for the masked path)."""
     rows, cols = matrix.shape
     gram = (
         jnp.matmul(matrix.T, matrix, precision=_HIGHEST)
@@ -188,12 +206,17 @@ def _gram_subspace(matrix: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     )
     eigenvalues, eigenvectors = jnp.linalg.eigh(gram)  # ascending
     top = eigenvectors[:, -rank:][:, ::-1]
-    if rank == min(rows, cols):  # nothing is cut: U S V^T = W V V^T = W, whatever the spectrum
+    full = min(rows, cols)
+    if cut is None and rank == full:  # nothing is cut: U S V^T = W V V^T = W, whatever the spectrum
         return top, jnp.zeros((), matrix.dtype)
     # Davis-Kahan: rounding of the Gram matrix and of eigh perturbs it by ~eps * s_1^2, which moves
     # the projection by about that over the singular-value gap at the cut.
     sigma = jnp.sqrt(jnp.maximum(eigenvalues[::-1], 0))
-    gap = sigma[rank - 1] - sigma[rank]
+    if cut is None:
+        gap = sigma[rank - 1] - sigma[rank]
+    else:
+        padded = jnp.concatenate([sigma, jnp.zeros((1,), sigma.dtype)])
+        gap = jnp.where(cut >= full, jnp.inf, padded[cut - 1] - padded[cut])
     largest = eigenvalues[-1]
     norm = jnp.sqrt(jnp.sum(jnp.square(matrix)))
     eps = jnp.finfo(matrix.dtype).eps
@@ -210,22 +233,26 @@ def _triplets_from_subspace(matrix: jax.Array, top: jax.Array) -> Triplets:
     return top, s, scaled / jnp.where(s > 0, s, 1)[:, None]
 
 
-def _top_triplets(matrices: list[jax.Array], ranks: list[int], method: str) -> list[Triplets]:
-    """The top-``rank`` singular triplets of every matrix.
+def _top_triplets(
+    mats: list[jax.Array],
+    ranks: list[int],
+    method: str,
+    cuts: list[jax.Array] | None = None,
+) -> list[Triplets]:
+    """The top-``rank`` singular triplets of every matrix (error estimated at ``cuts``, if given).
 
     Under ``auto``, the Gram eigendecompositions come first and one ``cond`` on "every estimate
     is under the tolerance" guards the per-matrix choices, so in the common case the SVD fallbacks
     cost nothing at run time, and a matrix that falls back does not pay for the Gram projection.
     """
     if method == "svd":
-        return [_thin_svd(m, r) for m, r in zip(matrices, ranks, strict=True)]
-    subspaces = [_gram_subspace(m, r) for m, r in zip(matrices, ranks, strict=True)]
+        return [_thin_svd(m, r) for m, r in zip(mats, ranks, strict=True)]
+    cuts = cuts if cuts is not None else [None] * len(mats)
+    subspaces = [_gram_subspace(m, r, c) for m, r, c in zip(mats, ranks, cuts, strict=True)]
 
     def all_gram() -> list[Triplets]:
-        return [
-            _triplets_from_subspace(m, top)
-            for m, (top, _) in zip(matrices, subspaces, strict=True)
-        ]
+        return [_triplets_from_subspace(m, top) for m, (top, _) in zip(mats, subspaces,
+                                                                        strict=True)]
 
     if method == "gram" or not subspaces:
         return all_gram()
@@ -239,7 +266,7 @@ def _top_triplets(matrices: list[jax.Array], ranks: list[int], method: str) -> l
                 lambda m=m, top=top: _triplets_from_subspace(m, top),
                 lambda m=m, r=r: _thin_svd(m, r),
             )
-            for ok, m, r, (top, _) in zip(accepted, matrices, ranks, subspaces, strict=True)
+            for ok, m, r, (top, _) in zip(accepted, mats, ranks, subspaces, strict=True)
         ]
 
     return lax.cond(jnp.all(jnp.stack(accepted)), all_gram, each_its_own)
@@ -252,36 +279,73 @@ def _sanitize(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(finite, work, 0), finite
 
 
+def _truncate(
+    work: jax.Array, triplets: Triplets, mask: jax.Array | None, energy_transfer: bool,
+    tail_scale: float,
+) -> jax.Array:
+    """``f W + (alpha - f) U_r S_r V_r^T``: the kept part scaled by ``alpha`` (energy transfer),
+    the dropped tail by ``f`` (``tail_scale``; 0 drops it)."""
+    u, s, vt = triplets
+    if mask is not None:
+        s = jnp.where(mask, s, 0)
+    alpha = jnp.ones((), work.dtype)
+    if energy_transfer:
+        kept = jnp.sum(jnp.square(s))
+        total = jnp.sum(jnp.square(work))  # = sum of all s^2
+        # alpha^2 kept + f^2 (total - kept) = total. A matrix whose kept energy is 0 is the zero
+        # matrix: leave it (no 0/0).
+        ratio = total / jnp.where(kept > 0, kept, 1)
+        alpha = jnp.where(kept > 0, jnp.sqrt(tail_scale**2 + (1 - tail_scale**2) * ratio), 1)
+    low_rank = jnp.matmul(u * (alpha - tail_scale) * s, vt, precision=_HIGHEST)
+    return low_rank + tail_scale * work if tail_scale else low_rank
+
+
 def _project_many(
-    matrices: list[jax.Array], ranks: list[int], energy_transfer: bool, method: str
-) -> list[jax.Array]:
-    out = list(matrices)
-    cut = [i for i, (m, r) in enumerate(zip(matrices, ranks, strict=True)) if r < min(m.shape)]
-    sanitized = [_sanitize(matrices[i]) for i in cut]
-    triplets = _top_triplets([w for w, _ in sanitized], [ranks[i] for i in cut], method)
-    for i, (work, finite), (u, s, vt) in zip(cut, sanitized, triplets, strict=True):
-        if energy_transfer:
-            kept = jnp.sum(jnp.square(s))
-            total = jnp.sum(jnp.square(work))  # = sum of all s^2
-            # A matrix whose kept energy is 0 is the zero matrix: leave it (no 0/0).
-            s = s * jnp.where(kept > 0, jnp.sqrt(total / jnp.where(kept > 0, kept, 1)), 1)
-        projected = jnp.matmul(u * s, vt, precision=_HIGHEST).astype(matrices[i].dtype)
-        out[i] = jnp.where(finite, projected, matrices[i])
-    return out
+    mats: list[jax.Array],
+    ranks: list[int],
+    energy_transfer: bool,
+    tail_scale: float,
+    method: str,
+    traced_ranks: list[jax.Array] | None = None,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Projections of every matrix and whether each was finite.
+
+    With ``traced_ranks``, ``ranks`` are the static upper bounds of the traced ones: every triplet
+    up to the bound is formed and the values beyond the traced rank are masked.
+    """
+    out = list(mats)
+    flags = [jnp.all(jnp.isfinite(m)) for m in mats]
+    if traced_ranks is None:
+        cut = [i for i, (m, r) in enumerate(zip(mats, ranks, strict=True)) if r < min(m.shape)]
+    else:
+        cut = list(range(len(mats)))
+    if not cut:
+        return out, flags
+    sanitized = [_sanitize(mats[i]) for i in cut]
+    cuts = None if traced_ranks is None else [traced_ranks[i] for i in cut]
+    triplets = _top_triplets([w for w, _ in sanitized], [ranks[i] for i in cut], method, cuts)
+    for j, i in enumerate(cut):
+        (work, finite), parts = sanitized[j], triplets[j]
+        mask = None if cuts is None else jnp.arange(ranks[i]) < cuts[j]
+        projected = _truncate(work, parts, mask, energy_transfer, tail_scale)
+        if cuts is not None:  # nothing cut: the matrix itself, not its rounded reconstruction
+            projected = jnp.where(cuts[j] >= min(mats[i].shape), work, projected)
+        out[i] = jnp.where(finite, projected.astype(mats[i].dtype), mats[i])
+    return out, flags
 
 
 def _factors_many(
-    matrices: list[jax.Array], ranks: list[int], method: str
-) -> list[tuple[jax.Array, jax.Array]]:
-    sanitized = [_sanitize(m) for m in matrices]
+    mats: list[jax.Array], ranks: list[int], method: str
+) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
+    sanitized = [_sanitize(m) for m in mats]
     triplets = _top_triplets([w for w, _ in sanitized], ranks, method)
     out = []
-    for matrix, (_, finite), (u, s, vt) in zip(matrices, sanitized, triplets, strict=True):
+    for matrix, (_, finite), (u, s, vt) in zip(mats, sanitized, triplets, strict=True):
         root = jnp.sqrt(s)
         a = jnp.where(finite, u * root, jnp.nan).astype(matrix.dtype)
         b = jnp.where(finite, root[:, None] * vt, jnp.nan).astype(matrix.dtype)
         out.append((a, b))
-    return out
+    return out, [finite for _, finite in sanitized]
 
 
 def _spectrum(matrix: jax.Array) -> jax.Array:
@@ -318,16 +382,20 @@ def project_matrix(
     matrix: jax.typing.ArrayLike,
     rank: int,
     *,
-    energy_transfer: bool = False,
+    energy_transfer: bool = True,
+    tail_scale: float = 0.0,
     method: Method = "auto",
 ) -> jax.Array:
-    """The best rank-``rank`` approximation of a matrix, optionally with energy transfer.
+    """The best rank-``rank`` approximation of a matrix, with energy transfer by default.
 
     Args:
       matrix: an ``(m, n)`` floating-point matrix.
       rank: the number of singular values kept, ``1 <= rank <= min(m, n)``.
-      energy_transfer: multiply the kept singular values by ``sqrt(sum_all s^2 / sum_kept s^2)``
-        so that the Frobenius norm is unchanged (LRPET). The zero matrix is returned unchanged.
+      energy_transfer: multiply the kept singular values by a common factor so that the Frobenius
+        norm is unchanged (LRPET); ``False`` gives the plain Eckart-Young truncation. The zero
+        matrix is returned unchanged.
+      tail_scale: multiply the dropped singular values by this, ``0 <= tail_scale < 1``, instead
+        of zeroing them (a soft projection; ``0`` is the hard one).
       method: ``"auto"``, ``"gram"`` or ``"svd"`` (see the module's documentation).
 
     Returns:
@@ -336,10 +404,10 @@ def project_matrix(
     Example:
       >>> import jax.numpy as jnp
       >>> w = jnp.diag(jnp.array([3.0, 4.0]))
-      >>> project_matrix(w, 1)
+      >>> project_matrix(w, 1, energy_transfer=False)
       Array([[0., 0.],
              [0., 4.]], dtype=float32)
-      >>> project_matrix(w, 1, energy_transfer=True)  # ||W||_F = 5 is kept
+      >>> project_matrix(w, 1)  # ||W||_F = 5 is kept
       Array([[0., 0.],
              [0., 5.]], dtype=float32)
 
@@ -347,14 +415,17 @@ def project_matrix(
       "Compact Model Training by Low-Rank Projection with Energy Transfer", arXiv:2204.05566.
     """
     _check_matrix(matrix)
-    _check_method(method)
+    check_method(method)
+    check_flag("energy_transfer", energy_transfer)
+    tail_scale = check_tail_scale(tail_scale)
     rank = check_rank("matrix", rank, min(jnp.shape(matrix)))
-    return _jit_project(jnp.asarray(matrix), rank, energy_transfer, method)
+    return _jit_project(jnp.asarray(matrix), rank, energy_transfer, tail_scale, method)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _jit_project(matrix: jax.Array, rank: int, energy_transfer: bool, method: str) -> jax.Array:
-    return _project_many([matrix], [rank], energy_transfer, method)[0]
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _jit_project(matrix: jax.Array, rank: int, energy_transfer: bool, tail_scale: float,
+                 method: str) -> jax.Array:
+    return _project_many([matrix], [rank], energy_transfer, tail_scale, method)[0][0]
 
 
 def truncated_factors(
@@ -382,63 +453,108 @@ def truncated_factors(
              [0., 0.]], dtype=float32)
     """
     _check_matrix(matrix)
-    _check_method(method)
+    check_method(method)
     rank = check_rank("matrix", rank, min(jnp.shape(matrix)))
     return _jit_factors(jnp.asarray(matrix), rank, method)
 
 
 @partial(jax.jit, static_argnums=(1, 2))
 def _jit_factors(matrix: jax.Array, rank: int, method: str) -> tuple[jax.Array, jax.Array]:
-    return _factors_many([matrix], [rank], method)[0]
+    return _factors_many([matrix], [rank], method)[0][0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Every selected matrix of a tree, in one jitted call.
 
 
-def _ranked_leaves(
-    tree: Any, ranks: Mapping[str, int], view: ViewFn
-) -> tuple[list[Any], Any, dict[str, MatrixLeaf], dict[str, int]]:
-    """Flattens the tree, finds the leaf of every ranked path and validates each rank."""
-    if not ranks:
-        raise ValueError("ranks is empty: name at least one matrix to truncate.")
-    wanted = set(ranks)
-    flat_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = [matrices.path_str(matrices.path_names(p)) for p, _ in flat_with_paths]
-    missing = sorted(wanted - set(names))
-    if missing:
-        raise ValueError(
-            f"ranks name paths that are not leaves of the tree: {missing}; "
-            f"leaves of the tree: {names[:20]}."
-        )
-    found = matrices.matrix_leaves(
-        tree, filter=lambda path, leaf: matrices.path_str(path) in wanted, view=view
-    )
-    checked = {
-        name: check_rank(repr(name), ranks[name], leaf.full_rank) for name, leaf in found.items()
-    }
-    return [leaf for _, leaf in flat_with_paths], treedef, found, checked
+def leaf_matrix(leaf: Any, view: MatrixView) -> jax.Array:
+    """A selected leaf's matrix (a LoRITa product or factor pair is multiplied out)."""
+    return leaf.matrix() if isinstance(leaf, nodes.Product) else view.to_matrix(
+        leaf.kernel() if nodes.is_node(leaf) else leaf)
 
 
-def _plan(found: dict[str, MatrixLeaf], ranks: dict[str, int]) -> tuple[Any, ...]:
-    return tuple((leaf.view, ranks[name]) for name, leaf in found.items())
+def spectra_of(leaves: Sequence[Any], views: Sequence[MatrixView]
+               ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Singular values of each leaf's matrix and whether it was finite (one jitted call)."""
+    return _jit_spectra(tuple(leaves), tuple(views))
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _jit_spectra(leaves: tuple[Any, ...], views: tuple[MatrixView, ...]
+                 ) -> tuple[list[jax.Array], list[jax.Array]]:
+    mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
+    return [_spectrum(m) for m in mats], [jnp.all(jnp.isfinite(m)) for m in mats]
+
+
+def project_leaves(
+    leaves: Sequence[jax.Array],
+    views: Sequence[MatrixView],
+    ranks: Sequence[int],
+    *,
+    energy_transfer: bool,
+    tail_scale: float,
+    method: str,
+    traced_ranks: Sequence[jax.Array] | None = None,
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Projects each leaf through its view onto its rank; returns the leaves and finiteness flags.
+
+    ``ranks`` are static; with ``traced_ranks`` they are the static bounds of traced ranks (masked
+    path). Runs inline when traced (inside the caller's ``jit``), else as one jitted call.
+    """
+    args = (tuple(views), tuple(ranks), energy_transfer, tail_scale, method)
+    if traced_ranks is not None or is_traced(leaves):
+        return _project_leaves(tuple(leaves), *args,
+                               None if traced_ranks is None else tuple(traced_ranks))
+    return _jit_project_leaves(tuple(leaves), *args, None)
+
+
+def _project_leaves(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...],
+                    ranks: tuple[int, ...], energy_transfer: bool, tail_scale: float, method: str,
+                    traced_ranks: tuple[jax.Array, ...] | None
+                    ) -> tuple[list[jax.Array], list[jax.Array]]:
+    mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, views, strict=True)]
+    projected, flags = _project_many(mats, list(ranks), energy_transfer, tail_scale, method,
+                                     None if traced_ranks is None else list(traced_ranks))
+    out = [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(projected, leaves, views,
+                                                                strict=True)]
+    return out, flags
+
+
+_jit_project_leaves = jax.jit(_project_leaves, static_argnums=(1, 2, 3, 4, 5, 6))
+
+
+def factor_leaves(
+    leaves: Sequence[Any], views: Sequence[MatrixView], ranks: Sequence[int], *, method: str
+) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
+    """Balanced factors ``(A, B)`` of each leaf's matrix at its rank, and finiteness flags."""
+    return _jit_factor_leaves(tuple(leaves), tuple(views), tuple(ranks), method)
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _jit_factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
+                       ranks: tuple[int, ...], method: str
+                       ) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
+    mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
+    return _factors_many(mats, list(ranks), method)
 
 
 def singular_values_tree(
     tree: Any,
     *,
-    filter: matrices.Filter = matrices.is_kernel,  # noqa: A002
-    view: ViewFn = matrices.default_view,
+    filter: matrices.Filter | None = None,  # noqa: A002
+    view: matrices.View = None,
 ) -> dict[str, jax.Array]:
     """Singular values of every selected matrix of a tree, in one jitted call.
 
+    LoRITa products and factor pairs (:mod:`jaxlr.nodes`) count as the kernels they stand for.
+
     Args:
-      tree: a Flax Linen variable dict, an NNX ``State`` or any pytree of arrays.
+      tree: a Flax Linen variable dict, an NNX ``State``, an Equinox module or any pytree.
       filter: which leaves are matrices (default: kernels of >= 2 dimensions).
-      view: how each leaf is seen as a matrix (default: :func:`jaxlr.matrices.default_view`).
+      view: how each leaf is seen as a matrix (:mod:`jaxlr.matrices`).
 
     Returns:
-      ``{path: singular values}``, largest first, in tree order.
+      ``{key: singular values}``, largest first, in tree order.
 
     Raises:
       ValueError: if the filter selects nothing, or (called eagerly) a matrix holds NaN or Inf.
@@ -450,128 +566,9 @@ def singular_values_tree(
       {'Dense_0/kernel': Array([5., 2.], dtype=float32)}
     """
     found = matrices.matrix_leaves(tree, filter=filter, view=view)
-    flat = jax.tree_util.tree_leaves(tree)
-    leaves = tuple(flat[leaf.index] for leaf in found.values())
-    views = tuple(leaf.view for leaf in found.values())
-    spectra, flags = _jit_spectra_tree(leaves, views)
-    if not _is_traced(leaves):
-        _raise_if_nonfinite(list(found), list(flags))
+    flat = [leaf for _, leaf in matrices.flatten(tree)[0]]
+    leaves = [flat[leaf.index] for leaf in found.values()]
+    spectra, finite = spectra_of(leaves, [leaf.view for leaf in found.values()])
+    if not is_traced(leaves):
+        raise_if_nonfinite(list(found), [~f for f in finite])
     return dict(zip(found, spectra, strict=True))
-
-
-@partial(jax.jit, static_argnums=(1,))
-def _jit_spectra_tree(
-    leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...]
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, views, strict=True)]
-    return [_spectrum(m) for m in mats], [~jnp.all(jnp.isfinite(m)) for m in mats]
-
-
-def project_tree(
-    tree: Any,
-    ranks: Mapping[str, int],
-    *,
-    energy_transfer: bool = False,
-    method: Method = "auto",
-    view: ViewFn = matrices.default_view,
-) -> Projection:
-    """Projects every ranked matrix of a tree onto its rank, in one jitted call.
-
-    Args:
-      tree: a Flax Linen variable dict, an NNX ``State`` or any pytree of arrays.
-      ranks: ``{path: rank}``, e.g. from a policy of :mod:`jaxlr.ranks`; only these leaves change.
-      energy_transfer: keep each matrix's Frobenius norm (LRPET); off gives the plain Eckart-Young
-        truncation.
-      method: ``"auto"`` (Gram fast path where it is accurate, SVD elsewhere), ``"gram"`` or
-        ``"svd"``.
-      view: how each leaf is seen as a matrix; must be the one the ranks were chosen with.
-
-    Returns:
-      A :class:`Projection` ``(params, nonfinite)``; ``params`` has the input's structure, shapes
-      and dtypes.
-
-    Raises:
-      ValueError: for a path of ``ranks`` that is not in the tree, a rank outside
-        ``[1, min(m, n)]``, an unknown method, or (called eagerly) a matrix holding NaN or Inf.
-      TypeError: for a non-floating leaf or a rank that is not an int.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> params = {"Dense_0": {"kernel": jnp.diag(jnp.array([3.0, 4.0])), "bias": jnp.ones(2)}}
-      >>> out = project_tree(params, {"Dense_0/kernel": 1}, energy_transfer=True)
-      >>> out.params["Dense_0"]["kernel"]
-      Array([[0., 0.],
-             [0., 5.]], dtype=float32)
-    """
-    _check_method(method)
-    flat, treedef, found, checked = _ranked_leaves(tree, ranks, view)
-    leaves = tuple(flat[leaf.index] for leaf in found.values())
-    projected, flags = _jit_project_tree(leaves, _plan(found, checked), energy_transfer, method)
-    if not _is_traced(leaves):
-        _raise_if_nonfinite(list(found), list(flags))
-    for leaf, new in zip(found.values(), projected, strict=True):
-        flat[leaf.index] = new
-    return Projection(
-        jax.tree_util.tree_unflatten(treedef, flat), dict(zip(found, flags, strict=True))
-    )
-
-
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _jit_project_tree(
-    leaves: tuple[jax.Array, ...], plan: tuple[Any, ...], energy_transfer: bool, method: str
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    mats = [v.to_matrix(leaf) for leaf, (v, _) in zip(leaves, plan, strict=True)]
-    projected = _project_many(mats, [r for _, r in plan], energy_transfer, method)
-    out = [
-        v.from_matrix(p, leaf.shape)
-        for p, leaf, (v, _) in zip(projected, leaves, plan, strict=True)
-    ]
-    return out, [~jnp.all(jnp.isfinite(m)) for m in mats]
-
-
-def truncated_factors_tree(
-    tree: Any,
-    ranks: Mapping[str, int],
-    *,
-    method: Method = "svd",
-    view: ViewFn = matrices.default_view,
-) -> Factorization:
-    """Balanced factors ``(A, B)`` of every ranked matrix of a tree, in one jitted call.
-
-    Args:
-      tree: a Flax Linen variable dict, an NNX ``State`` or any pytree of arrays.
-      ranks: ``{path: rank}``.
-      method: ``"svd"`` (the default), ``"auto"`` or ``"gram"``, as for :func:`truncated_factors`.
-      view: how each leaf is seen as a matrix. For a convolution kernel ``(kh, kw, cin, cout)``,
-        ``A.reshape(kh, kw, cin, r)`` is a ``k x k`` convolution with ``r`` filters and ``B`` a
-        ``1 x 1`` convolution from ``r`` to ``cout`` channels.
-
-    Returns:
-      A :class:`Factorization` ``(factors, nonfinite)``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> params = {"Dense_0": {"kernel": jnp.ones((6, 4))}}
-      >>> a, b = truncated_factors_tree(params, {"Dense_0/kernel": 1}).factors["Dense_0/kernel"]
-      >>> a.shape, b.shape
-      ((6, 1), (1, 4))
-    """
-    _check_method(method)
-    flat, _, found, checked = _ranked_leaves(tree, ranks, view)
-    leaves = tuple(flat[leaf.index] for leaf in found.values())
-    factors, flags = _jit_factors_tree(leaves, _plan(found, checked), method)
-    if not _is_traced(leaves):
-        _raise_if_nonfinite(list(found), list(flags))
-    return Factorization(
-        dict(zip(found, (tuple(f) for f in factors), strict=True)),
-        dict(zip(found, flags, strict=True)),
-    )
-
-
-@partial(jax.jit, static_argnums=(1, 2))
-def _jit_factors_tree(
-    leaves: tuple[jax.Array, ...], plan: tuple[Any, ...], method: str
-) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
-    mats = [v.to_matrix(leaf) for leaf, (v, _) in zip(leaves, plan, strict=True)]
-    factors = _factors_many(mats, [r for _, r in plan], method)
-    return factors, [~jnp.all(jnp.isfinite(m)) for m in mats]

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import pytest
 
 import jaxlr
-from jaxlr import lowrank
 from jaxlr.cost import forward_cost
-from jaxlr.lowrank import LowRank
+from jaxlr.nodes import LowRank
 from jaxlr.matrices import MatrixView
 from tests import models
 from tests.models import IMAGES
-from tests.test_lowrank import quarter_ranks
+from tests.test_inference import quarter_ranks
 
 
 def brute_force_in_bounds(in_shape, window, strides, padding, lhs_dilation, rhs_dilation):
@@ -75,7 +74,7 @@ def test_factored_dense_layer_and_attention_by_hand():
     model = nn.Dense(32)
     x = jnp.ones((4, 64))
     params = {"kernel": node, "bias": jnp.zeros(32)}
-    cost = forward_cost(lambda p, x: lowrank.apply(model, {"params": p}, x), params, x)
+    cost = forward_cost(lambda p, x: jaxlr.apply(model, {"params": p}, x), params, x)
     assert cost.layers["kernel"] == (3 * (64 + 32), 4 * 3 * (64 + 32), 4 * 3 * (64 + 32))
     assert cost.params == 3 * 96 + 32
 
@@ -115,10 +114,10 @@ def test_counts_agree_with_xla_on_dense_and_factored_models(kind):
     model, variables = models.linen_variables(kind)
     others = {k: v for k, v in variables.items() if k != "params"}
     result = jaxlr.compress(variables["params"], quarter_ranks(variables["params"]))
-    params = lowrank.lowrank_params(result.params, result.factors)
-    dense = forward_cost(lambda p, x: model.apply({**others, "params": p}, x), result.params,
-                         IMAGES)
-    factored = forward_cost(lambda p, x: lowrank.apply(model, {**others, "params": p}, x), params,
+    params = result.compressed
+    dense = forward_cost(lambda p, x: model.apply({**others, "params": p}, x),
+                         jaxlr.collapse(params), IMAGES)
+    factored = forward_cost(lambda p, x: jaxlr.apply(model, {**others, "params": p}, x), params,
                             IMAGES)
     # The dense model: XLA's flops / 2 within 5% of the in-bounds count (the rest is elementwise).
     assert 0 <= dense.xla_flops / 2 - dense.macs_in_bounds < 0.05 * dense.macs_in_bounds
@@ -130,7 +129,7 @@ def test_counts_agree_with_xla_on_dense_and_factored_models(kind):
         before, after = dense.layers[name], factored.layers[name]
         assert before.params == layer.params_before and after.params == layer.params_after
         m, n = layer.matrix_shape
-        ratio = layer.rank * (m + n) / (m * n) if layer.factored else 1.0
+        ratio = layer.rank * (m + n) / (m * n) if layer.low_rank else 1.0
         assert after.macs == pytest.approx(before.macs * ratio, rel=1e-9)
     assert factored.params == result.report.params_after
     assert dense.params == result.report.params_before

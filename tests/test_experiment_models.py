@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxlr
 from experiments import models
 from experiments.train import Task, TrainState, _make_step
 
@@ -57,8 +58,9 @@ def test_fcn_count_by_hand(depth, width, batch_norm):
                                                                       strict=True))
     model = models.FCN(depth, width, batch_norm)
     assert count(model, jnp.zeros((1, 28, 28, 1))) == hidden + dims[-1] * 10 + 10
-    assert model.bn_pairs() == ({f"fc{i}/kernel": f"bn{i}" for i in range(depth - 1)}
-                                if batch_norm else {})
+    x = jnp.zeros((1, 28, 28, 1))
+    pairs = jaxlr.find_bn_pairs(model, jax.eval_shape(model.init, jax.random.key(0), x), x)
+    assert pairs == ({f"fc{i}/kernel": f"bn{i}" for i in range(depth - 1)} if batch_norm else {})
 
 
 @pytest.mark.parametrize("depth", [4, 8, 16])

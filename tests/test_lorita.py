@@ -13,7 +13,7 @@ from flax import nnx
 
 import jaxlr
 from jaxlr import lorita
-from jaxlr.lorita import Factored
+from jaxlr.nodes import Product
 
 
 class CNN(nn.Module):
@@ -99,7 +99,7 @@ def test_from_dense_round_trip_reproduces_the_tree():
 def test_unchanged_linen_and_nnx_models_give_identical_results():
     variables = linen_variables()
     graphdef, state = nnx.split(NNXCNN(nnx.Rngs(3)))
-    linen_flat = {jaxlr.matrices.path_str(jaxlr.matrices.path_names(p)): leaf
+    linen_flat = {"/".join(jaxlr.matrices.path_names(p)): leaf
                   for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
     # Give the NNX model the Linen model's numbers; BatchNorm's mean and var are Linen's
     # `batch_stats`, everything else its `params`.
@@ -131,7 +131,7 @@ def test_gradient_through_collapse_is_the_chain_rule(depth):
     rng = np.random.default_rng(depth)
     shapes = [(5, 5)] * (depth - 1) + [(5, 3)]
     factors = tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
-    node = Factored(factors, (5, 3), jaxlr.MatrixView((0,), (1,)))
+    node = Product(factors, (5, 3), jaxlr.MatrixView((0,), (1,)))
 
     def loss(node):
         return jnp.sum(jnp.sin(lorita.collapse({"k": node})["k"]))
@@ -169,7 +169,7 @@ def test_weight_decay_mask_reaches_every_factor_and_no_bias_or_norm():
     fparams = lorita.factorize(linen_variables()["params"], 3, jax.random.key(0),
                                filter=jaxlr.kernel_filter(exclude="Dense_1"))
     mask = lorita.weight_decay_mask(fparams)
-    flat = {jaxlr.matrices.path_str(jaxlr.matrices.path_names(p)): m
+    flat = {jaxlr.matrices.path_key(p): m
             for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
     decayed = sorted(name for name, m in flat.items() if m)
     assert decayed == [
@@ -278,8 +278,10 @@ def test_depth_three_trains_to_lower_rank_and_truncates_with_less_loss():
         numerical_rank = sum(int(np.sum(np.asarray(s) > 1e-3 * float(s[0])))
                              for s in spectra.values())
         total = sum(len(s) for s in spectra.values())
-        kept = jaxlr.gsvt_ranks(spectra, 15 / total)  # the same 15 singular values for both
-        truncated = jaxlr.project_tree(params, kept).params
+        # The same 15 singular values for both.
+        kept = jaxlr.gsvt_ranks(params, 15 / total, filter=hidden, spectra=spectra)
+        truncated = jaxlr.project(params, kept,
+                                  options=jaxlr.ProjectionOptions(energy_transfer=False))
         results[depth] = (loss, numerical_rank, accuracy(params) - accuracy(truncated))
     (loss1, rank1, drop1), (loss3, rank3, drop3) = results[1], results[3]
     assert loss1 < 0.05 and loss3 < 0.05  # both fit the training data
@@ -299,24 +301,25 @@ def test_bad_input_is_rejected_when_given():
         lorita.factorize(params, 2)
     with pytest.raises(ValueError, match="placement must be one of"):
         lorita.factorize(params, 2, jax.random.key(0), placement="middle")
-    with pytest.raises(ValueError, match="filter selected no leaf"):
+    with pytest.raises(ValueError, match="selected no matrix"):
         lorita.factorize(params, 2, jax.random.key(0), filter=lambda path, leaf: False)
     fparams = lorita.factorize(params, 2, jax.random.key(0))
     with pytest.raises(ValueError, match="already factorized"):
         lorita.factorize(fparams, 2, jax.random.key(0))
 
     node = fparams["Dense_1"]["kernel"]
-    broken = {"Dense_1": {"kernel": Factored((node.factors[0], node.factors[1][:, :3]),
-                                             node.shape, node.view)}}
-    with pytest.raises(ValueError, match=r"factors of 'Dense_1/kernel' have shapes .* 16 x 4"):
-        lorita.collapse(broken)
+    with pytest.raises(ValueError, match=r"factors of the product have shapes .* 16 x 4"):
+        Product((node.factors[0], node.factors[1][:, :3]), node.shape, node.view)
 
     wrong = jax.tree.map(lambda x: x, params)
     wrong["Dense_1"] = {**wrong["Dense_1"], "kernel": jnp.zeros((16, 5))}
     with pytest.raises(ValueError, match=r"kernel 'Dense_1/kernel' has shape \(16, 5\)"):
         lorita.from_dense(fparams, wrong)
-    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
-        lorita.coupled_adam(1e-3, -1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+            lorita.coupled_adam(1e-3, bad)
+    with pytest.raises(TypeError, match="weight_decay must be a number"):
+        lorita.coupled_adam(1e-3, "1e-4")
 
 
 def test_attention_kernels_factorize_through_their_views():
@@ -332,4 +335,49 @@ def test_attention_kernels_factorize_through_their_views():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     y = model.apply({"params": collapsed}, x, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(model.apply({"params": params}, x, x)),
+                               atol=1e-5)
+
+
+def test_coupled_decay_without_a_mask_decays_every_parameter_as_pytorch_does():
+    params = {"d": {"kernel": jnp.asarray([[2.0, -1.0], [0.5, 3.0]]), "bias": jnp.ones(2)}}
+    fparams = lorita.factorize(params, 2, init="balanced")
+    lr, wd = 0.1, 0.01
+    tx = lorita.coupled_adam(lr, wd, mask=None)
+    grads = jax.tree.map(jnp.zeros_like, fparams)
+    updates, _ = tx.update(grads, tx.init(fparams), fparams)
+    # g = wd * w for every leaf, so Adam's first step is -lr * sign(w) everywhere, biases included.
+    for u, w in zip(jax.tree.leaves(updates), jax.tree.leaves(fparams), strict=True):
+        np.testing.assert_allclose(np.asarray(u), -lr * np.sign(np.asarray(w)), rtol=1e-3)
+
+
+def test_nnx_modules_factorize_to_products_of_params_that_read_as_the_kernel():
+    model = NNXCNN(nnx.Rngs(0))
+    kernel = model.Dense_0.kernel[...]
+    fmodel = lorita.factorize(model, 3, jax.random.key(0),
+                              filter=jaxlr.kernel_filter(exclude="Dense_1"))
+    assert isinstance(model.Dense_0.kernel, nnx.Param)  # the original module is untouched
+    node = fmodel.Dense_0.kernel
+    assert isinstance(node, Product) and all(isinstance(f, nnx.Param) for f in node.factors)
+    product = np.linalg.multi_dot([np.asarray(f[...], np.float64) for f in node.factors])
+    np.testing.assert_allclose(np.asarray(fmodel.Dense_0.kernel[...]), product, rtol=1e-5,
+                               atol=1e-6)
+    # The outer factor is the layer's own kernel, the squares orthogonal: the norm is kept.
+    assert float(jnp.linalg.norm(fmodel.Dense_0.kernel[...])) == pytest.approx(
+        float(jnp.linalg.norm(kernel)), rel=1e-5)
+    # The model runs unchanged, on the products, and equals the collapsed model.
+    np.testing.assert_allclose(np.asarray(fmodel(X)), np.asarray(lorita.collapse(fmodel)(X)),
+                               rtol=1e-5, atol=1e-6)
+    # Its Param state holds the factors, which the weight-decay mask selects; not the biases.
+    state = nnx.state(fmodel, nnx.Param)
+    mask = {jaxlr.matrices.path_key(p): m for p, m in
+            jax.tree_util.tree_flatten_with_path(lorita.weight_decay_mask(state))[0]}
+    assert sorted(k for k, m in mask.items() if m) == [
+        "Conv_0/kernel/factors/0", "Conv_0/kernel/factors/1", "Conv_0/kernel/factors/2",
+        "Dense_0/kernel/factors/0", "Dense_0/kernel/factors/1", "Dense_0/kernel/factors/2",
+        "Dense_1/kernel"]
+    with pytest.raises(ValueError, match="already factorized"):
+        lorita.factorize(fmodel, 2, jax.random.key(0))
+    # from_dense refactors a module from dense numbers.
+    restored = lorita.from_dense(fmodel, model)
+    np.testing.assert_allclose(np.asarray(restored.Dense_0.kernel[...]), np.asarray(kernel),
                                atol=1e-5)

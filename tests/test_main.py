@@ -56,7 +56,7 @@ def test_lrpet_table_compares_at_the_ratios_rank(smoke):
                                            "LRP", "LRPET"]
     config = main_job.PRESETS["smoke"]
     # Convolutions of (8, "M", 16, "M") on one channel: 9 x 8 and 72 x 16 matrices.
-    expected = "/".join(str(max(1, int(n - n * config.ratio))) for n in (8, 16))
+    expected = "/".join(str(max(1, int(n - n * config.prune))) for n in (8, 16))
     assert all(r["ranks"] == expected for r in rows[1:])
     # MACs per image by hand: full 3x3 convolutions 8x8x9x1x8 + 4x4x9x8x16, head 64 x 10.
     r0, r1 = (int(v) for v in expected.split("/"))

@@ -91,19 +91,23 @@ def test_default_filter_picks_kernels_and_leaves_the_rest():
     selected = matrix_leaves(variables)
     # By hand from the model: the 1-D conv's (3, 8, 8) kernel and the head's (8, 4) kernel;
     # not the embedding, BatchNorm scale/bias/statistics, LayerNorm or biases.
-    assert list(selected) == ["params/conv_a/kernel", "params/head/kernel"]
-    assert selected["params/conv_a/kernel"].matrix_shape == (24, 8)
-    assert selected["params/head/kernel"].matrix_shape == (8, 4)
+    assert list(selected) == ["conv_a/kernel", "head/kernel"]
+    assert selected["conv_a/kernel"].matrix_shape == (24, 8)
+    assert selected["head/kernel"].matrix_shape == (8, 4)
+    # The variables dict and its params subtree give the same keys.
+    assert list(matrix_leaves(variables["params"])) == list(selected)
 
 
 def test_kernel_filter_include_and_exclude():
     variables = LinenModel().init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))
     assert list(matrix_leaves(variables, filter=jaxlr.kernel_filter(exclude="head"))) == [
-        "params/conv_a/kernel"
+        "conv_a/kernel"
     ]
     assert list(matrix_leaves(variables, filter=jaxlr.kernel_filter(include="head"))) == [
-        "params/head/kernel"
+        "head/kernel"
     ]
+    assert list(matrix_leaves(variables, filter="conv")) == ["conv_a/kernel"]
+    assert list(matrix_leaves(variables, filter=("dense",))) == ["head/kernel"]
 
 
 class NNXModel(nnx.Module):
@@ -141,7 +145,90 @@ def test_path_names_of_lists_and_attributes():
 
 
 def test_selecting_nothing_or_non_floating_leaves_is_an_error():
-    with pytest.raises(ValueError, match="filter selected no leaf"):
+    with pytest.raises(ValueError, match="selected no matrix"):
         matrix_leaves({"bias": jnp.zeros(3)})
     with pytest.raises(TypeError, match="'q/kernel' has dtype int8"):
         matrix_leaves({"q": {"kernel": jnp.zeros((3, 3), jnp.int8)}})
+
+
+def test_path_keys_accept_strings_and_tuples_and_drop_a_leading_params():
+    assert jaxlr.matrices.path_key(("params", "a", "kernel")) == "a/kernel"
+    assert jaxlr.matrices.path_key("params/a/kernel") == "a/kernel"
+    assert jaxlr.matrices.path_key(("blocks", 0, "kernel")) == "blocks/0/kernel"
+    keypath = jax.tree_util.tree_flatten_with_path({"params": {"a": {"kernel": 1}}})[0][0][0]
+    assert jaxlr.matrices.path_key(keypath) == "a/kernel"
+    with pytest.raises(TypeError, match="'/'-joined string or a tuple"):
+        jaxlr.matrices.path_key(3)
+
+
+class Renamed(nn.Module):
+    """Attention under a name without "attn", beside convolutions of every rank."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.MultiHeadDotProductAttention(2, qkv_features=8, name="mha")(x, x)
+        y = nn.Conv(6, (3,), name="out")(y)          # a 1-D conv named like a projection
+        return nn.DenseGeneral((2, 3), name="DenseGeneral_0")(y)
+
+
+def test_attention_is_recognised_by_what_the_module_is():
+    params = Renamed().init(jax.random.key(0), jnp.ones((1, 5, 6)))["params"]
+    kinds = jaxlr.kernel_kinds(params, view=lambda path, leaf: (
+        MatrixView.split(3, 2) if path[-2] == "out" else default_view(path, leaf)))
+    assert kinds == {
+        "DenseGeneral_0/kernel": "dense",
+        "mha/key/kernel": "attention", "mha/out/kernel": "attention",
+        "mha/query/kernel": "attention", "mha/value/kernel": "attention",
+        "out/kernel": "conv",
+    }
+
+
+def test_the_torch_layout_sees_the_same_matrix_as_the_flax_layout():
+    rng = np.random.default_rng(0)
+    hwio = rng.standard_normal((3, 3, 4, 16)).astype(np.float32)
+    oihw = np.transpose(hwio, (3, 2, 0, 1))
+    flax_matrix = np.asarray(jaxlr.matrices.flax_view(("conv", "kernel"), hwio).to_matrix(hwio))
+    view = jaxlr.matrices.torch_view(("conv", "weight"), oihw)
+    torch_matrix = np.asarray(view.to_matrix(oihw))
+    assert torch_matrix.shape == (36, 16)
+    # Same singular values; rows in the order (cin, kh, kw) instead of (kh, kw, cin).
+    np.testing.assert_allclose(np.linalg.svd(torch_matrix, compute_uv=False),
+                               np.linalg.svd(flax_matrix, compute_uv=False), rtol=1e-5)
+    np.testing.assert_array_equal(torch_matrix, oihw.reshape(16, 36).T)
+    linear = rng.standard_normal((5, 3)).astype(np.float32)  # (out, in)
+    np.testing.assert_array_equal(
+        np.asarray(jaxlr.matrices.torch_view(("l", "weight"), linear).to_matrix(linear)),
+        linear.T)
+
+
+def test_a_kernel_of_the_other_layout_is_refused_naming_the_view_option():
+    oihw = {"conv": {"kernel": jnp.ones((16, 3, 3, 3))}}
+    with pytest.raises(ValueError, match="view='torch'"):
+        matrix_leaves(oihw)
+    assert matrix_leaves(oihw, view="torch")["conv/kernel"].matrix_shape == (27, 16)
+    # A Flax kernel that only looks like OIHW goes through with the explicit Flax layout.
+    assert matrix_leaves(oihw, view="flax")["conv/kernel"].matrix_shape == (144, 3)
+    # Columns that are not the bias's outputs: the wrong way round.
+    transposed = {"fc": {"kernel": jnp.ones((3, 5)), "bias": jnp.zeros(3)}}
+    with pytest.raises(ValueError, match="bias beside it has 3 entries.*view='torch'"):
+        matrix_leaves(transposed)
+    assert matrix_leaves(transposed, view="torch")["fc/kernel"].matrix_shape == (5, 3)
+    equinox_conv = {"conv": {"weight": jnp.ones((16, 3, 3, 3)), "bias": jnp.zeros((16, 1, 1))}}
+    names = jaxlr.kernel_filter(names="weight")
+    with pytest.raises(ValueError, match="view='torch'"):
+        matrix_leaves(equinox_conv, filter=names, view="flax")
+    assert matrix_leaves(equinox_conv, filter=names, view="torch")["conv/weight"].matrix_shape \
+        == (27, 16)
+
+
+def test_views_and_filters_given_wrongly_are_refused_when_given():
+    with pytest.raises(ValueError, match="view must be one of"):
+        jaxlr.matrices.resolve_view("oihw")
+    with pytest.raises(TypeError, match="view must be a function"):
+        jaxlr.matrices.resolve_view((0, 1))
+    with pytest.raises(ValueError, match="one of .*'attention', 'conv', 'dense'"):
+        jaxlr.matrices.resolve_filter("convolution")
+    with pytest.raises(ValueError, match="include='\\[' is not a valid regular expression"):
+        jaxlr.kernel_filter(include="[")
+    with pytest.raises(ValueError, match="kinds must be"):
+        jaxlr.kernel_filter(kinds="mlp")

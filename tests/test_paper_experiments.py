@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+import jaxlr
 from experiments import lorita_cnn, lorita_fcn, lorita_vit, lrpet_cifar, rank_search
 
 
@@ -47,13 +48,19 @@ def test_lorita_vit_smoke_pools_attention_and_mlp(tmp_path):
     for table in ("table1", "table2"):
         assert header(tmp_path / f"{table}.csv") == ["model", "N = 2", "decay N = 2"]
     assert len(pngs(tmp_path)) == 4
-    assert lorita_vit.attention_or_mlp("block0/attn/query/kernel") == "attention"
-    assert lorita_vit.attention_or_mlp("block0/fc1/kernel") == "mlp"
     gsvt = [r for r in out["truncation"] if r["policy"] == "GSVT"]
     assert gsvt and all(set(r["ranks"]) == {"block0/attn/query/kernel", "block0/attn/key/kernel",
                                             "block0/attn/value/kernel", "block0/attn/out/kernel",
                                             "block0/fc1/kernel", "block0/fc2/kernel"}
                         for r in gsvt)
+    # Attention and MLP matrices are ranked in separate pools: each pool keeps its own budget.
+    blocks = jaxlr.kernel_filter(include="^block")
+    for row in gsvt:
+        run = next(r for r in out["training"] if r["model"] == row["model"]
+                   and r["N"] == row["N"] and r["chosen"])
+        params = run["variables"]["params"]
+        assert row["ranks"] == dict(jaxlr.gsvt_ranks(params, row["budget"], pools="kind",
+                                                     filter=blocks))
 
 
 def test_lorita_cnn_smoke_reaches_its_flop_target(tmp_path):
@@ -72,8 +79,8 @@ def test_rank_search_and_lrpet_cifar_smoke(tmp_path):
     assert len(search["trials"]) == config.trials
     for name, rank in search["ranks"].items():
         n = search["full_ranks"][name]
-        assert max(1, math.floor(n - n * config.max_ratio)) <= rank
-        assert rank <= max(1, math.floor(n - n * config.min_ratio))
+        assert max(1, math.floor(n - n * config.max_prune)) <= rank
+        assert rank <= max(1, math.floor(n - n * config.min_prune))
     assert json.loads((tmp_path / "search" / "ranks.json").read_text()) == search["ranks"]
     assert min(t["score"] for t in search["trials"]) == pytest.approx(
         min(t["validation_error"] + config.lam * t["macs_ratio"] for t in search["trials"]))

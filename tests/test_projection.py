@@ -10,7 +10,7 @@ from flax import nnx
 
 import jaxlr
 from jaxlr import lorita
-from jaxlr.projection import low_rank_projection, project_params
+from jaxlr import ProjectionOptions, low_rank_projection, project
 
 
 def np_project(matrix, rank, energy_transfer):
@@ -72,6 +72,11 @@ def block_variables(seed=0):
     return variables
 
 
+# What jaxlr.find_bn_pairs finds in Block (tested in tests/test_batchnorm.py).
+PAIRS = {"conv1/kernel": "bn1", "conv2/kernel": "bn2", "shortcut_conv/kernel": "shortcut_bn"}
+BNR = ProjectionOptions(bn_pairs=PAIRS)
+
+
 def bn_reference(kernel, gamma, var, rank, energy_transfer, eps=1e-5):
     """Paper eq. 16 in numpy: fold a = gamma / sqrt(var + eps), project, unfold regularised."""
     a = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
@@ -88,8 +93,8 @@ def bn_reference(kernel, gamma, var, rank, energy_transfer, eps=1e-5):
 def test_projection_step_gives_rank_r_and_keeps_the_norm(energy_transfer):
     params = block_variables()["params"]
     grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
-    tx = optax.chain(optax.sgd(0.1), low_rank_projection(ratio=0.5, every=1,
-                                                         energy_transfer=energy_transfer))
+    options = ProjectionOptions(energy_transfer=energy_transfer)
+    tx = optax.chain(optax.sgd(0.1), low_rank_projection(prune=0.5, every=1, options=options))
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
     stepped = optax.apply_updates(params, jax.tree.map(lambda g: -0.1 * g, grads))
@@ -111,7 +116,7 @@ def test_projection_step_gives_rank_r_and_keeps_the_norm(energy_transfer):
 def test_other_steps_are_bit_identical_to_the_inner_optimizer_and_compile_once():
     params = block_variables()["params"]
     inner = optax.sgd(0.05, momentum=0.9)
-    tx = optax.chain(inner, low_rank_projection(ratio=0.6, every=3))
+    tx = optax.chain(inner, low_rank_projection(prune=0.6, every=3))
     traces = 0
 
     @jax.jit
@@ -138,7 +143,7 @@ def test_start_and_end_bound_the_projection_steps():
     params = {"conv": {"kernel": jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 2, 4)),
                                              jnp.float32)}}
     zero = jax.tree.map(jnp.zeros_like, params)
-    tx = low_rank_projection(ratio=0.5, every=2, start=3, end=6)
+    tx = low_rank_projection(prune=0.5, every=2, start=3, end=6, check_placement=False)
     state = tx.init(params)
     projected_at = []
     for number in range(1, 10):
@@ -146,6 +151,73 @@ def test_start_and_end_bound_the_projection_steps():
         if np.any(np.asarray(updates["conv"]["kernel"]) != 0):
             projected_at.append(number)
     assert projected_at == [3, 5]
+
+
+def test_the_wrapper_equals_the_last_in_chain_form():
+    params = block_variables()["params"]
+    inner = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
+    wrapped = jaxlr.with_low_rank_projection(inner, prune=0.5, every=2, options=BNR)
+    chained = optax.chain(inner, low_rank_projection(prune=0.5, every=2, options=BNR))
+    stats = block_variables()["batch_stats"]
+    a, b = (params, wrapped.init(params)), (params, chained.init(params))
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+        ua, sa = wrapped.update(grads, a[1], a[0], batch_stats=stats)
+        ub, sb = chained.update(grads, b[1], b[0], batch_stats=stats)
+        a, b = (optax.apply_updates(a[0], ua), sa), (optax.apply_updates(b[0], ub), sb)
+        for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0]), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
+        jaxlr.with_low_rank_projection(lambda g: g, prune=0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: traced ranks through a mask.
+
+
+def test_a_schedule_of_the_kept_fraction_ramps_the_rank_down_and_compiles_once():
+    params = {"conv": {"kernel": jnp.asarray(
+        np.random.default_rng(4).standard_normal((3, 3, 4, 16)), jnp.float32)}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    schedule = optax.linear_schedule(1.0, 0.25, transition_steps=3)  # 1, .75, .5, .25, .25
+    tx = low_rank_projection(keep=schedule, every=1, check_placement=False)
+    traces = 0
+
+    @jax.jit
+    def step(state):
+        nonlocal traces
+        traces += 1
+        return tx.update(zero, state, params)
+
+    state = tx.init(params)
+    matrix = np.asarray(params["conv"]["kernel"]).reshape(36, 16)
+    for count, kept in enumerate((1.0, 0.75, 0.5, 0.25, 0.25)):
+        updates, state = step(state)
+        new = np.asarray(optax.apply_updates(params, updates)["conv"]["kernel"]).reshape(36, 16)
+        rank = max(1, int(16 * kept))
+        assert numerical_rank(new) == rank, count
+        np.testing.assert_allclose(new, np_project(matrix, rank, True), atol=2e-5)
+    assert traces == 1
+
+
+def test_inject_hyperparams_makes_the_pruned_fraction_a_hyperparameter():
+    params = block_variables()["params"]
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = optax.inject_hyperparams(low_rank_projection)(prune=0.5, check_placement=False)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for prune in (0.5, 0.75, 0.25):
+        state.hyperparams["prune"] = jnp.asarray(prune)
+        updates, state = step(zero, state, params)
+        new = optax.apply_updates(params, updates)
+        static = project(params, prune=prune)  # the static path, same rule
+        for name, n in (("conv1", 36), ("conv2", 72)):
+            kernel = np.asarray(new[name]["kernel"]).reshape(n, 8)
+            assert numerical_rank(kernel) == max(1, int(8 - 8 * prune))
+            np.testing.assert_allclose(kernel, np.asarray(static[name]["kernel"]).reshape(n, 8),
+                                       atol=2e-5)
+    assert step._cache_size() == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,8 +233,9 @@ def test_bn_rectification_matches_eq_16_on_a_hand_built_conv_bn_tree():
               "BatchNorm_0": {"scale": jnp.asarray(gamma), "bias": jnp.zeros(5)}}
     stats = {"BatchNorm_0": {"mean": jnp.zeros(5), "var": jnp.asarray(var)}}
     for energy_transfer in (False, True):
-        out = project_params(params, ranks={"Conv_0/kernel": 2}, batch_stats=stats,
-                             bn_rectification=True, energy_transfer=energy_transfer)
+        options = ProjectionOptions(energy_transfer=energy_transfer,
+                                    bn_pairs={("Conv_0", "kernel"): "BatchNorm_0"})
+        out = project(params, {"Conv_0/kernel": 2}, batch_stats=stats, options=options)
         np.testing.assert_allclose(np.asarray(out["Conv_0"]["kernel"]),
                                    bn_reference(kernel, gamma, var, 2, energy_transfer),
                                    rtol=1e-4, atol=1e-5)
@@ -172,18 +245,22 @@ def test_bn_rectification_matches_eq_16_on_a_hand_built_conv_bn_tree():
 def test_bn_rectification_on_linen_and_nnx_resnet_blocks():
     variables = block_variables()
     params, stats = variables["params"], variables["batch_stats"]
-    out = project_params(params, ratio=0.5, batch_stats=stats, bn_rectification=True)
-    pairs = {"conv1": "bn1", "conv2": "bn2", "shortcut_conv": "shortcut_bn"}
-    for conv, bn in pairs.items():
+    out = project(params, prune=0.5, batch_stats=stats, options=BNR)
+    # The whole variables dict works the same: its batch_stats are used.
+    whole = project(variables, prune=0.5, options=BNR)
+    for conv in ("conv1", "conv2", "shortcut_conv"):
+        bn = PAIRS[f"{conv}/kernel"]
         kernel = np.asarray(params[conv]["kernel"])
         rank = max(1, int(min(kernel.size // 8, 8) * 0.5))
         expected = bn_reference(kernel, params[bn]["scale"], stats[bn]["var"], rank, True)
         np.testing.assert_allclose(np.asarray(out[conv]["kernel"]), expected, rtol=1e-4,
                                    atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(whole["params"][conv]["kernel"]),
+                                      np.asarray(out[conv]["kernel"]))
 
     # The NNX block with the same numbers gives the same kernels.
     model = NNXBlock(nnx.Rngs(0))
-    linen = {jaxlr.matrices.path_str(jaxlr.matrices.path_names(p)): v
+    linen = {"/".join(jaxlr.matrices.path_names(p)): v
              for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
 
     def from_linen(collection):
@@ -193,8 +270,8 @@ def test_bn_rectification_on_linen_and_nnx_resnet_blocks():
                                                   nnx.state(model, nnx.Param))
     nnx_stats = jax.tree_util.tree_map_with_path(from_linen("batch_stats"),
                                                  nnx.state(model, nnx.BatchStat))
-    nnx_out = project_params(nnx_params, ratio=0.5, batch_stats=nnx_stats, bn_rectification=True)
-    for conv in pairs:
+    nnx_out = project(nnx_params, prune=0.5, batch_stats=nnx_stats, options=BNR)
+    for conv in ("conv1", "conv2", "shortcut_conv"):
         np.testing.assert_array_equal(np.asarray(nnx_out[conv]["kernel"]),
                                       np.asarray(out[conv]["kernel"]))
 
@@ -210,10 +287,10 @@ def test_tiny_resnet_trains_under_each_variant_and_ends_at_rank_r(energy_transfe
                                                                   bn_rectification):
     variables = block_variables()
     params, stats = variables["params"], variables["batch_stats"]
-    options = {"ratio": 0.5, "energy_transfer": energy_transfer,
-               "bn_rectification": bn_rectification}
+    options = ProjectionOptions(energy_transfer=energy_transfer,
+                                bn_pairs=PAIRS if bn_rectification else None)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9),
-                     low_rank_projection(every=2, **options))
+                     low_rank_projection(prune=0.5, every=2, options=options))
     state = tx.init(params)
 
     @jax.jit
@@ -233,7 +310,7 @@ def test_tiny_resnet_trains_under_each_variant_and_ends_at_rank_r(energy_transfe
         params, stats, state, loss = step(params, stats, state)
         losses.append(float(loss))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
-    final = project_params(params, batch_stats=stats, **options)
+    final = project(params, prune=0.5, batch_stats=stats, options=options)
     for name, n in (("conv1", 36), ("conv2", 72), ("shortcut_conv", 4)):
         assert numerical_rank(np.asarray(final[name]["kernel"]).reshape(n, 8)) <= min(n, 8) // 2
 
@@ -242,7 +319,7 @@ def test_composes_with_multisteps_inject_hyperparams_and_masked():
     params = block_variables()["params"]
     grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
     inner = optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
-                        low_rank_projection(ratio=0.5, every=1))
+                        low_rank_projection(prune=0.5, every=1))
     tx = optax.MultiSteps(inner, every_k_schedule=2)
     state = tx.init(params)
     updates, state = tx.update(grads, state, params)  # accumulating: no step, no projection
@@ -252,7 +329,7 @@ def test_composes_with_multisteps_inject_hyperparams_and_masked():
     assert numerical_rank(np.asarray(new["conv2"]["kernel"]).reshape(72, 8)) <= 4
 
     only_conv1 = optax.masked(
-        low_rank_projection(ratio=0.5),
+        low_rank_projection(prune=0.5),
         lambda p: jax.tree_util.tree_map_with_path(
             lambda path, _: jaxlr.matrices.path_names(path)[0] == "conv1", p),
     )
@@ -264,44 +341,129 @@ def test_composes_with_multisteps_inject_hyperparams_and_masked():
 
 
 # ----------------------------------------------------------------------------------------------
+# Placement, NaN, soft projection.
+
+
+def test_a_projection_followed_by_another_transformation_is_detected_at_the_next_step():
+    params = block_variables()["params"]
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+
+    def run(check, steps, jit):
+        tx = optax.chain(low_rank_projection(prune=0.5, check_placement=check),
+                         optax.sgd(0.1, momentum=0.9))
+        update = jax.jit(tx.update) if jit else tx.update
+        p, state = params, tx.init(params)
+        for _ in range(steps):
+            updates, state = update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        return jax.block_until_ready(state[0])
+
+    with pytest.raises(ValueError, match="low_rank_projection is not the last transformation"):
+        run(True, 2, jit=False)  # outside jit: at once
+    assert int(run(True, 3, jit=True).misplaced) == 2  # inside jit: counted at every step after
+    with pytest.raises(Exception, match="low_rank_projection is not the last transformation"):
+        run("raise", 2, jit=True)  # through a host callback
+    assert int(run(False, 3, jit=True).misplaced) == 0
+    # Asking twice for the updates of the same params (not applying them) is no misplacement.
+    placed = optax.chain(optax.sgd(0.1), low_rank_projection(prune=0.5))
+    state = placed.init(params)
+    _, state = placed.update(grads, state, params)
+    updates, state = placed.update(grads, state, params)
+    assert int(state[1].misplaced) == 0
+    assert numerical_rank(np.asarray(optax.apply_updates(params, updates)["conv1"]["kernel"])
+                          .reshape(36, 8)) <= 4
+    with pytest.raises(TypeError, match="check_placement must be True, False or 'raise'"):
+        low_rank_projection(prune=0.5, check_placement="yes")
+
+
+def test_matrices_holding_nan_are_left_alone_and_counted_in_the_state():
+    params = block_variables()["params"]
+    params["conv2"]["kernel"] = params["conv2"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
+    tx = low_rank_projection(prune=0.5, check_placement=False)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, state = jax.jit(tx.update)(zero, tx.init(params), params)
+    assert int(state.nonfinite) == 1
+    new = optax.apply_updates(params, updates)
+    assert numerical_rank(np.asarray(new["conv1"]["kernel"]).reshape(36, 8)) <= 4
+    nan = np.isnan(np.asarray(new["conv2"]["kernel"]))
+    assert nan.sum() == 1 and np.array_equal(
+        np.asarray(new["conv2"]["kernel"])[~nan], np.asarray(params["conv2"]["kernel"])[~nan])
+
+
+def test_soft_projection_in_the_transformation_scales_the_tail():
+    params = block_variables()["params"]
+    zero = jax.tree.map(jnp.zeros_like, params)
+    options = ProjectionOptions(tail_scale=0.3, energy_transfer=False)
+    updates, _ = low_rank_projection(prune=0.5, options=options).update(
+        zero, low_rank_projection(prune=0.5, options=options).init(params), params)
+    new = np.asarray(optax.apply_updates(params, updates)["conv2"]["kernel"]).reshape(72, 8)
+    u, s, vt = np.linalg.svd(np.asarray(params["conv2"]["kernel"], np.float64).reshape(72, 8),
+                             full_matrices=False)
+    expected = (u * np.concatenate([s[:4], 0.3 * s[4:]])) @ vt
+    np.testing.assert_allclose(new, expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input.
 
 
 def test_bad_input_is_rejected_with_the_allowed_values():
     params = block_variables()["params"]
     grads = jax.tree.map(jnp.zeros_like, params)
-    with pytest.raises(ValueError, match=r"ratio must lie in \[0.0, 1.0\), got 1.0"):
-        low_rank_projection(ratio=1.0)
-    with pytest.raises(ValueError, match="exactly one of ratio"):
+    with pytest.raises(ValueError, match=r"prune must lie in \[0, 1\), got 1.0"):
+        low_rank_projection(prune=1.0)
+    with pytest.raises(ValueError, match="exactly one of prune"):
         low_rank_projection()
     with pytest.raises(ValueError, match="every must be an int >= 1, got 0"):
-        low_rank_projection(ratio=0.5, every=0)
+        low_rank_projection(prune=0.5, every=0)
+    with pytest.raises(TypeError, match="every must be an int"):
+        low_rank_projection(prune=0.5, every=True)
     with pytest.raises(ValueError, match="end must be an int >= start"):
-        low_rank_projection(ratio=0.5, every=4, end=2)
-    tx = low_rank_projection(ratio=0.5)
+        low_rank_projection(prune=0.5, every=4, end=2)
+    with pytest.raises(TypeError, match="options must be a jaxlr.ProjectionOptions"):
+        low_rank_projection(prune=0.5, options={"energy_transfer": False})
+    tx = low_rank_projection(prune=0.5)
     with pytest.raises(ValueError, match="needs params: put it last"):
         tx.update(grads, tx.init(params))
     tx = low_rank_projection(ranks={"conv1/kernel": 9, "conv2/kernel": 2,
                                     "shortcut_conv/kernel": 1})
     with pytest.raises(ValueError, match=r"rank for 'conv1/kernel' is 9; .* = 8"):
         tx.update(grads, tx.init(params), params)
-    tx = low_rank_projection(ratio=0.5, bn_rectification=True)
+    tx = low_rank_projection(prune=0.5, options=BNR)
     with pytest.raises(ValueError, match="needs the BatchNorm statistics"):
         tx.update(grads, tx.init(params), params)
     stats = block_variables()["batch_stats"]
-    tx = low_rank_projection(ratio=0.5, bn_rectification=True, bn_pairs={"conv1/kernel": "bn9"})
-    with pytest.raises(ValueError, match="pairs 'conv1/kernel' with 'bn9'"):
+    tx = low_rank_projection(prune=0.5, options=ProjectionOptions(
+        bn_pairs={"conv1/kernel": "bn9"}))
+    with pytest.raises(ValueError, match="pairs 'conv1/kernel' with the BatchNorm 'bn9'"):
         tx.update(grads, tx.init(params), params, batch_stats=stats)
-    lonely = {"layer": {"kernel": jnp.ones((3, 3, 2, 4))}}
-    with pytest.raises(ValueError, match="no BatchNorm follows 'layer/kernel'"):
-        project_params(lonely, ratio=0.5, batch_stats={}, bn_rectification=True)
+    tx = low_rank_projection(prune=0.5, options=ProjectionOptions(
+        bn_pairs={"conv_1/kernel": "bn1"}))
+    with pytest.raises(ValueError, match=r"bn_pairs name kernels that are not in the params: "
+                                         r"\['conv_1/kernel'\]"):
+        tx.init(params)
     with pytest.raises(ValueError, match="LoRITa-factorized tree"):
-        project_params(lorita.factorize(params, 2, jax.random.key(0)), ratio=0.5)
+        project(lorita.factorize(params, 2, jax.random.key(0)), prune=0.5)
+    with pytest.raises(TypeError, match="bn_pairs must be a mapping"):
+        ProjectionOptions(bn_pairs=[("conv1/kernel", "bn1")])
+    with pytest.raises(ValueError, match="bn_epsilon must be a number > 0"):
+        ProjectionOptions(bn_epsilon=0.0)
+    with pytest.raises(TypeError, match="energy_transfer must be True or False"):
+        ProjectionOptions(energy_transfer="False")
+    with pytest.raises(ValueError, match="a filter given by name must be one of"):
+        ProjectionOptions(filter="convs")
+    with pytest.raises(TypeError, match="schedules belong to low_rank_projection"):
+        project(params, prune=optax.linear_schedule(0.1, 0.5, 10))
 
 
-def test_callable_ranks_and_bfloat16_final_projection():
+def test_ranks_as_a_function_of_the_params_and_bfloat16_final_projection():
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), block_variables()["params"])
-    out = project_params(params, ranks=lambda path, shape: 3 if path.startswith("conv") else 1)
+
+    def ranks(tree):
+        return jaxlr.fixed_ranks(tree, 3, filter="conv").with_overrides(
+            {"shortcut_conv/kernel": 1})
+
+    out = project(params, ranks)
     assert out["conv2"]["kernel"].dtype == jnp.bfloat16
     s = np.linalg.svd(np.asarray(out["conv2"]["kernel"], np.float64).reshape(72, 8),
                       compute_uv=False)

@@ -74,7 +74,7 @@ def test_projection_is_the_eckart_young_optimum(dtype_name, case):
     s = np_svd(x64)[1]
     norm = np.linalg.norm(x64)
 
-    projected = jaxlr.project_matrix(x, rank)
+    projected = jaxlr.project_matrix(x, rank, energy_transfer=False)
     assert projected.dtype == dtype and projected.shape == x.shape
     p64 = np.asarray(projected, np.float64)
     optimum = np.sqrt(np.sum(s[rank:] ** 2))
@@ -84,7 +84,7 @@ def test_projection_is_the_eckart_young_optimum(dtype_name, case):
     if rank < len(sp):
         assert sp[rank] <= tol * max(sp[0], 1e-30)
     # Idempotent.
-    again = jaxlr.project_matrix(projected, rank)
+    again = jaxlr.project_matrix(projected, rank, energy_transfer=False)
     assert np.linalg.norm(np.asarray(again, np.float64) - p64) <= tol * max(norm, 1e-30)
 
 
@@ -95,7 +95,7 @@ def test_energy_transfer_keeps_the_frobenius_norm(dtype_name, case):
     matrix, rank = case
     x = jnp.asarray(matrix, dtype)
     x64 = np.asarray(x, np.float64)
-    projected = np.asarray(jaxlr.project_matrix(x, rank, energy_transfer=True), np.float64)
+    projected = np.asarray(jaxlr.project_matrix(x, rank), np.float64)  # energy transfer: default
     assert np.linalg.norm(projected) == pytest.approx(np.linalg.norm(x64), rel=tol)
     # The same subspace as the plain projection, scaled by one common alpha.
     s = np_svd(x64)[1]
@@ -149,8 +149,8 @@ def _spectral_cases():
 def test_auto_is_within_1e4_of_the_full_svd_on_flat_and_decaying_spectra():
     for name, matrix, rank in _spectral_cases():
         truth = np_truncate(matrix, rank)
-        auto = jaxlr.project_matrix(matrix, rank, method="auto")
-        svd = jaxlr.project_matrix(matrix, rank, method="svd")
+        auto = jaxlr.project_matrix(matrix, rank, energy_transfer=False, method="auto")
+        svd = jaxlr.project_matrix(matrix, rank, energy_transfer=False, method="svd")
         assert rel(auto, truth) <= 1e-4, (name, matrix.shape, rank)
         assert rel(auto, svd) <= 1e-4, (name, matrix.shape, rank)
         a, b = jaxlr.truncated_factors(matrix, rank, method="auto")
@@ -183,8 +183,8 @@ def test_gram_error_estimate_is_honest_where_the_gram_path_is_taken():
 
 def test_gram_path_handles_wide_and_tall_matrices_alike():
     matrix = np.random.default_rng(3).standard_normal((30, 70)).astype(np.float32)
-    wide = jaxlr.project_matrix(matrix, 7, method="gram")
-    tall = jaxlr.project_matrix(matrix.T, 7, method="gram")
+    wide = jaxlr.project_matrix(matrix, 7, energy_transfer=False, method="gram")
+    tall = jaxlr.project_matrix(matrix.T, 7, energy_transfer=False, method="gram")
     np.testing.assert_allclose(np.asarray(wide), np.asarray(tall).T, atol=1e-5)
     assert rel(wide, np_truncate(matrix, 7)) <= 1e-5
 
@@ -212,14 +212,13 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
     ranks = {"good/kernel": 2, "broken/kernel": 2}
 
     with pytest.raises(ValueError, match="broken/kernel"):
-        jaxlr.project_tree(tree, ranks)
+        jaxlr.project(tree, ranks)
     with pytest.raises(ValueError, match="broken/kernel"):
-        jaxlr.truncated_factors_tree(tree, ranks)
+        jaxlr.compress(tree, ranks)
     with pytest.raises(ValueError, match="broken/kernel"):
         jaxlr.singular_values_tree(tree)
 
-    params, flags = jax.jit(lambda t: jaxlr.project_tree(t, ranks, energy_transfer=True))(tree)
-    assert bool(flags["broken/kernel"]) and not bool(flags["good/kernel"])
+    params = jax.jit(lambda t: jaxlr.project(t, ranks))(tree)
     np.testing.assert_array_equal(np.asarray(params["broken"]["kernel"]), np.asarray(broken))
     # The NaN did not spread to the finite matrix, which is projected as usual.
     s = np_svd(good)[1]
@@ -281,9 +280,9 @@ def _linen_params():
 def _nnx_copy_of(linen_params):
     model = NNXNet(nnx.Rngs(1))
     graphdef, state = nnx.split(model)
-    flat = {jaxlr.matrices.path_str(p): leaf for p, leaf in _named_leaves(linen_params)}
+    flat = {jaxlr.matrices.path_key(p): leaf for p, leaf in _named_leaves(linen_params)}
     state = jax.tree_util.tree_map_with_path(
-        lambda p, leaf: flat[jaxlr.matrices.path_str(jaxlr.matrices.path_names(p))], state
+        lambda p, leaf: flat[jaxlr.matrices.path_key(p)], state
     )
     return graphdef, state
 
@@ -296,7 +295,7 @@ def _named_leaves(tree):
 def test_project_tree_matches_numpy_per_matrix_and_leaves_the_rest():
     params, _ = _linen_params()
     ranks = {"Conv_0/kernel": 2, "Dense_0/kernel": 3}
-    out = jaxlr.project_tree(params, ranks, energy_transfer=False).params
+    out = jaxlr.project(params, ranks, options=jaxlr.ProjectionOptions(energy_transfer=False))
     assert jax.tree.structure(out) == jax.tree.structure(params)
 
     conv = np.asarray(params["Conv_0"]["kernel"])  # (3, 3, 3, 6) -> (27, 6)
@@ -315,8 +314,8 @@ def test_linen_and_nnx_trees_give_identical_results():
     graphdef, state = _nnx_copy_of(params)
     ranks = {"Conv_0/kernel": 2, "Dense_0/kernel": 4, "Dense_1/kernel": 3}
 
-    linen_out = jaxlr.project_tree(params, ranks, energy_transfer=True).params
-    nnx_out = jaxlr.project_tree(state, ranks, energy_transfer=True).params
+    linen_out = jaxlr.project(params, ranks)
+    nnx_out = jaxlr.project(state, ranks)
     linen_leaves = dict(_named_leaves(linen_out))
     for path, leaf in _named_leaves(nnx_out):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(linen_leaves[path]))
@@ -339,7 +338,7 @@ def test_attention_kernels_are_truncated_through_their_views():
     x = jnp.ones((1, 5, 8))
     params = model.init(jax.random.key(0), x, x)["params"]
     ranks = {"query/kernel": 3, "out/kernel": 2}
-    out = jaxlr.project_tree(params, ranks).params
+    out = jaxlr.project(params, ranks, options=jaxlr.ProjectionOptions(energy_transfer=False))
     query = np.asarray(params["query"]["kernel"])  # (8, 4, 4) -> (8, 16)
     np.testing.assert_allclose(np.asarray(out["query"]["kernel"]),
                                np_truncate(query.reshape(8, 16), 3).reshape(8, 4, 4), atol=1e-5)
@@ -353,9 +352,10 @@ def test_attention_kernels_are_truncated_through_their_views():
                                rtol=1e-5)
 
 
-def test_truncated_factors_tree_reshape_to_a_conv_pair():
+def test_compressed_conv_kernel_is_a_pair_that_reshapes_to_a_conv_pair():
     params, _ = _linen_params()
-    a, b = jaxlr.truncated_factors_tree(params, {"Conv_0/kernel": 2}).factors["Conv_0/kernel"]
+    node = jaxlr.compress(params, {"Conv_0/kernel": 2}).compressed["Conv_0"]["kernel"]
+    a, b = node.a, node.b
     conv = np.asarray(params["Conv_0"]["kernel"])
     assert a.shape == (27, 2) and b.shape == (2, 6)
     np.testing.assert_allclose(np.asarray(a @ b).reshape(conv.shape),
@@ -364,16 +364,16 @@ def test_truncated_factors_tree_reshape_to_a_conv_pair():
 
 def test_tree_call_inside_jit_matches_eager_and_compiles_once():
     params, _ = _linen_params()
-    ranks = jaxlr.ratio_ranks(params, 0.5)
+    ranks = jaxlr.lsvt_ranks(params, prune=0.5)
     traces = 0
 
     @jax.jit
     def step(tree):
         nonlocal traces
         traces += 1
-        return jaxlr.project_tree(tree, ranks, energy_transfer=True).params
+        return jaxlr.project(tree, ranks)
 
-    eager = jaxlr.project_tree(params, ranks, energy_transfer=True).params
+    eager = jaxlr.project(params, ranks)
     for scale in (1.0, 2.0, 3.0):
         scaled = jax.tree.map(lambda p, s=scale: p * s, params)
         jitted = step(scaled)
@@ -393,11 +393,11 @@ def test_repeated_tree_calls_finish_under_a_timeout():
         shapes = [(3, 3, 64, 128), (3, 3, 128, 128), (3, 3, 128, 256), (3, 3, 256, 256)]
         tree = {f"Conv_{i}": {"kernel": rng.standard_normal(s).astype(np.float32) / 30}
                 for i, s in enumerate(shapes)}
-        ranks = jaxlr.ratio_ranks(tree, 0.6)
+        ranks = jaxlr.lsvt_ranks(tree, prune=0.6)
         for method in ("auto", "gram", "svd"):
+            options = jaxlr.ProjectionOptions(method=method)
             for _ in range(10):
-                jax.block_until_ready(jaxlr.project_tree(tree, ranks, energy_transfer=True,
-                                                         method=method).params)
+                jax.block_until_ready(jaxlr.project(tree, ranks, options=options))
         print("done")
         """
     )
@@ -430,15 +430,38 @@ def test_bad_ranks_and_methods_are_rejected_when_called():
 def test_bad_tree_input_is_rejected_when_called():
     params, _ = _linen_params()
     with pytest.raises(ValueError, match=r"not leaves of the tree: \['Dense_9/kernel'\]"):
-        jaxlr.project_tree(params, {"Dense_9/kernel": 1})
+        jaxlr.project(params, {"Dense_9/kernel": 1})
     with pytest.raises(ValueError, match="ranks is empty"):
-        jaxlr.project_tree(params, {})
+        jaxlr.project(params, {})
     with pytest.raises(ValueError, match=r"rank for 'Dense_1/kernel' is 6; .* = 5"):
-        jaxlr.project_tree(params, {"Dense_1/kernel": 6})
+        jaxlr.project(params, {"Dense_1/kernel": 6})
     with pytest.raises(TypeError, match="int32"):
-        jaxlr.project_tree({"a": {"kernel": jnp.ones((3, 3), jnp.int32)}}, {"a/kernel": 1})
+        jaxlr.project({"a": {"kernel": jnp.ones((3, 3), jnp.int32)}}, {"a/kernel": 1})
     with pytest.raises(ValueError, match="does not fit"):
-        jaxlr.project_tree(params, {"Dense_1/kernel": 1},
-                           view=lambda path, leaf: jaxlr.MatrixView((0, 1), (2,)))
-    with pytest.raises(ValueError, match="filter selected no leaf"):
+        jaxlr.project(params, {"Dense_1/kernel": 1}, options=jaxlr.ProjectionOptions(
+            view=jaxlr.MatrixView((0, 1), (2,))))
+    with pytest.raises(ValueError, match="selected no matrix"):
         jaxlr.singular_values_tree(params, filter=lambda path, leaf: False)
+
+
+@pytest.mark.parametrize("tail_scale", [0.0, 0.25, 0.9])
+@pytest.mark.parametrize("energy_transfer", [False, True])
+def test_soft_projection_scales_the_tail_and_keeps_the_norm(tail_scale, energy_transfer):
+    matrix = np.random.default_rng(5).standard_normal((40, 12)).astype(np.float32)
+    rank = 4
+    u, s, vt = np_svd(matrix)
+    kept, tail = np.sum(s[:rank] ** 2), np.sum(s[rank:] ** 2)
+    # alpha^2 kept + f^2 tail = kept + tail with energy transfer; 1 without.
+    alpha = np.sqrt((kept + tail - tail_scale**2 * tail) / kept) if energy_transfer else 1.0
+    expected = (u * np.concatenate([alpha * s[:rank], tail_scale * s[rank:]])) @ vt
+    for method in ("auto", "svd"):
+        out = jaxlr.project_matrix(matrix, rank, energy_transfer=energy_transfer,
+                                   tail_scale=tail_scale, method=method)
+        assert rel(out, expected) <= 1e-5
+    if energy_transfer:
+        assert np.linalg.norm(np.asarray(out, np.float64)) == pytest.approx(
+            np.linalg.norm(matrix.astype(np.float64)), rel=1e-5)
+    with pytest.raises(ValueError, match=r"tail_scale must be a number in \[0, 1\)"):
+        jaxlr.project_matrix(matrix, rank, tail_scale=1.0)
+    with pytest.raises(TypeError, match="energy_transfer must be True or False"):
+        jaxlr.project_matrix(matrix, rank, energy_transfer="False")

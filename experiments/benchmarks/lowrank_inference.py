@@ -1,4 +1,4 @@
-"""Benchmark: forward time of the dense truncated model against the factored one (jaxlr.lowrank).
+"""Benchmark: forward time of the dense truncated model against its factor pairs (jaxlr.inference).
 
 For VGG-16 and ResNet-56 (CIFAR, 32 x 32, batch 128 by default), every convolution gets the rank
 ``round(ratio * min(m, n))`` with one ``ratio`` for the network, found by bisection so that the
@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 import jaxlr
 from experiments.models import VGG, CifarResNet
-from jaxlr import lowrank
 
 MODELS = {
     "vgg16": (lambda: VGG(depth=16), 0.74),
@@ -51,7 +50,7 @@ def predicted_macs(cost: jaxlr.ForwardCost, leaves: dict, ranks: dict[str, int])
     for name, layer in cost.layers.items():
         m, n = leaves[name].matrix_shape if name in leaves else (1, 1)
         r = ranks.get(name)
-        saves = r is not None and r * (m + n) < m * n
+        saves = r is not None and jaxlr.nodes.saves(r, m, n)
         total += layer.macs * r * (m + n) // (m * n) if saves else layer.macs
     return total
 
@@ -86,30 +85,30 @@ def bench(name: str, batch: int, repeats: int, align: int, seed: int = 0) -> dic
         return model.apply({**others, "params": params}, x)
 
     def factored_fn(params, x):
-        return lowrank.apply(model, {**others, "params": params}, x)
+        return jaxlr.apply(model, {**others, "params": params}, x)
 
     params = variables["params"]
     dense_cost = jaxlr.forward_cost(dense_fn, params, one, xla=False)
     leaves = jaxlr.matrix_leaves(params)
     ratio, ranks = ratio_for_reduction(dense_cost, leaves, target, align)
-    result = jaxlr.compress(params, ranks)
-    factored_params = lowrank.lowrank_params(result.params, result.factors)
-    dense_cost = jaxlr.forward_cost(dense_fn, result.params, one)
+    factored_params = jaxlr.compress(params, ranks).compressed
+    truncated = jaxlr.collapse(factored_params)
+    dense_cost = jaxlr.forward_cost(dense_fn, truncated, one)
     factored_cost = jaxlr.forward_cost(factored_fn, factored_params, one)
     reduction = 1 - factored_cost.macs / dense_cost.macs
 
     x = jax.random.normal(jax.random.key(seed + 1), (batch, 32, 32, 3))
     dense_jit, factored_jit = jax.jit(dense_fn), jax.jit(factored_fn)
     error = float(
-        jnp.linalg.norm(factored_jit(factored_params, x) - dense_jit(result.params, x))
-        / jnp.linalg.norm(dense_jit(result.params, x))
+        jnp.linalg.norm(factored_jit(factored_params, x) - dense_jit(truncated, x))
+        / jnp.linalg.norm(dense_jit(truncated, x))
     )
     for _ in range(2):  # warm-up
-        _time(dense_jit, result.params, x)
+        _time(dense_jit, truncated, x)
         _time(factored_jit, factored_params, x)
     dense_times, factored_times = [], []
     for _ in range(repeats):
-        dense_times.append(_time(dense_jit, result.params, x))
+        dense_times.append(_time(dense_jit, truncated, x))
         factored_times.append(_time(factored_jit, factored_params, x))
     dense_s, factored_s = statistics.median(dense_times), statistics.median(factored_times)
     factor = 1 / (1 - reduction)
@@ -118,7 +117,8 @@ def bench(name: str, batch: int, repeats: int, align: int, seed: int = 0) -> dic
         "batch": batch,
         "ratio": round(ratio, 4),
         "align": align,
-        "factored_layers": len(result.factors),
+        "factored_layers": sum(isinstance(n, jaxlr.LowRank) for n in jax.tree.leaves(
+            factored_params, is_leaf=jaxlr.nodes.is_node)),
         "ranked_layers": len(ranks),
         "params_before": dense_cost.params,
         "params_after": factored_cost.params,

@@ -1,6 +1,6 @@
 """Benchmark: LRPET projection with energy transfer of every conv matrix of VGG-16 and ResNet-56.
 
-jaxlr's tree-level call (:func:`jaxlr.project_tree`, one jitted call for the whole tree) against
+jaxlr's tree-level call (:func:`jaxlr.project`, one jitted call for the whole tree) against
 per-layer loops, all timed in this process on the same weights:
 
 * ``torch reference``: what both reference implementations do per layer: the kernel in torch's
@@ -74,7 +74,7 @@ def make_tree(
             matrix = rng.standard_normal((m, n)) * np.sqrt(2.0 / m)
         elif kind == "projected":
             he = rng.standard_normal((m, n)) * np.sqrt(2.0 / m)
-            rank = max(1, int(min(m, n) * (1 - ratio)))
+            rank = jaxlr.policies.local_rank(min(m, n), prune=ratio)
             u, s, vt = np.linalg.svd(he, full_matrices=False)
             noise = rng.standard_normal((m, n)) * np.sqrt(2.0 / m)
             matrix = (u[:, :rank] * s[:rank]) @ vt[:rank] + 0.05 * noise
@@ -116,7 +116,7 @@ def _max_error(results: list[np.ndarray], references: list[np.ndarray]) -> float
 
 
 def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int) -> dict[str, Any]:
-    ranks = jaxlr.ratio_ranks(tree, ratio)
+    ranks = jaxlr.lsvt_ranks(tree, prune=ratio)
     leaves = jaxlr.matrix_leaves(tree)
     flat = jax.tree_util.tree_leaves(tree)
     kernels = {path: np.asarray(flat[leaf.index]) for path, leaf in leaves.items()}
@@ -135,7 +135,7 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int) -> d
 
         def run(method: str = method) -> Any:
             return jax.block_until_ready(
-                jaxlr.project_tree(tree, ranks, energy_transfer=True, method=method).params
+                jaxlr.project(tree, ranks, options=jaxlr.ProjectionOptions(method=method))
             )
 
         start = time.perf_counter()

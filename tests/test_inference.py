@@ -1,9 +1,8 @@
-"""Tests of jaxlr.lowrank: unchanged Flax models run on factor pairs, against the dense truncated
-model, and every bad input named by its layer."""
+"""Tests of jaxlr.inference: unchanged Flax models run on factor pairs, against the dense
+truncated model, and every bad input named by its layer."""
 
 import functools
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,9 @@ import pytest
 from flax import nnx
 
 import jaxlr
-from jaxlr import lowrank
-from jaxlr.lowrank import LowRank
+from jaxlr import inference
 from jaxlr.matrices import MatrixView
+from jaxlr.nodes import LowRank
 from tests import models
 from tests.models import IMAGES
 
@@ -45,23 +44,21 @@ def test_linen_models_run_factored_and_match_the_dense_truncated_model(kind):
     model, variables = models.linen_variables(kind)
     ranks = quarter_ranks(variables["params"])
     result = jaxlr.compress(variables["params"], ranks)
-    params = lowrank.lowrank_params(result.params, result.factors)
-    expected_factored = {name for name, layer in result.report.layers.items() if layer.factored}
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lowrank.is_lowrank)[0]
-    held = {jaxlr.matrices.path_str(jaxlr.matrices.path_names(path))
-            for path, node in flat if lowrank.is_lowrank(node)}
-    assert held == expected_factored and len(held) >= len(ranks) - 1  # a 3-channel stem may not
+    params = result.compressed
+    expected_pairs = {name for name, layer in result.report.layers.items() if layer.low_rank}
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=jaxlr.nodes.is_node)[0]
+    held = {jaxlr.matrices.path_key(path) for path, node in flat if isinstance(node, LowRank)}
+    assert held == expected_pairs and len(held) >= len(ranks) - 1  # a 3-channel stem may not
     others = {k: v for k, v in variables.items() if k != "params"}
 
-    dense = model.apply({**others, "params": result.params}, IMAGES)
-    factored = jax.jit(functools.partial(lowrank.apply, model))({**others, "params": params},
-                                                                IMAGES)
+    dense = model.apply({**others, "params": jaxlr.collapse(params)}, IMAGES)
+    factored = jax.jit(functools.partial(jaxlr.apply, model))({**others, "params": params},
+                                                              IMAGES)
     assert factored.shape == dense.shape
     assert relative_error(factored, dense) < 1e-4
 
-    # Without the interceptor Flax refuses the LowRank kernels: nothing runs dense by accident.
-    with pytest.raises(flax.errors.ScopeParamShapeError):
-        model.apply({**others, "params": params}, IMAGES)
+    # A plain model.apply reads each pair as its dense product (Flax unboxes it): same numbers.
+    assert relative_error(model.apply({**others, "params": params}, IMAGES), dense) < 1e-4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -70,14 +67,18 @@ def test_nnx_models_run_factored_and_match_the_dense_truncated_model(kind):
     state = nnx.state(model, nnx.Param)
     result = jaxlr.compress(state, quarter_ranks(state))
     truncated = nnx.clone(model)
-    nnx.update(truncated, result.params)
+    nnx.update(truncated, jaxlr.collapse(result.compressed))
     dense = truncated(IMAGES)
 
-    params = lowrank.lowrank_params(nnx.to_pure_dict(result.params), result.factors)
-    factored_model = lowrank.nnx_model(model, params)
+    factored_model = jaxlr.nnx_model(model, result.compressed)
     replaced = [path for path, node in nnx.iter_graph(factored_model)
-                if isinstance(node, lowrank.LowRankLayer)]
-    assert len(replaced) == len(result.factors) > 0
+                if isinstance(node, inference.LowRankLayer)]
+    pairs = [n for n in jax.tree.leaves(result.compressed, is_leaf=jaxlr.nodes.is_node)
+             if isinstance(n, LowRank)]
+    assert len(replaced) == len(pairs) > 0
+    # compress of the module itself gives the same module.
+    direct = jaxlr.compress(model, quarter_ranks(state)).compressed
+    assert relative_error(direct(IMAGES), dense) < 1e-4
     factored = nnx.jit(lambda m, x: m(x))(factored_model, IMAGES)
     assert relative_error(factored, dense) < 1e-4
     # The original model is untouched and still holds its dense, untruncated kernels.
@@ -110,14 +111,11 @@ def test_linen_and_nnx_give_the_same_factored_outputs_from_the_same_numbers():
 
     ranks = quarter_ranks(variables["params"])
     result = jaxlr.compress(variables["params"], ranks)
-    linen_out = lowrank.apply(linen_model, {**variables, "params":
-                                            lowrank.lowrank_params(result.params,
-                                                                   result.factors)}, IMAGES)
+    linen_out = jaxlr.apply(linen_model, {**variables, "params": result.compressed}, IMAGES)
     nnx_state = nnx.state(nnx_resnet, nnx.Param)
     nnx_result = jaxlr.compress(nnx_state, {
-        "/".join(nnx_path(tuple(name.split("/")))): r for name, r in ranks.items()})
-    nnx_params = lowrank.lowrank_params(nnx.to_pure_dict(nnx_result.params), nnx_result.factors)
-    nnx_out = lowrank.nnx_model(nnx_resnet, nnx_params)(IMAGES)
+        nnx_path(tuple(name.split("/"))): r for name, r in ranks.items()})  # tuple keys
+    nnx_out = jaxlr.nnx_model(nnx_resnet, nnx_result.compressed)(IMAGES)
     np.testing.assert_allclose(nnx_out, linen_out, rtol=1e-4, atol=1e-4)
 
 
@@ -130,7 +128,7 @@ def test_factored_forward_equals_numpy_two_stage_computation():
     bias = np.arange(5, dtype=np.float32)
     node = LowRank(a, b, kernel.shape, view)
     model = nn.Conv(5, (3, 3), strides=2, padding="VALID")
-    got = lowrank.apply(model, {"params": {"kernel": node, "bias": jnp.asarray(bias)}},
+    got = jaxlr.apply(model, {"params": {"kernel": node, "bias": jnp.asarray(bias)}},
                         jnp.asarray(x, jnp.float32))
     # numpy: 3 x 3 VALID stride-2 windows of x, times A (27 x 2), then B (2 x 5), plus bias.
     windows = np.stack([x[:, i:i + 3, j:j + 3, :].reshape(2, 27) for i in (0, 2)
@@ -139,28 +137,29 @@ def test_factored_forward_equals_numpy_two_stage_computation():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_lowrank_params_keeps_a_pair_dense_where_factoring_does_not_save():
+def test_compress_keeps_a_kernel_dense_where_factoring_does_not_save():
     kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 4))  # an 18 x 4 matrix, 72 entries
-    view = MatrixView((0, 1, 2), (3,))
-    a, b = np_truncated_factors(kernel, view, 4)  # 4 * (18 + 4) = 88 >= 72: stays dense
     params = {"Conv_0": {"kernel": kernel, "bias": jnp.zeros(4)}}
-    out = lowrank.lowrank_params(params, {"Conv_0/kernel": (a, b)})
-    assert not lowrank.is_lowrank(out["Conv_0"]["kernel"])
+    out = jaxlr.compress(params, {"Conv_0/kernel": 4}).compressed  # 4 * (18 + 4) = 88 >= 72
+    assert not isinstance(out["Conv_0"]["kernel"], LowRank)
     np.testing.assert_allclose(np.asarray(out["Conv_0"]["kernel"]), np.asarray(kernel),
                                atol=1e-5)  # full rank: the product is the kernel itself
-    a, b = np_truncated_factors(kernel, view, 2)  # 2 * 22 = 44 < 72: factored
-    assert lowrank.is_lowrank(lowrank.lowrank_params(params, {"Conv_0/kernel": (a, b)})
-                              ["Conv_0"]["kernel"])
+    out = jaxlr.compress(params, {"Conv_0/kernel": 2}).compressed  # 2 * 22 = 44 < 72
+    assert isinstance(out["Conv_0"]["kernel"], LowRank) and out["Conv_0"]["kernel"].saves
 
 
-def test_dense_params_and_lowrank_kernel_match_the_product():
+def test_collapse_and_the_kernel_access_of_a_pair_match_the_product():
     a = jax.random.normal(jax.random.key(0), (12, 2))
     b = jax.random.normal(jax.random.key(1), (2, 4))
     node = LowRank(a, b, (4, 3, 4), MatrixView((0, 1), (2,)))
     expected = (np.asarray(a, np.float64) @ np.asarray(b, np.float64)).reshape(4, 3, 4)
-    np.testing.assert_allclose(np.asarray(lowrank.dense_params({"k": node})["k"]), expected,
+    np.testing.assert_allclose(np.asarray(jaxlr.collapse({"k": node})["k"]), expected,
                                rtol=1e-5)
-    assert node.size == 2 * (12 + 4) and node.rank == 2 and node.matrix_shape == (12, 4)
+    np.testing.assert_allclose(np.asarray(node[...]), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(node[1, :, 2]), expected[1, :, 2], rtol=1e-5)
+    assert node.shape == (4, 3, 4) and node.dtype == jnp.float32 and node.ndim == 3
+    assert node.param_count == 2 * (12 + 4) and node.rank == 2 and node.matrix_shape == (12, 4)
+    assert jaxlr.nodes.saves(2, 12, 4) and not jaxlr.nodes.saves(3, 12, 4)  # 48 < 48 is false
 
 
 def test_attention_projections_run_through_their_own_views():
@@ -170,44 +169,11 @@ def test_attention_projections_run_through_their_own_views():
     assert sorted(ranks) == ["attn/key/kernel", "attn/out/kernel", "attn/query/kernel",
                              "attn/value/kernel"]
     result = jaxlr.compress(variables["params"], ranks)
-    params = lowrank.lowrank_params(result.params, result.factors)
+    params = result.compressed
     assert params["attn"]["out"]["kernel"].a.shape == (64, 4)  # heads * head_dim rows
     assert params["attn"]["query"]["kernel"].b.shape == (4, 64)
-    dense = model.apply({"params": result.params}, IMAGES)
-    assert relative_error(lowrank.apply(model, {"params": params}, IMAGES), dense) < 1e-4
-
-
-def test_export_and_import_give_identical_outputs(tmp_path):
-    model, variables = models.linen_variables("vgg")
-    result = jaxlr.compress(variables["params"], quarter_ranks(variables["params"]))
-    params = lowrank.lowrank_params(result.params, result.factors)
-    tree = {**variables, "params": params}
-    jaxlr.export.save(tmp_path / "compressed", tree)
-    loaded = jaxlr.export.load(tmp_path / "compressed")
-    assert jax.tree.structure(loaded, is_leaf=lowrank.is_lowrank) == jax.tree.structure(
-        tree, is_leaf=lowrank.is_lowrank)
-    for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(tree), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    np.testing.assert_array_equal(np.asarray(lowrank.apply(model, loaded, IMAGES)),
-                                  np.asarray(lowrank.apply(model, tree, IMAGES)))
-    # The dense kernels of factored layers are not in the checkpoint.
-    stored = sum(np.asarray(x).size for x in jax.tree.leaves(loaded))
-    assert stored == result.report.params_after + sum(
-        np.asarray(x).size for x in jax.tree.leaves(variables["batch_stats"]))
-    with pytest.raises(FileExistsError, match="force"):
-        jaxlr.export.save(tmp_path / "compressed", tree)
-
-    # NNX: export the pure dict, import into a fresh model's structure.
-    nnx_vgg = models.nnx_model("vgg")
-    state = nnx.state(nnx_vgg, nnx.Param)
-    nnx_result = jaxlr.compress(state, quarter_ranks(state))
-    nnx_params = lowrank.lowrank_params(nnx.to_pure_dict(nnx_result.params), nnx_result.factors)
-    jaxlr.export.save(tmp_path / "nnx", nnx_params)
-    fresh = models.NNX["vgg"](nnx.Rngs(99))
-    nnx.update(fresh, nnx.state(nnx_vgg, nnx.BatchStat))
-    restored = lowrank.nnx_model(fresh, jaxlr.export.load(tmp_path / "nnx"))
-    np.testing.assert_array_equal(np.asarray(restored(IMAGES)),
-                                  np.asarray(lowrank.nnx_model(nnx_vgg, nnx_params)(IMAGES)))
+    dense = model.apply({"params": jaxlr.collapse(params)}, IMAGES)
+    assert relative_error(jaxlr.apply(model, {"params": params}, IMAGES), dense) < 1e-4
 
 
 def test_bad_input_names_the_layer():
@@ -221,22 +187,22 @@ def test_bad_input_names_the_layer():
 
     model, variables = models.linen_variables("mlp")
     params = variables["params"]
-    with pytest.raises(ValueError, match="'fc2/kernel'.*rank 70"):
-        lowrank.lowrank_params(params, {"fc2/kernel": (jnp.ones((96, 70)), jnp.ones((70, 64)))})
-    with pytest.raises(KeyError, match="fc9/kernel"):
-        lowrank.lowrank_params(params, {"fc9/kernel": (jnp.ones((96, 2)), jnp.ones((2, 64)))})
+    with pytest.raises(ValueError, match="'fc2/kernel' is 70"):
+        jaxlr.compress(params, {"fc2/kernel": 70})
+    with pytest.raises(ValueError, match="fc9/kernel"):
+        jaxlr.compress(params, {"fc9/kernel": 2})
 
     # A pair made for another kernel shape: the module's kernel is 96 x 64.
     wrong = LowRank(jnp.ones((90, 2)), jnp.ones((2, 64)), (90, 64), view)
     bad = {"params": {**params, "fc2": {**params["fc2"], "kernel": wrong}}}
     with pytest.raises(ValueError, match=r"layer 'fc2'.*\(90, 64\).*\(96, 64\)"):
-        lowrank.apply(model, bad, IMAGES)
+        jaxlr.apply(model, bad, IMAGES)
 
     # A view the module does not contract through (columns first).
     x = jnp.ones((2, 8))
     flipped = LowRank(jnp.ones((4, 2)), jnp.ones((2, 8)), (8, 4), MatrixView((1,), (0,)))
     with pytest.raises(ValueError, match="layer 'layers_0'.*leading 1 axes"):
-        lowrank.apply(nn.Sequential([nn.Dense(4)]),
+        jaxlr.apply(nn.Sequential([nn.Dense(4)]),
                       {"params": {"layers_0": {"kernel": flipped, "bias": jnp.zeros(4)}}}, x)
 
     # Modules that cannot run a factor pair.
@@ -244,25 +210,25 @@ def test_bad_input_names_the_layer():
                         MatrixView((0, 1, 2), (3,)))
     images = jnp.ones((1, 5, 5, 2))
     with pytest.raises(TypeError, match="layer 'layers_0' \\(ConvTranspose\\).*only Dense"):
-        lowrank.apply(nn.Sequential([nn.ConvTranspose(4, (3, 3))]),
+        jaxlr.apply(nn.Sequential([nn.ConvTranspose(4, (3, 3))]),
                       {"params": {"layers_0": {"kernel": conv_node, "bias": jnp.zeros(4)}}},
                       images)
     grouped = LowRank(jnp.ones((9, 2)), jnp.ones((2, 4)), (3, 3, 1, 4),
                       MatrixView((0, 1, 2), (3,)))
     with pytest.raises(TypeError, match="layer 'layers_0' \\(Conv\\).*grouped"):
-        lowrank.apply(nn.Sequential([nn.Conv(4, (3, 3), feature_group_count=2)]),
+        jaxlr.apply(nn.Sequential([nn.Conv(4, (3, 3), feature_group_count=2)]),
                       {"params": {"layers_0": {"kernel": grouped, "bias": jnp.zeros(4)}}},
                       images)
     embed = LowRank(jnp.ones((10, 2)), jnp.ones((2, 4)), (10, 4), view)
     with pytest.raises(TypeError, match="layer 'layers_0' \\(Embed\\).*\\['embedding'\\]"):
-        lowrank.apply(nn.Sequential([nn.Embed(10, 4)]),
+        jaxlr.apply(nn.Sequential([nn.Embed(10, 4)]),
                       {"params": {"layers_0": {"embedding": embed}}}, jnp.array([1, 2]))
 
     nnx_model = nnx.Sequential(nnx.Conv(2, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="layer 'layers/0' \\(Conv\\).*grouped"):
-        lowrank.nnx_model(nnx_model, {"layers": {0: {"kernel": grouped, "bias": jnp.zeros(4)}}})
+        jaxlr.nnx_model(nnx_model, {"layers": {0: {"kernel": grouped, "bias": jnp.zeros(4)}}})
     nnx_mlp = models.nnx_model("mlp")
     with pytest.raises(ValueError, match=r"layer 'fc2'.*\(90, 64\).*\(96, 64\)"):
-        lowrank.nnx_model(nnx_mlp, {"fc2": {"kernel": wrong}})
+        jaxlr.nnx_model(nnx_mlp, {"fc2": {"kernel": wrong}})
     with pytest.raises(KeyError, match="'fc7/kernel'"):
-        lowrank.nnx_model(nnx_mlp, {"fc7": {"kernel": wrong}})
+        jaxlr.nnx_model(nnx_mlp, {"fc7": {"kernel": wrong}})

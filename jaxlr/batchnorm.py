@@ -1,0 +1,189 @@
+"""Which BatchNorm follows which kernel: found by tracing one forward pass of the user's model.
+
+LRPET's BN rectification (:mod:`jaxlr.projection`) projects a kernel through the BatchNorm that
+normalises its output. :func:`find_bn_pairs` finds those pairs by dataflow: it runs the model once
+under ``jax.eval_shape`` (nothing is computed), records the output of every layer that has a
+``kernel`` and the input of every BatchNorm, and pairs a kernel with a BatchNorm when the
+BatchNorm's input *is* that layer's output. So it works whatever the modules are called and however
+they are held (``nn.Sequential``, ``nnx.Sequential``, ``nnx.List``, auto names such as ``Conv_0``,
+VGG-style ``features_0`` / ``features_1``), and it never pairs a kernel with a BatchNorm its output
+does not reach directly: a convolution followed by an activation, a pooling or a residual sum
+before the BatchNorm, or by no BatchNorm at all, is left unpaired (its projection is plain). A layer
+whose output feeds two BatchNorms, or a BatchNorm fed by two layers, is ambiguous and left out.
+
+:func:`bn_pairs_by_name` is the fallback for a tree without its model: it pairs by the naming rule
+``<prefix>conv<suffix>`` -> ``<prefix>bn<suffix>`` / ``<prefix>BatchNorm<suffix>`` in the same
+parent module, and can be wrong where names mislead.
+
+Both return ``{kernel key: BatchNorm key}`` (keys as :func:`jaxlr.matrices.path_key`), to pass as
+``jaxlr.ProjectionOptions(bn_pairs=...)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.core import meta
+
+from jaxlr import _nnx, matrices, nodes
+
+__all__ = ["bn_pairs_by_name", "find_bn_pairs"]
+
+
+def _has_kernel_value(value: Any) -> bool:
+    if isinstance(value, meta.AxisMetadata) and not nodes.is_node(value):
+        value = value.unbox()  # a boxed (e.g. partitioned) kernel
+    return hasattr(value, "shape") or nodes.is_node(value)
+
+
+def _pairs(outputs: list[tuple[tuple[str, ...], Any]],
+           inputs: list[tuple[tuple[str, ...], Any]]) -> dict[str, str]:
+    """Kernel -> BatchNorm where the BatchNorm's input is the kernel layer's output object."""
+    found: dict[str, set[str]] = {}
+    fed: dict[str, set[str]] = {}
+    for bn_path, x in inputs:
+        owners = {path for path, y in outputs if y is x}
+        bn = matrices.path_key(bn_path)
+        for owner in owners:
+            kernel = matrices.path_key((*owner, "kernel"))
+            found.setdefault(kernel, set()).add(bn)
+            fed.setdefault(bn, set()).add(kernel)
+    return {kernel: next(iter(bns)) for kernel, bns in found.items()
+            if len(bns) == 1 and len(fed[next(iter(bns))]) == 1}
+
+
+def _linen_pairs(model: nn.Module, variables: Any, args: tuple, kwargs: dict) -> dict[str, str]:
+    outputs: list[tuple[tuple[str, ...], Any]] = []
+    inputs: list[tuple[tuple[str, ...], Any]] = []
+
+    def record(next_fun: Callable[..., Any], call_args: tuple, call_kwargs: dict,
+               context: Any) -> Any:
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*call_args, **call_kwargs)
+        if isinstance(module, nn.BatchNorm) and call_args:
+            inputs.append((tuple(module.path), call_args[0]))
+        out = next_fun(*call_args, **call_kwargs)
+        if module.scope is not None and _has_kernel_value(
+                module.variables.get("params", {}).get("kernel")):
+            outputs.append((tuple(module.path), out))
+        return out
+
+    kwargs = {**kwargs, "mutable": True}
+    kwargs.setdefault("rngs", {"dropout": jax.random.key(0), "params": jax.random.key(0)})
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: model.apply(nodes.collapse(v), *args, **kwargs), variables)
+    return _pairs(outputs, inputs)
+
+
+def _nnx_pairs(model: Any, args: tuple, kwargs: dict) -> dict[str, str]:
+    from flax import nnx  # noqa: PLC0415
+
+    outputs: list[tuple[tuple[str, ...], Any]] = []
+    inputs: list[tuple[tuple[str, ...], Any]] = []
+
+    def recording(cls: type, path: tuple[str, ...], is_bn: bool) -> type:
+        def __call__(self: Any, *call_args: Any, **call_kwargs: Any) -> Any:  # noqa: N807
+            if is_bn and call_args:
+                inputs.append((path, call_args[0]))
+            out = cls.__call__(self, *call_args, **call_kwargs)
+            if not is_bn:
+                outputs.append((path, out))
+            return out
+
+        return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+
+    clone = nnx.clone(model)
+    for path, node in list(nnx.iter_graph(clone)):
+        if not isinstance(node, nnx.Module):
+            continue
+        is_bn = isinstance(node, nnx.BatchNorm)
+        if is_bn or _has_kernel_value(getattr(node, "kernel", None)):
+            names = tuple(str(p) for p in path)
+            object.__setattr__(node, "__class__", recording(type(node), names, is_bn))
+    graphdef, state = nnx.split(clone)
+
+    def run(state: Any) -> None:
+        nnx.merge(graphdef, state)(*args, **kwargs)
+
+    jax.eval_shape(run, state)
+    return _pairs(outputs, inputs)
+
+
+def find_bn_pairs(model: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
+    """``{kernel key: BatchNorm key}`` for every kernel whose output a BatchNorm normalises.
+
+    Runs one forward pass under ``jax.eval_shape`` (shapes only; nothing is computed or changed).
+
+    Args:
+      model: a Flax Linen module, or a Flax NNX module.
+      *args: Linen: the variables (``{"params": ..., "batch_stats": ...}``; shapes suffice, e.g.
+        from ``jax.eval_shape(model.init, ...)``) then the model's inputs. NNX: the model's inputs.
+      **kwargs: keyword arguments of the forward pass (``train=True`` ...). Linen runs with
+        ``mutable=True``, so the BatchNorms may be in training mode.
+
+    Returns:
+      The pairs, keyed as :func:`jaxlr.matrices.path_key` keys the kernels (no ``params``
+      prefix); the BatchNorm's key is its module path.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> model = nn.Sequential([nn.Conv(8, (3, 3)), nn.BatchNorm(use_running_average=True),
+      ...                        nn.relu, nn.Conv(8, (3, 3))])
+      >>> x = jnp.ones((1, 8, 8, 3))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> find_bn_pairs(model, variables, x)          # the second Conv has no BatchNorm after it
+      {'layers_0/kernel': 'layers_1'}
+    """
+    if _nnx.is_module(model):
+        return _nnx_pairs(model, args, kwargs)
+    if isinstance(model, nn.Module):
+        if not args:
+            raise TypeError("find_bn_pairs(model, variables, *inputs) needs the Linen model's "
+                            "variables, then its inputs.")
+        return _linen_pairs(model, args[0], args[1:], kwargs)
+    raise TypeError(f"model must be a Flax Linen or NNX module, got {type(model).__name__}.")
+
+
+_BN_NAMES = ("bn", "BatchNorm", "batchnorm", "batch_norm", "norm")
+
+
+def bn_pairs_by_name(params: Any, batch_stats: Any) -> dict[str, str]:
+    """The naming-rule fallback of :func:`find_bn_pairs`, for a tree without its model.
+
+    A kernel in module ``<prefix>conv<suffix>`` (any case: ``conv1``, ``shortcut_conv``) pairs with
+    the module ``<prefix>bn<suffix>`` or ``<prefix>BatchNorm<suffix>`` (``bn1``, ``shortcut_bn``)
+    of the same parent that has a running variance in ``batch_stats``. It cannot see dataflow: an
+    auto-named ``Conv_0`` pairs with a ``BatchNorm_0`` whether or not the BatchNorm follows it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"conv1": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn1": {"scale": jnp.ones(4)}}
+      >>> bn_pairs_by_name(params, {"bn1": {"mean": jnp.zeros(4), "var": jnp.ones(4)}})
+      {'conv1/kernel': 'bn1'}
+    """
+    stats = {matrices.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        batch_stats)[0]}
+    bn_modules = {path[:-1] for path in stats if path and path[-1] == "var"}
+    if bn_modules and all(path[0] == "batch_stats" for path in bn_modules):
+        bn_modules = {path[1:] for path in bn_modules}
+    pairs = {}
+    for path, leaf in matrices.flatten(params)[0]:
+        if path and path[0] == "params":
+            path = path[1:]
+        if not (len(path) >= 2 and path[-1] == "kernel" and _has_kernel_value(leaf)):
+            continue
+        match = re.fullmatch(r"(.*?)(conv)(.*)", path[-2], re.I)
+        if not match:
+            continue
+        prefix, _, suffix = match.groups()
+        for name in _BN_NAMES:
+            candidate = (*path[:-2], f"{prefix}{name}{suffix}")
+            if candidate in bn_modules:
+                pairs[matrices.path_key(path)] = matrices.path_key(candidate)
+                break
+    return pairs

@@ -1,0 +1,170 @@
+"""After training: truncate to chosen ranks, hold the layers that gain as factor pairs, report.
+
+:func:`compress` takes a trained tree or Flax NNX module (LoRITa products are collapsed first) and
+ranks from any policy of :mod:`jaxlr.policies`, decomposes every ranked matrix once, and returns a
+:class:`CompressionResult`:
+
+* ``compressed``: the input's kind (tree or NNX module) with each ranked kernel replaced by its
+  :class:`~jaxlr.nodes.LowRank` factor pair ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T`` where
+  that saves (:func:`jaxlr.nodes.saves`, ``r (m + n) < m n``) and by its dense truncation
+  elsewhere. A Linen model runs it with :func:`jaxlr.apply` (the factor pairs as two thin layers);
+  an NNX module comes back with those layers replaced (:mod:`jaxlr.inference`);
+  :func:`jaxlr.collapse` gives the structure-preserving truncated tree; :mod:`jaxlr.export` saves
+  it.
+* ``report``: per-layer ranks, the retained singular values (the LoRITa paper's metric) and
+  parameter counts before and after.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
+  ...                       "bias": jnp.zeros(32)}}
+  >>> result = compress(params, {"Dense_0/kernel": 4})
+  >>> result.compressed["Dense_0"]["kernel"].rank
+  4
+  >>> result.report.params_before, result.report.params_after   # 64*32 + 32 -> 4*(64+32) + 32
+  (2080, 416)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlr import _nnx, matrices, nodes, svd
+from jaxlr.policies import Ranks, RankSpec, resolve_ranks, retained_fraction
+
+__all__ = ["CompressionResult", "CompressionReport", "LayerReport", "compress"]
+
+
+class LayerReport(NamedTuple):
+    """One truncated matrix.
+
+    Attributes:
+      matrix_shape: ``(m, n)``.
+      rank: singular values kept.
+      full_rank: ``min(m, n)``.
+      low_rank: whether the layer is held as a factor pair (``r (m + n) < m n``).
+      params_before: ``m n``.
+      params_after: ``r (m + n)`` if held as a factor pair, else ``m n``.
+    """
+
+    matrix_shape: tuple[int, int]
+    rank: int
+    full_rank: int
+    low_rank: bool
+    params_before: int
+    params_after: int
+
+
+class CompressionReport(NamedTuple):
+    """What a compression kept and saved.
+
+    Attributes:
+      layers: ``{key: LayerReport}`` for every ranked matrix.
+      retained: kept / total singular values per matrix, averaged (LoRITa's x-axis).
+      params_before: parameters of the whole tree before.
+      params_after: parameters of the whole tree with the factor pairs.
+    """
+
+    layers: dict[str, LayerReport]
+    retained: float
+    params_before: int
+    params_after: int
+
+    def table(self) -> str:
+        """A plain-text table of the layers and the totals."""
+        width = max([len(name) for name in self.layers] + [4])
+        lines = [f"{'path':<{width}}  {'m x n':>11}  {'rank':>5}  {'of':>5}  {'params':>17}"]
+        for name, layer in self.layers.items():
+            shape = f"{layer.matrix_shape[0]} x {layer.matrix_shape[1]}"
+            after = f"{layer.params_after}" + ("" if layer.low_rank else " (dense)")
+            lines.append(
+                f"{name:<{width}}  {shape:>11}  {layer.rank:>5}  {layer.full_rank:>5}  "
+                f"{layer.params_before:>7} -> {after}"
+            )
+        lines.append(
+            f"retained singular values {self.retained:.1%}; parameters {self.params_before} -> "
+            f"{self.params_after} ({self.params_after / self.params_before:.1%})"
+        )
+        return "\n".join(lines)
+
+
+class CompressionResult(NamedTuple):
+    """The result of :func:`compress`.
+
+    Attributes:
+      compressed: the input's kind (tree or NNX module) with factor pairs where they save and
+        dense truncated kernels elsewhere.
+      report: the :class:`CompressionReport`.
+    """
+
+    compressed: Any
+    report: CompressionReport
+
+
+def compress(
+    params: Any,
+    ranks: RankSpec,
+    *,
+    view: matrices.View = None,
+    method: svd.Method = "svd",
+) -> CompressionResult:
+    """Truncates every ranked matrix of a trained tree or NNX module (module documentation).
+
+    Args:
+      params: a trained tree (Linen ``variables`` or ``params``, NNX ``State``, any pytree) or a
+        Flax NNX module; LoRITa products are collapsed first.
+      ranks: a :class:`jaxlr.Ranks` (e.g. ``jaxlr.gsvt_ranks(params, 0.3)``), ``{path: rank}`` or
+        a function of the params returning one.
+      view: how each kernel is seen as a matrix (the view the ranks were chosen with).
+      method: decomposition method (:mod:`jaxlr.svd`); the SVD by default, since it runs once.
+
+    Returns:
+      A :class:`CompressionResult` ``(compressed, report)``.
+
+    Raises:
+      ValueError / TypeError: for a path not in the tree or a rank out of range (naming it), or
+        (called eagerly) a matrix holding NaN or Inf.
+    """
+    if _nnx.is_module(params):
+        from jaxlr import inference  # noqa: PLC0415 - inference imports this module's users
+
+        tree, report = _compress_tree(_nnx.parameters(params), ranks, view, method)
+        return CompressionResult(inference.nnx_model(params, tree), report)
+    return CompressionResult(*_compress_tree(params, ranks, view, method))
+
+
+def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
+                   method: str) -> tuple[Any, CompressionReport]:
+    params = nodes.collapse(params)
+    svd.check_method(method)
+    chosen = resolve_ranks(ranks, params, view)
+    found = matrices.matrix_leaves(params, filter=lambda p, leaf: matrices.path_key(p) in chosen,
+                                   view=view)
+    flat, treedef = matrices.flatten(params)
+    leaves = [leaf for _, leaf in flat]
+    selected = [leaves[leaf.index] for leaf in found.values()]
+    pairs, finite = svd.factor_leaves(selected, [leaf.view for leaf in found.values()],
+                                      [chosen[key] for key in found], method=method)
+    if not svd.is_traced(selected):
+        svd.raise_if_nonfinite(list(found), [~f for f in finite])
+    layers = {}
+    for (key, leaf), (a, b) in zip(found.items(), pairs, strict=True):
+        node = nodes.LowRank(a, b, leaf.shape, leaf.view)
+        m, n = leaf.matrix_shape
+        if node.saves:
+            leaves[leaf.index] = node
+        else:
+            leaves[leaf.index] = node.kernel().astype(jnp.result_type(leaves[leaf.index]))
+        layers[key] = LayerReport((m, n), node.rank, leaf.full_rank, node.saves, m * n,
+                                  node.param_count if node.saves else m * n)
+    before = sum(math.prod(np.shape(leaf)) for _, leaf in flat)
+    after = before - sum(layer.params_before - layer.params_after for layer in layers.values())
+    retained = retained_fraction(Ranks({k: layer.rank for k, layer in layers.items()},
+                                       {k: layer.full_rank for k, layer in layers.items()}))
+    return (jax.tree_util.tree_unflatten(treedef, leaves),
+            CompressionReport(layers, retained, before, after))

@@ -1,0 +1,428 @@
+"""Compressed inference: run an unchanged Flax model on low-rank factor pairs.
+
+A truncated kernel of rank ``r``, seen as an ``m x n`` matrix ``W = A B``, costs ``r (m + n)``
+parameters and multiply-accumulates per position instead of ``m n`` when it is *run* as two
+products. This module runs it so, without touching the model's definition. The kernels to run that
+way are :class:`~jaxlr.nodes.LowRank` factor pairs (:func:`jaxlr.compress` puts them where they
+save); every other leaf stays as it is.
+
+* Flax Linen: :func:`apply` is ``model.apply`` under a Flax method interceptor (:func:`intercept`)
+  that runs each ``Dense``, ``DenseGeneral`` (attention's projections) and ``Conv`` whose kernel is
+  a :class:`~jaxlr.nodes.LowRank` in factored form (LoRITa products run as the kernels they stand
+  for, as with ``model.apply``), so it runs any tree jaxlr makes.
+* Flax NNX: :func:`nnx_model` returns a copy of a model holding a given tree: each layer
+  (``Linear``, ``LinearGeneral``, ``Conv``) whose kernel is a factor pair is replaced by a
+  :class:`LowRankLayer` (its ``kernel`` is the :class:`~jaxlr.nodes.LowRank` of ``nnx.Param``
+  factors, so ``model.fc1.kernel[...]`` still reads the dense kernel); LoRITa products become
+  products of ``nnx.Param`` factors. :func:`jaxlr.compress` of an NNX module returns such a copy.
+
+What runs, for input ``x``:
+
+* dense layers: ``x`` contracted with ``A`` (the kernel's input axes, then ``r``), then with ``B``
+  (``r``, then the kernel's feature axes), plus the bias;
+* convolutions: a convolution with ``r`` filters (kernel ``A`` reshaped to ``(*window, c_in, r)``;
+  the layer's strides, padding and dilations), followed by a ``1 x 1`` convolution ``r -> c_out``
+  carrying the bias, computed as a product over the channel axis.
+
+Both agree with the dense truncated model up to rounding (``W = A B`` exactly in real arithmetic).
+Errors name the layer's path: a factor pair that does not fit the kernel the module expects, a rank
+above ``min(m, n)``, a :class:`~jaxlr.nodes.LowRank` in a module that cannot run it (grouped or
+masked convolutions, custom ``dot_general``, ``ConvTranspose``, embeddings, user modules, ...).
+
+Example:
+  >>> import jax, jax.numpy as jnp, flax.linen as nn
+  >>> import jaxlr
+  >>> model = nn.Dense(64)
+  >>> x = jnp.ones((2, 128))
+  >>> variables = model.init(jax.random.key(0), x)
+  >>> params = jaxlr.compress(variables["params"], {"kernel": 8}).compressed
+  >>> params["kernel"].a.shape, params["kernel"].b.shape
+  ((128, 8), (8, 64))
+  >>> y = apply(model, {"params": params}, x)
+  >>> dense = model.apply({"params": jaxlr.collapse(params)}, x)
+  >>> bool(jnp.allclose(y, dense, atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlr import _nnx, matrices, nodes
+from jaxlr.matrices import MatrixView
+from jaxlr.nodes import LowRank, Product
+
+__all__ = [
+    "LowRankLayer",
+    "apply",
+    "intercept",
+    "interceptor",
+    "nnx_model",
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# --- the factored computations, shared by Linen and NNX -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """What the factored forward pass needs to know about a layer (static, hashable)."""
+
+    kind: Literal["dense", "conv"]
+    axis: tuple[int, ...] = ()  # dense: input axes contracted with the kernel's leading axes
+    kernel_size: tuple[int, ...] = ()  # conv
+    strides: Any = 1
+    padding: Any = "SAME"
+    input_dilation: Any = 1
+    kernel_dilation: Any = 1
+    dtype: Any = None
+    precision: Any = None
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _promote(dtype: Any, *arrays: jax.Array | None) -> list[jax.Array | None]:
+    present = [x for x in arrays if x is not None]
+    dtype = dtype if dtype is not None else jnp.result_type(*present)
+    return [None if x is None else jnp.asarray(x, dtype) for x in arrays]
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    if bias is None:
+        return y
+    return y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
+
+
+def _contract(layer: _Layer, kernel: jax.Array, x: jax.Array) -> jax.Array:
+    """The layer's own computation with ``kernel`` (its input axes first, then any outputs)."""
+    if layer.kind == "dense":
+        n_in = len(layer.axis)
+        axis = tuple(ax % x.ndim for ax in layer.axis)
+        return jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())),
+                                   layer.precision)
+    conv = nn.Conv(
+        features=kernel.shape[-1],
+        kernel_size=layer.kernel_size,
+        strides=layer.strides,
+        padding=layer.padding,
+        input_dilation=layer.input_dilation,
+        kernel_dilation=layer.kernel_dilation,
+        use_bias=False,
+        dtype=kernel.dtype,
+        param_dtype=kernel.dtype,
+        precision=layer.precision,
+    )
+    return conv.apply({"params": {"kernel": kernel}}, x)
+
+
+def _run(layer: _Layer, node: Any, bias: jax.Array | None, x: jax.Array) -> jax.Array:
+    """The layer with a :class:`LowRank` kernel run as two thin products (or a dense kernel)."""
+    if not isinstance(node, LowRank):  # a dense kernel (e.g. after jaxlr.collapse)
+        x, kernel, bias = _promote(layer.dtype, x, nodes.value_of(node), bias)
+        return _add_bias(_contract(layer, kernel, x), bias)
+    r = node.rank
+    x, a, b, bias = _promote(layer.dtype, x, nodes.value_of(node.a), nodes.value_of(node.b), bias)
+    n_in = len(layer.axis) if layer.kind == "dense" else len(node.shape) - 1
+    t = _contract(layer, a.reshape(node.shape[:n_in] + (r,)), x)
+    b = b.reshape((r,) + node.shape[n_in:])
+    y = jax.lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())), layer.precision)
+    return _add_bias(y, bias)
+
+
+def _check_fits(name: str, node: LowRank, layer: _Layer, kernel_shape: tuple[int, ...]) -> None:
+    if node.shape != tuple(kernel_shape):
+        raise ValueError(
+            f"layer {name!r}: the factor pair stands for a kernel of shape {node.shape}, but the "
+            f"module's kernel has shape {tuple(kernel_shape)}."
+        )
+    rows = len(layer.axis) if layer.kind == "dense" else len(node.shape) - 1
+    expected = MatrixView.split(len(node.shape), rows)
+    if node.view != expected:
+        raise ValueError(
+            f"layer {name!r}: the factor pair was made through {node.view}, but the module "
+            f"contracts its input with the kernel's leading {rows} axes ({expected})."
+        )
+
+
+def _unsupported(name: str, module: Any, why: str) -> TypeError:
+    return TypeError(
+        f"layer {name!r} ({type(module).__name__}) holds a LowRank kernel but cannot run it in "
+        f"factored form: {why}. Keep it dense (jaxlr.collapse) or leave it out of the ranks."
+    )
+
+
+def _dense_layer(module: Any, axis: Any) -> _Layer:
+    """A dense layer contracting the input's ``axis`` (an int or a sequence) with the kernel."""
+    axes = tuple(axis) if isinstance(axis, list | tuple) else (int(axis),)
+    return _Layer("dense", axis=axes, dtype=module.dtype, precision=_freeze(module.precision))
+
+
+def _conv_layer(name: str, module: Any) -> _Layer:
+    if module.feature_group_count != 1:
+        raise _unsupported(name, module, "grouped convolutions are not factored")
+    if module.mask is not None:
+        raise _unsupported(name, module, "masked convolutions are not factored")
+    return _Layer(
+        "conv",
+        kernel_size=_freeze(module.kernel_size),
+        strides=_freeze(module.strides),
+        padding=_freeze(module.padding),
+        input_dilation=_freeze(module.input_dilation),
+        kernel_dilation=_freeze(module.kernel_dilation),
+        dtype=module.dtype,
+        precision=_freeze(module.precision),
+    )
+
+
+def _check_plain(name: str, module: Any, *attributes: str) -> None:
+    for attribute in attributes:
+        value = getattr(module, attribute, None)
+        if value is not None and value is not getattr(jax.lax, attribute, None):
+            raise _unsupported(name, module, f"it sets a custom {attribute}")
+
+
+# --- Flax Linen: a method interceptor -----------------------------------------------------------
+
+
+def _linen_layer(name: str, module: nn.Module) -> _Layer:
+    if type(module) is nn.Conv:
+        _check_plain(name, module, "conv_general_dilated", "conv_general_dilated_cls")
+        return _conv_layer(name, module)
+    if type(module) is nn.Dense:
+        _check_plain(name, module, "dot_general", "dot_general_cls")
+        return _dense_layer(module, -1)
+    if type(module) is nn.DenseGeneral:
+        _check_plain(name, module, "dot_general", "dot_general_cls")
+        if module.batch_dims:
+            raise _unsupported(name, module, "batch_dims are not factored")
+        return _dense_layer(module, module.axis)
+    raise _unsupported(name, module, "only Dense, DenseGeneral and Conv are")
+
+
+def _linen_kernel_shape(module: nn.Module, layer: _Layer, x: jax.Array) -> tuple[int, ...]:
+    features = module.features if isinstance(module.features, tuple | list) else (module.features,)
+    if layer.kind == "conv":
+        return tuple(layer.kernel_size) + (x.shape[-1],) + tuple(features)
+    return tuple(x.shape[ax] for ax in layer.axis) + tuple(features)
+
+
+def _lowrank_entries(module: nn.Module) -> dict[str, LowRank]:
+    if module.scope is None:
+        return {}
+    params = module.variables.get("params", {})
+    return {key: value for key, value in params.items() if isinstance(value, LowRank)}
+
+
+def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+    """The Flax Linen method interceptor behind :func:`intercept` and :func:`apply`.
+
+    Runs a module's ``__call__`` in factored form when its ``kernel`` is a
+    :class:`~jaxlr.nodes.LowRank`; every other call goes through untouched.
+    """
+    module = context.module
+    entries = _lowrank_entries(module)
+    if not entries:
+        return next_fun(*args, **kwargs)
+    name = "/".join(module.path) or type(module).__name__
+    extra = sorted(set(entries) - {"kernel"})
+    if extra:
+        raise _unsupported(name, module, f"its parameters {extra} are LowRank; only kernels can be")
+    layer = _linen_layer(name, module)
+    if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    if len(args) != 1 or kwargs:
+        raise _unsupported(name, module, "it was called with arguments other than its input")
+    (x,) = args
+    node = entries["kernel"]
+    _check_fits(name, node, layer, _linen_kernel_shape(module, layer, x))
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    return _run(layer, node, bias, x)
+
+
+def intercept() -> contextlib.AbstractContextManager:
+    """A context in which Flax Linen modules run :class:`~jaxlr.nodes.LowRank` kernels factored.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> model = nn.Dense(3)
+      >>> node = LowRank(jnp.ones((4, 1)), jnp.ones((1, 3)), (4, 3), MatrixView((0,), (1,)))
+      >>> with intercept():
+      ...     y = model.apply({"params": {"kernel": node, "bias": jnp.zeros(3)}}, jnp.ones((1, 4)))
+      >>> y
+      Array([[4., 4., 4.]], dtype=float32)
+    """
+    return nn.intercept_methods(interceptor)
+
+
+def apply(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.apply(variables, *args, **kwargs)`` with factor pairs run as two thin layers.
+
+    :class:`~jaxlr.nodes.LowRank` kernels run factored (a plain ``model.apply`` would run their
+    dense product); LoRITa products run as their kernels, as with ``model.apply``.
+
+    Args:
+      model: the unchanged Flax Linen module.
+      variables: its variables, possibly holding products and factor pairs in ``params``.
+      *args: passed to ``model.apply``.
+      **kwargs: passed to ``model.apply`` (``mutable``, ``method``, ``rngs``, ...).
+
+    Returns:
+      What ``model.apply`` returns. Jit it as usual: ``jax.jit(functools.partial(apply, model))``.
+    """
+    with intercept():
+        return model.apply(variables, *args, **kwargs)
+
+
+def apply_fn(fn: Any) -> Any:
+    """Wraps an ``apply_fn`` (e.g. ``model.apply``) as :func:`apply` wraps ``model.apply``."""
+
+    def wrapped(variables: Any, *args: Any, **kwargs: Any) -> Any:
+        with intercept():
+            return fn(variables, *args, **kwargs)
+
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapped
+
+
+# --- Flax NNX: replace the layers ---------------------------------------------------------------
+
+
+class LowRankLayer(nnx.Module):
+    """An NNX layer that runs a :class:`~jaxlr.nodes.LowRank` kernel in factored form.
+
+    Made by :func:`nnx_model` (and :func:`jaxlr.compress`) in place of a ``Linear``,
+    ``LinearGeneral`` or ``Conv`` whose kernel is held as a factor pair.
+
+    Attributes:
+      kernel: the :class:`~jaxlr.nodes.LowRank` of ``nnx.Param`` factors ``a`` and ``b``;
+        ``layer.kernel[...]`` reads the dense kernel, as for the layer it replaced.
+      bias: ``nnx.Param`` holding the bias, or ``None``.
+    """
+
+    def __init__(self, kernel: LowRank, bias: jax.Array | None, layer: _Layer):
+        self.kernel = nnx.data(LowRank(nnx.Param(nodes.value_of(kernel.a)),
+                                       nnx.Param(nodes.value_of(kernel.b)), kernel.shape,
+                                       kernel.view))
+        self.bias = None if bias is None else nnx.Param(bias)
+        self.layer = layer
+
+    def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
+        if out_sharding is not None:
+            raise NotImplementedError("LowRankLayer does not take out_sharding.")
+        bias = None if self.bias is None else self.bias[...]
+        return _run(self.layer, self.kernel, bias, x)
+
+
+def _nnx_layer(name: str, module: nnx.Module) -> _Layer:
+    if getattr(module, "preferred_element_type", None) is not None:
+        raise _unsupported(name, module, "it sets preferred_element_type")
+    if type(module) is nnx.Conv:
+        _check_plain(name, module, "conv_general_dilated")
+        return _conv_layer(name, module)
+    if type(module) is nnx.Linear:
+        _check_plain(name, module, "dot_general")
+        return _dense_layer(module, -1)
+    if type(module) is nnx.LinearGeneral:
+        _check_plain(name, module, "dot_general", "dot_general_cls")
+        if module.batch_axis:
+            raise _unsupported(name, module, "batch_axis is not factored")
+        return _dense_layer(module, module.axis)
+    raise _unsupported(name, module, "only Linear, LinearGeneral and Conv are")
+
+
+def _leaves(params: Any) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params) if not any(
+            nodes.is_node(n) for n in jax.tree.leaves(params, is_leaf=nodes.is_node)) else params
+    return [(matrices.path_names(path), leaf) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(params, is_leaf=nodes.is_node)[0]]
+
+
+def nnx_model(model: nnx.Module, params: Any) -> nnx.Module:
+    """A copy of an NNX model holding ``params``: arrays, LoRITa products and factor pairs.
+
+    Every leaf of ``params`` is written into the copy: an array into the variable at its path, a
+    :class:`~jaxlr.nodes.Product` as a product of ``nnx.Param`` factors in place of the kernel, a
+    :class:`~jaxlr.nodes.LowRank` by replacing its layer with a :class:`LowRankLayer`. The
+    original model is not modified. Use it to run a tree loaded by :func:`jaxlr.export.load`.
+
+    Args:
+      model: the NNX model (any values: its structure and settings are what count).
+      params: a tree of some of the model's variables (``nnx.State`` or nested dicts, as from
+        ``nnx.to_pure_dict`` or :func:`jaxlr.export.load`).
+
+    Returns:
+      The new model; call it as the original.
+
+    Raises:
+      KeyError: if a path of ``params`` is not in the model.
+      ValueError / TypeError: for a factor pair that does not fit its layer, naming it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> node = LowRank(jnp.ones((4, 1)), jnp.ones((1, 3)), (4, 3), MatrixView((0,), (1,)))
+      >>> small = nnx_model(model, {"kernel": node, "bias": jnp.zeros(3)})
+      >>> small(jnp.ones((1, 4))), small.kernel[...].shape
+      (Array([[4., 4., 4.]], dtype=float32), (4, 3))
+    """
+    model = nnx.clone(model)
+    leaves = _leaves(params)
+    for path, node in leaves:
+        if not isinstance(node, LowRank):
+            continue
+        key = "/".join(path)
+        if path[-1] != "kernel":
+            raise TypeError(f"{key!r}: only kernels can be LowRank.")
+        *_, parent, module = (None, *_nnx.walk(model, path[:-1], key))
+        name = "/".join(path[:-1]) or type(module).__name__
+        if isinstance(module, LowRankLayer):
+            layer, kernel_shape = module.layer, module.kernel.shape
+        else:
+            layer = _nnx_layer(name, module)
+            kernel_shape = tuple(jnp.shape(module.kernel))
+        _check_fits(name, node, layer, kernel_shape)
+        bias = None if getattr(module, "bias", None) is None else module.bias[...]
+        replacement = LowRankLayer(node, bias, layer)
+        if parent is None:  # the model is the layer itself
+            model = replacement
+        else:
+            _nnx.set_child(parent, path[-2], replacement)
+    for path, leaf in leaves:
+        if isinstance(leaf, LowRank):
+            continue
+        key = "/".join(path)
+        *_, parent, current = (None, *_nnx.walk(model, path, key))
+        if isinstance(leaf, Product):
+            leaf.check(repr(key))
+            value = Product(tuple(nnx.Param(nodes.value_of(f)) for f in leaf.factors),
+                            leaf.shape, leaf.view)
+            _nnx.set_child(parent, path[-1], value)
+            continue
+        if nodes.is_node(current):  # a product or pair in the model, an array given
+            if tuple(jnp.shape(leaf)) != tuple(current.shape):
+                raise ValueError(f"{key!r}: the model's kernel has shape {current.shape}, params "
+                                 f"gives {jnp.shape(leaf)}.")
+            _nnx.set_child(parent, path[-1], nnx.Param(leaf))
+            continue
+        if not isinstance(current, nnx.Variable):
+            raise KeyError(f"{key!r} is not a variable of the model.")
+        if jnp.shape(current[...]) != jnp.shape(leaf):
+            raise ValueError(f"{key!r}: the model's variable has shape "
+                             f"{jnp.shape(current[...])}, params gives {jnp.shape(leaf)}.")
+        current.set_value(leaf)
+    return model
