@@ -154,7 +154,8 @@ View = ViewFn | MatrixView | str | None
 """What ``view=`` arguments take: a view function, one :class:`MatrixView` for every leaf, a preset
 name (``"flax"``, ``"torch"``, ``"default"``) or ``None`` (the default)."""
 
-_ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
+_ATTENTION_INPUTS = ("query", "key", "value")
+_ATTENTION_PROJECTIONS = (*_ATTENTION_INPUTS, "out")
 _GENERAL_DENSE = ("DenseGeneral", "LinearGeneral")
 # A convolution window: every spatial axis of a kernel at most this long.
 _WINDOW = 7
@@ -193,7 +194,7 @@ def flax_view(path: Path, leaf: Any) -> MatrixView:
     if ndim >= 4:
         return MatrixView.split(ndim, ndim - 1)
     module = _module_name(path)
-    if module in ("query", "key", "value") or module.startswith(_GENERAL_DENSE):
+    if module in _ATTENTION_INPUTS or module.startswith(_GENERAL_DENSE):
         return MatrixView.split(3, 1)
     if module == "out" or "conv" in module.lower():
         return MatrixView.split(3, 2)

@@ -9,8 +9,8 @@ import pytest
 
 import jaxlr
 from jaxlr.cost import forward_cost
-from jaxlr.nodes import LowRank
 from jaxlr.matrices import MatrixView
+from jaxlr.nodes import LowRank
 from tests import models
 from tests.models import IMAGES
 from tests.test_inference import quarter_ranks

@@ -9,8 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxlr
-from jaxlr import lorita
-from jaxlr import ProjectionOptions, low_rank_projection, project
+from jaxlr import ProjectionOptions, lorita, low_rank_projection, project
 
 
 def np_project(matrix, rank, energy_transfer):

@@ -62,7 +62,8 @@ def test_apply_fn_runs_factor_pairs_factored_and_products_as_their_kernels():
     state = jaxlr.TrainState.create(apply_fn=model.apply, params=compressed, tx=optax.sgd(0.1))
     # Factored: the jaxpr multiplies x by the 16 x 2 factor, never by a 16 x 6 kernel.
     jaxpr = jax.make_jaxpr(lambda p: state.apply_fn({"params": p}, x))(state.params)
-    shapes = [tuple(e.invars[1].aval.shape) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    shapes = [tuple(e.invars[1].aval.shape) for e in jaxpr.eqns
+              if e.primitive.name == "dot_general"]
     assert (16, 2) in shapes and (16, 6) not in shapes
     expected = model.apply({"params": jaxlr.collapse(compressed)}, x)
     np.testing.assert_allclose(np.asarray(state.apply_fn({"params": compressed}, x)),
