@@ -12,7 +12,18 @@ from flax import nnx
 
 from jaxlr import matrices, nodes
 
-__all__ = ["child", "is_module", "node_paths", "parameters", "replace_nodes", "set_child", "walk"]
+__all__ = [
+    "child", "is_module", "node_paths", "parameters", "replace_nodes", "set_child", "walk",
+    "write",
+]
+
+
+def write(variable: nnx.Variable, value: Any) -> None:
+    """Sets a variable's value (``set_value`` where Flax has it, ``.value`` before 0.12.8)."""
+    if hasattr(type(variable), "set_value"):
+        variable.set_value(value)
+    else:
+        variable.value = value
 
 
 def is_module(x: Any) -> bool:
@@ -60,8 +71,7 @@ def node_paths(model: nnx.Module) -> list[tuple[tuple[str, ...], Any]]:
 
 def _arrays(node: Any) -> Any:
     """A node with arrays in place of its NNX variables."""
-    return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, node,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return jax.tree.map(nodes.value_of, node, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def parameters(model: nnx.Module, which: Any = nnx.Param) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlr import _nnx, matrices, nodes, svd
-from jaxlr.policies import Ranks, RankSpec, resolve_ranks, retained_fraction
+from jaxlr.policies import Ranks, RankSpec, retained_fraction, select
 
 __all__ = ["CompressionResult", "CompressionReport", "LayerReport", "compress"]
 
@@ -142,16 +142,14 @@ def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
                    method: str) -> tuple[Any, CompressionReport]:
     params = nodes.collapse(params)
     svd.check_method(method)
-    chosen = resolve_ranks(ranks, params, view)
-    found = matrices.matrix_leaves(params, filter=lambda p, leaf: matrices.path_key(p) in chosen,
-                                   view=view)
+    chosen, found = select(params, ranks, view=view)
     flat, treedef = matrices.flatten(params)
     leaves = [leaf for _, leaf in flat]
     selected = [leaves[leaf.index] for leaf in found.values()]
     pairs, finite = svd.factor_leaves(selected, [leaf.view for leaf in found.values()],
                                       [chosen[key] for key in found], method=method)
     if not svd.is_traced(selected):
-        svd.raise_if_nonfinite(list(found), [~f for f in finite])
+        svd.raise_if_nonfinite(list(found), finite)
     layers = {}
     for (key, leaf), (a, b) in zip(found.items(), pairs, strict=True):
         node = nodes.LowRank(a, b, leaf.shape, leaf.view)

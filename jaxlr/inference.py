@@ -62,6 +62,7 @@ from jaxlr.nodes import LowRank, Product
 __all__ = [
     "LowRankLayer",
     "apply",
+    "apply_fn",
     "intercept",
     "interceptor",
     "nnx_model",
@@ -287,7 +288,17 @@ def apply(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def apply_fn(fn: Any) -> Any:
-    """Wraps an ``apply_fn`` (e.g. ``model.apply``) as :func:`apply` wraps ``model.apply``."""
+    """Wraps an ``apply_fn`` (e.g. ``model.apply``) as :func:`apply` wraps ``model.apply``: for a
+    ``TrainState`` of your own (:class:`jaxlr.TrainState` does it in ``create``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> model = nn.Dense(3)
+      >>> node = LowRank(jnp.ones((4, 1)), jnp.ones((1, 3)), (4, 3), MatrixView((0,), (1,)))
+      >>> apply_fn(model.apply)({"params": {"kernel": node, "bias": jnp.zeros(3)}},
+      ...                        jnp.ones((1, 4)))
+      Array([[4., 4., 4.]], dtype=float32)
+    """
 
     def wrapped(variables: Any, *args: Any, **kwargs: Any) -> Any:
         with intercept():
@@ -424,5 +435,5 @@ def nnx_model(model: nnx.Module, params: Any) -> nnx.Module:
         if jnp.shape(current[...]) != jnp.shape(leaf):
             raise ValueError(f"{key!r}: the model's variable has shape "
                              f"{jnp.shape(current[...])}, params gives {jnp.shape(leaf)}.")
-        current.set_value(leaf)
+        _nnx.write(current, leaf)
     return model

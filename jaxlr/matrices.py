@@ -338,7 +338,9 @@ def path_key(path: str | Sequence[Any]) -> str:
       >>> path_key(("blocks", 0, "conv1", "kernel"))
       'blocks/0/conv1/kernel'
     """
-    if isinstance(path, str):
+    if type(path) is tuple and all(type(name) is str for name in path):  # the common case
+        names = path
+    elif isinstance(path, str):
         names = tuple(name for name in path.split("/") if name)
     elif isinstance(path, Sequence) and not isinstance(path, bytes):
         if any(isinstance(k, jax.tree_util.DictKey | jax.tree_util.GetAttrKey
@@ -531,7 +533,8 @@ class MatrixLeaf(NamedTuple):
 
 def check_floating(name: str, leaf: Any) -> None:
     """Raises ``TypeError`` unless ``leaf`` has a floating dtype."""
-    dtype = jnp.result_type(getattr(leaf, "dtype", leaf))
+    dtype = getattr(leaf, "dtype", None)
+    dtype = np.dtype(dtype) if dtype is not None else jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"leaf {name!r} has dtype {dtype}; only floating-point matrices (float16, bfloat16, "

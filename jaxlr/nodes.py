@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from flax.core import meta
 
 from jaxlr import matrices
@@ -52,8 +53,7 @@ def saves(rank: int, m: int, n: int) -> bool:
 
 def value_of(factor: Any) -> Any:
     """A factor's array (an NNX variable's value; the array itself otherwise)."""
-    get = getattr(factor, "get_value", None)
-    return get() if callable(get) else factor
+    return factor[...] if isinstance(factor, nnx.Variable) else factor
 
 
 def _frozen_view(view: Any) -> MatrixView:

@@ -54,6 +54,7 @@ __all__ = [
     "lsvt_ranks",
     "resolve_ranks",
     "retained_fraction",
+    "select",
     "target_ranks",
 ]
 
@@ -277,22 +278,50 @@ def resolve_ranks(spec: RankSpec, params: Any, view: matrices.View = None) -> Ra
       ValueError: for a key that is not a leaf of the tree, or a rank out of range.
       TypeError: for a spec that is neither a mapping nor a function returning one.
     """
-    if callable(spec) and not isinstance(spec, Mapping):
-        spec = spec(params)
-    if not isinstance(spec, Mapping):
+    return select(params, spec, view=view)[0]
+
+
+def select(
+    params: Any,
+    ranks: RankSpec | None = None,
+    *,
+    keep: Any = None,
+    prune: Any = None,
+    filter: matrices.Filter | None = None,  # noqa: A002
+    view: matrices.View = None,
+) -> tuple[Ranks, dict[str, matrices.MatrixLeaf]]:
+    """The matrices a rank specification selects, with their ranks, in one pass over the tree.
+
+    ``ranks`` (a :class:`Ranks`, ``{path: rank}`` or a function of the params) names its matrices;
+    otherwise ``keep`` or ``prune`` give the matrices of ``filter`` their LSVT rank
+    (:func:`local_rank`). :func:`jaxlr.project`, :func:`jaxlr.low_rank_projection` and
+    :func:`jaxlr.compress` read their rank arguments through it.
+
+    Returns:
+      ``(ranks, matrices)``: the :class:`Ranks` and ``{key: MatrixLeaf}`` of the same matrices,
+      in tree order.
+    """
+    if ranks is None:
+        kept = kept_fraction(keep, prune)
+        found = matrices.matrix_leaves(params, filter=filter, view=view)
+        return Ranks({key: _rank(kept, leaf.full_rank) for key, leaf in found.items()},
+                     {key: leaf.full_rank for key, leaf in found.items()}), found
+    if callable(ranks) and not isinstance(ranks, Mapping):
+        ranks = ranks(params)
+    if not isinstance(ranks, Mapping):
         raise TypeError(f"ranks must be a Ranks, a mapping {{path: rank}} or a function of the "
-                        f"params returning one; got {type(spec).__name__}.")
-    wanted = matrices.keyed(spec, "ranks")
+                        f"params returning one; got {type(ranks).__name__}.")
+    wanted = matrices.keyed(ranks, "ranks")
     if not wanted:
         raise ValueError("ranks is empty: name at least one matrix.")
-    flat, _ = matrices.flatten(params)
-    present = {matrices.path_key(path) for path, _ in flat}
+    present = {matrices.path_key(path) for path, _ in matrices.flatten(params)[0]}
     missing = sorted(set(wanted) - present)
     if missing:
         raise ValueError(f"ranks name paths that are not leaves of the tree: {missing}; leaves "
                          f"of the tree: {sorted(present)[:20]}.")
     found = matrices.matrix_leaves(params, filter=_named(set(wanted)), view=view)
-    return Ranks(wanted, {key: leaf.full_rank for key, leaf in found.items()})
+    return Ranks({key: wanted[key] for key in found},
+                 {key: leaf.full_rank for key, leaf in found.items()}), found
 
 
 def _shape_policy(params: Any, filter: matrices.Filter | None,  # noqa: A002
@@ -386,8 +415,7 @@ def lsvt_ranks(
       Linear Layers Composition". LRPET: "Compact Model Training by Low-Rank Projection with Energy
       Transfer", arXiv:2204.05566.
     """
-    kept = kept_fraction(keep, prune)
-    return _shape_policy(params, filter, view, lambda n: _rank(kept, n))
+    return select(params, keep=keep, prune=prune, filter=filter, view=view)[0]
 
 
 def energy_ranks(

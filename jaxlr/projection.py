@@ -279,25 +279,20 @@ def _plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
         if unknown:
             raise ValueError(f"bn_pairs name kernels that are not in the params: {unknown}; "
                              f"leaves of the params: {sorted(present)[:20]}.")
-    chosen: policies.Ranks | None = None
-    if spec.ranks is not None:
-        try:
-            chosen = policies.resolve_ranks(spec.ranks, params, options.view)
-        except jax.errors.ConcretizationTypeError as error:
-            raise TypeError(
-                "the ranks function read the values of the params, which are traced during a "
-                "training step; compute a Ranks beforehand (e.g. jaxlr.gsvt_ranks(params, ...)) "
-                "and pass it as ranks=.") from error
-    elif not spec.traced:  # the one rank rule, through its policy function
-        chosen = policies.lsvt_ranks(params, **{spec.name: spec.fraction},
-                                     filter=options.filter, view=options.view)
-    if chosen is None:  # traced ranks: every selected matrix, bounded by its full rank
+    if spec.traced:  # every selected matrix, its rank traced and bounded by its full rank
         found = matrices.matrix_leaves(params, filter=options.filter, view=options.view)
         bounds = tuple(leaf.full_rank for leaf in found.values())
         return _Plan(tuple(found), tuple(found.values()), bounds, True)
-    found = matrices.matrix_leaves(
-        params, filter=lambda path, leaf: matrices.path_key(path) in chosen, view=options.view)
-    return _Plan(tuple(found), tuple(found.values()), tuple(chosen[k] for k in found), False)
+    fraction = {} if spec.name is None else {spec.name: spec.fraction}
+    try:
+        chosen, found = policies.select(params, spec.ranks, filter=options.filter,
+                                        view=options.view, **fraction)
+    except jax.errors.ConcretizationTypeError as error:
+        raise TypeError(
+            "the ranks function read the values of the params, which are traced during a "
+            "training step; compute a Ranks beforehand (e.g. jaxlr.gsvt_ranks(params, ...)) "
+            "and pass it as ranks=.") from error
+    return _Plan(tuple(found), tuple(found.values()), tuple(chosen.values()), False)
 
 
 def _traced_ranks(plan: _Plan, spec: _Spec, count: jax.Array) -> list[jax.Array] | None:
@@ -445,7 +440,7 @@ def project(
     plan = _plan(params, spec, options)
     out, flags = _project(params, _stats_from(params, batch_stats), plan, None, options)
     if not svd.is_traced(out):
-        svd.raise_if_nonfinite(plan.keys, [~f for f in flags])
+        svd.raise_if_nonfinite(plan.keys, flags)
     return out
 
 
@@ -648,7 +643,7 @@ def low_rank_projection(
                 _sketches(_matrices_of(params, plan)), _sketches(goals),
                 jnp.stack([jnp.linalg.norm(g.astype(jnp.float32)) for g in goals])[:, None]
                 if goals else jnp.zeros((0, 1), jnp.float32)], axis=1)
-            skipped = sum((~f).astype(jnp.int32) for f in flags) if flags else jnp.int32(0)
+            skipped = jnp.sum(~flags, dtype=jnp.int32)
             keys = set(plan.keys)
 
             # Projected matrices move to their projection; every other leaf keeps its update.
@@ -656,7 +651,7 @@ def low_rank_projection(
                 return goal - param if matrices.path_key(path) in keys else update
 
             out = jax.tree_util.tree_map_with_path(emit, updates, target, params)
-            return out, jnp.asarray(skipped, jnp.int32), sketch
+            return out, skipped, sketch
 
         def passed() -> tuple[Any, jax.Array, jax.Array]:
             return updates, state.nonfinite, state.sketch

@@ -117,9 +117,10 @@ def is_traced(tree: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
-def raise_if_nonfinite(names: Sequence[str], flags: Sequence[Any]) -> None:
-    """Raises ``ValueError`` naming the matrices whose flag is set (eager calls only)."""
-    bad = [name for name, flag in zip(names, flags, strict=True) if bool(flag)]
+def raise_if_nonfinite(names: Sequence[str], finite: jax.Array) -> None:
+    """Raises ``ValueError`` naming the matrices whose ``finite`` flag (one stacked array, read
+    with one transfer) is false; for eager calls."""
+    bad = [name for name, ok in zip(names, np.asarray(finite), strict=True) if not ok]
     if bad:
         raise ValueError(
             f"matrices {bad} hold NaN or Inf; they cannot be decomposed. (Under jit they are "
@@ -474,16 +475,21 @@ def leaf_matrix(leaf: Any, view: MatrixView) -> jax.Array:
 
 
 def spectra_of(leaves: Sequence[Any], views: Sequence[MatrixView]
-               ) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Singular values of each leaf's matrix and whether it was finite (one jitted call)."""
+               ) -> tuple[list[jax.Array], jax.Array]:
+    """Singular values of each leaf's matrix and whether each was finite (stacked), in one jitted
+    call."""
     return _jit_spectra(tuple(leaves), tuple(views))
 
 
 @partial(jax.jit, static_argnums=(1,))
 def _jit_spectra(leaves: tuple[Any, ...], views: tuple[MatrixView, ...]
-                 ) -> tuple[list[jax.Array], list[jax.Array]]:
+                 ) -> tuple[list[jax.Array], jax.Array]:
     mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
-    return [_spectrum(m) for m in mats], [jnp.all(jnp.isfinite(m)) for m in mats]
+    return [_spectrum(m) for m in mats], _stacked([jnp.all(jnp.isfinite(m)) for m in mats])
+
+
+def _stacked(flags: list[jax.Array]) -> jax.Array:
+    return jnp.stack(flags) if flags else jnp.zeros((0,), bool)
 
 
 def project_leaves(
@@ -495,8 +501,9 @@ def project_leaves(
     tail_scale: float,
     method: str,
     traced_ranks: Sequence[jax.Array] | None = None,
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Projects each leaf through its view onto its rank; returns the leaves and finiteness flags.
+) -> tuple[list[jax.Array], jax.Array]:
+    """Projects each leaf through its view onto its rank; returns the leaves and whether each was
+    finite (one stacked array).
 
     ``ranks`` are static; with ``traced_ranks`` they are the static bounds of traced ranks (masked
     path). Runs inline when traced (inside the caller's ``jit``), else as one jitted call.
@@ -511,13 +518,13 @@ def project_leaves(
 def _project_leaves(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...],
                     ranks: tuple[int, ...], energy_transfer: bool, tail_scale: float, method: str,
                     traced_ranks: tuple[jax.Array, ...] | None
-                    ) -> tuple[list[jax.Array], list[jax.Array]]:
+                    ) -> tuple[list[jax.Array], jax.Array]:
     mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, views, strict=True)]
     projected, flags = _project_many(mats, list(ranks), energy_transfer, tail_scale, method,
                                      None if traced_ranks is None else list(traced_ranks))
     out = [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(projected, leaves, views,
                                                                 strict=True)]
-    return out, flags
+    return out, _stacked(flags)
 
 
 _jit_project_leaves = jax.jit(_project_leaves, static_argnums=(1, 2, 3, 4, 5, 6))
@@ -525,17 +532,19 @@ _jit_project_leaves = jax.jit(_project_leaves, static_argnums=(1, 2, 3, 4, 5, 6)
 
 def factor_leaves(
     leaves: Sequence[Any], views: Sequence[MatrixView], ranks: Sequence[int], *, method: str
-) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
-    """Balanced factors ``(A, B)`` of each leaf's matrix at its rank, and finiteness flags."""
+) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+    """Balanced factors ``(A, B)`` of each leaf's matrix at its rank, and whether each matrix was
+    finite (one stacked array)."""
     return _jit_factor_leaves(tuple(leaves), tuple(views), tuple(ranks), method)
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3))
 def _jit_factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
                        ranks: tuple[int, ...], method: str
-                       ) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
+                       ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
-    return _factors_many(mats, list(ranks), method)
+    pairs, finite = _factors_many(mats, list(ranks), method)
+    return pairs, _stacked(finite)
 
 
 def singular_values_tree(
@@ -570,5 +579,5 @@ def singular_values_tree(
     leaves = [flat[leaf.index] for leaf in found.values()]
     spectra, finite = spectra_of(leaves, [leaf.view for leaf in found.values()])
     if not is_traced(leaves):
-        raise_if_nonfinite(list(found), [~f for f in finite])
+        raise_if_nonfinite(list(found), finite)
     return dict(zip(found, spectra, strict=True))
