@@ -12,6 +12,8 @@ Run modules from the root of the checkout: ``python -m experiments`` (the main j
 * :mod:`experiments.lorita_study`: the steps every LoRITa experiment takes.
 * :mod:`experiments.results`, :mod:`experiments.plots`, :mod:`experiments.presets`: tables,
   figures, presets and the shared command line.
+* :mod:`experiments.figures`: regenerates every figure of the README and docs from the current
+  code (``python -m experiments.figures``).
 * The papers' tables: :mod:`experiments.lorita_fcn`, :mod:`experiments.lorita_vit`,
   :mod:`experiments.lorita_cnn`, :mod:`experiments.lrpet_cifar`, :mod:`experiments.rank_search`
   (``smoke`` / ``default`` / ``paper`` presets; docs/reproducing.md).

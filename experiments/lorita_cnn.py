@@ -41,7 +41,7 @@ import optax
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, presets, truncation
-from experiments.results import Column, Results
+from experiments.results import Column, Results, run_settings
 from experiments.train import TrainConfig, cross_entropy, evaluate
 
 __all__ = ["PRESETS", "Config", "compress_to_macs", "main", "run"]
@@ -90,6 +90,9 @@ class Config:
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05)
     tolerance: float = 0.01
     checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        presets.check(self)
 
 
 PRESETS = {
@@ -141,7 +144,11 @@ def fine_tune_one_batch(model: Any, variables: dict[str, Any], images: jax.Array
 
 def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
     """Runs both parts; returns their tables (markdown) and rows."""
-    data = data_lib.load(config.data, config.data_dir, config.seed)
+    data = presets.load_data(config)
+    names = list(dict.fromkeys(config.models + config.compress_models))
+    built = {name: models.create(name, data.num_classes) for name in names}
+    presets.check_models({f"model {name!r}": model for name, model in built.items()},
+                         data.normalize(data.test.images[:1]))
     results.json("config", config)
     note = lorita_study.preset_note(data, ["cifar10", "cifar100"])
     steps = config.epochs * (len(data.train) // config.batch_size)
@@ -156,13 +163,14 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     train_config = TrainConfig(config.epochs, config.batch_size, config.seed,
                                checkpoint_every=config.checkpoint_every, progress=progress)
     augmentation = data_lib.Augmentation(config.pad, config.flip)
-    names = list(dict.fromkeys(config.models + config.compress_models))
     convs = jaxlr.kernel_filter(exclude=r"^head")
-    built = {name: models.create(name, data.num_classes) for name in names}
     out = lorita_study.run_models(
         [(name, built[name], augmentation) for name in names], data, results,
         depths=tuple(sorted(set(config.depths) | {config.compress_depth})),
         weight_decays=config.weight_decays, optimizer=optimizer, config=train_config,
+        settings=run_settings(config, exclude=(
+            "models", "compress_models", "compress_depth", "flop_drops", "depths",
+            "weight_decays", "budgets", "tolerance", "checkpoint_every")),
         budgets=config.budgets, filter=convs, pools="kind", normalize="max",
         tolerance=config.tolerance, label_smoothing=config.label_smoothing)
     table2 = [r for r in lorita_study.by_depth_rows(out["training"]) if r["model"] in
@@ -212,9 +220,9 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0],
-                                                  "results/lorita_cnn")
-    return run(config, Results(output), progress)
+    """``python -m experiments.lorita_cnn [--preset NAME] [--set FIELD=VALUE] ...``."""
+    return presets.cli(argv, PRESETS, run, description=__doc__.split("\n")[0],
+                       default_output="results/lorita_cnn", prog="python -m experiments.lorita_cnn")
 
 
 if __name__ == "__main__":

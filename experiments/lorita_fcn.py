@@ -30,9 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jaxlr
-from experiments import data as data_lib
 from experiments import lorita_study, models, presets
-from experiments.results import Results
+from experiments.results import Results, run_settings
 from experiments.train import TrainConfig
 from jaxlr import lorita
 
@@ -73,6 +72,9 @@ class Config:
     tolerance: float = 0.01
     checkpoint_every: int = 10
 
+    def __post_init__(self) -> None:
+        presets.check(self)
+
 
 PRESETS = {
     "default": Config(),
@@ -86,15 +88,20 @@ PRESETS = {
 
 def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
     """Runs the experiment; returns its tables (markdown) and rows."""
-    data = data_lib.load(config.data, config.data_dir, config.seed)
-    results.json("config", config)
+    data = presets.load_data(config)
     entries = [(f"FCN-{depth}", models.FCN(depth, config.width, num_classes=data.num_classes),
                 None) for depth in config.fcn_depths]
+    presets.check_models({f"fcn_depths={depth}": model for depth, (_, model, _) in
+                          zip(config.fcn_depths, entries, strict=True)},
+                         data.normalize(data.test.images[:1]))
+    results.json("config", config)
     out = lorita_study.run_models(
         entries, data, results, depths=config.depths, weight_decays=config.weight_decays,
         optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
         config=TrainConfig(config.epochs, config.batch_size, config.seed,
                            checkpoint_every=config.checkpoint_every, progress=progress),
+        settings=run_settings(config, exclude=("fcn_depths", "depths", "weight_decays",
+                                               "budgets", "tolerance", "checkpoint_every")),
         budgets=config.budgets, filter=jaxlr.kernel_filter(exclude="head"),
         tolerance=config.tolerance)
     note = lorita_study.preset_note(data, ["mnist"])
@@ -111,9 +118,9 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0],
-                                                  "results/lorita_fcn")
-    return run(config, Results(output), progress)
+    """``python -m experiments.lorita_fcn [--preset NAME] [--set FIELD=VALUE] ...``."""
+    return presets.cli(argv, PRESETS, run, description=__doc__.split("\n")[0],
+                       default_output="results/lorita_fcn", prog="python -m experiments.lorita_fcn")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -68,6 +68,7 @@ def train_depths(
     optimizer: Callable[[float], optax.GradientTransformation],
     config: TrainConfig,
     results: Results,
+    settings: Mapping[str, Any],
     label_smoothing: float = 0.0,
 ) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
     """Trains ``model`` for every N in ``depths`` and decay in ``weight_decays``.
@@ -80,7 +81,11 @@ def train_depths(
       weight_decays: coupled L2 decays tried per N.
       optimizer: ``weight decay -> optax optimizer`` (e.g. ``lorita.coupled_adam``).
       config: the training settings.
-      results: runs go to ``results/runs/{name}_N{N}_wd{decay}``.
+      results: runs go to ``results/runs/{name}_N{N}_wd{decay}-{fingerprint}``
+        (:meth:`~experiments.results.Results.run_dir`).
+      settings: what every run's result depends on besides its N and decay, e.g. the
+        optimizer's learning rate (:func:`~experiments.results.run_settings`); with the
+        model's name, N and decay they fingerprint the run.
       label_smoothing: of the loss.
 
     Returns:
@@ -93,7 +98,10 @@ def train_depths(
         for decay in weight_decays:
             label = f"{slug(name)}_N{depth}_wd{decay:g}"
             task = lorita_task(model, optimizer(decay), depth, label_smoothing)
-            result = train(task, data, config, workdir=results.file(f"runs/{label}"), label=label)
+            run = {**settings, "model": name, "N": depth, "weight_decay": decay,
+                   "label_smoothing": label_smoothing}
+            result = train(task, data, config, workdir=results.run_dir(label, run), label=label,
+                           settings=run)
             runs.append({"model": name, "N": depth, "weight_decay": decay,
                          "best_epoch": result.best_epoch, "validation": result.best_accuracy,
                          "test": evaluate(model, result.best, data, "test")["accuracy"],
@@ -153,6 +161,7 @@ def run_models(
     weight_decays: Sequence[float],
     optimizer: Callable[[float], optax.GradientTransformation],
     config: TrainConfig,
+    settings: Mapping[str, Any],
     budgets: Sequence[float],
     filter: jaxlr.matrices.Filter,  # noqa: A002
     pools: jaxlr.policies.Pools = None,
@@ -163,7 +172,8 @@ def run_models(
 ) -> dict[str, list[dict[str, Any]]]:
     """:func:`train_depths` and :func:`study_truncation` for each ``(name, model, augmentation)``,
     with its figures: ``accuracy_drop_{name}.png`` and ``singular_values_{name}.png`` (the first
-    ``first_layers`` truncated matrices per N).
+    ``first_layers`` truncated matrices per N). ``settings`` are those of :func:`train_depths`
+    (the entry's augmentation is added to them).
 
     Returns:
       ``{"training", "truncation", "accepted"}`` rows of every model.
@@ -173,7 +183,7 @@ def run_models(
         rows, chosen = train_depths(
             name, model, data, depths=depths, weight_decays=weight_decays, optimizer=optimizer,
             config=dataclasses.replace(config, augmentation=augmentation), results=results,
-            label_smoothing=label_smoothing)
+            settings={**settings, "augmentation": augmentation}, label_smoothing=label_smoothing)
         study = study_truncation(name, model, chosen, data, budgets=budgets, filter=filter,
                                  pools=pools, normalize=normalize, tolerance=tolerance)
         out["training"] += rows

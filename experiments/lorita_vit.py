@@ -32,7 +32,7 @@ from typing import Any
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, presets
-from experiments.results import Results
+from experiments.results import Results, run_settings
 from experiments.train import TrainConfig
 from jaxlr import lorita
 
@@ -79,6 +79,17 @@ class Config:
     tolerance: float = 0.01
     checkpoint_every: int = 10
 
+    def __post_init__(self) -> None:
+        presets.check(self)
+        for field in ("without_augmentation", "with_augmentation"):
+            for name in getattr(self, field):
+                try:
+                    models.create(f"{name}:{self.model_options}")
+                except ValueError as error:
+                    raise presets.SettingsError(
+                        f"{field}: {name!r} with model_options={self.model_options!r} is not a "
+                        f"model: {error}") from None
+
 
 PRESETS = {
     "default": Config(),
@@ -95,7 +106,11 @@ PRESETS = {
 
 def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
     """Runs the experiment; returns its tables (markdown) and rows."""
-    data = data_lib.load(config.data, config.data_dir, config.seed)
+    data = presets.load_data(config)
+    presets.check_models(
+        {f"{field}: {name}": models.create(f"{name}:{config.model_options}", data.num_classes)
+         for field in ("without_augmentation", "with_augmentation")
+         for name in getattr(config, field)}, data.normalize(data.test.images[:1]))
     results.json("config", config)
     train_config = TrainConfig(config.epochs, config.batch_size, config.seed,
                                checkpoint_every=config.checkpoint_every, progress=progress)
@@ -111,10 +126,15 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     for table, group in groups.items():
         entries = [(name, models.create(f"{name.removesuffix('+aug')}:{config.model_options}",
                                         data.num_classes), aug) for name, aug in group]
+        # Runs without augmentation do not depend on its settings.
+        unused = ("pad", "flip") if table == "table1" else ()
+        settings = run_settings(config, exclude=(
+            "without_augmentation", "with_augmentation", "depths", "weight_decays", "budgets",
+            "tolerance", "checkpoint_every", *unused))
         out = lorita_study.run_models(
             entries, data, results, depths=config.depths, weight_decays=config.weight_decays,
             optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
-            config=train_config, budgets=config.budgets,
+            config=train_config, settings=settings, budgets=config.budgets,
             filter=jaxlr.kernel_filter(include=r"^block"), pools="kind",
             tolerance=config.tolerance)
         for key in everything:
@@ -130,9 +150,9 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0],
-                                                  "results/lorita_vit")
-    return run(config, Results(output), progress)
+    """``python -m experiments.lorita_vit [--preset NAME] [--set FIELD=VALUE] ...``."""
+    return presets.cli(argv, PRESETS, run, description=__doc__.split("\n")[0],
+                       default_output="results/lorita_vit", prog="python -m experiments.lorita_vit")
 
 
 if __name__ == "__main__":

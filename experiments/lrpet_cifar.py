@@ -49,7 +49,7 @@ import optax
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, plots, presets, truncation
-from experiments.results import Column, Results
+from experiments.results import Column, Results, run_settings
 from experiments.train import Task, TrainConfig, TrainResult, evaluate, train
 
 __all__ = ["PRESETS", "Config", "main", "run"]
@@ -99,6 +99,9 @@ class Config:
     timing_epochs: int = 4
     checkpoint_every: int = 10
 
+    def __post_init__(self) -> None:
+        presets.check(self)
+
 
 PRESETS = {
     "default": Config(),
@@ -142,24 +145,55 @@ def _score(model: Any, variables: dict[str, Any], ranks: dict[str, int] | None,
             "params_pr": 1 - params / dense_params}
 
 
+def _read_ranks(config: Config, model: Any, sample: jax.Array) -> dict[str, int] | None:
+    """The ranks of ``ranks_file``, checked against the first model's convolutions."""
+    if config.ranks_file is None:
+        return None
+    path = Path(config.ranks_file)
+    try:
+        ranks = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise presets.SettingsError(f"ranks_file={config.ranks_file!r} cannot be read as JSON: "
+                                    f"{error}") from error
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))
+    try:
+        return dict(jaxlr.policies.resolve_ranks(ranks, shapes["params"]))
+    except (TypeError, ValueError) as error:
+        raise presets.SettingsError(f"ranks_file={config.ranks_file!r} does not fit "
+                                    f"{config.runs[0][0]!r}: {error}") from error
+
+
 def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
-    """Runs every table; returns their tables (markdown) and rows."""
-    data = data_lib.load(config.data, config.data_dir, config.seed)
+    """Runs every table; returns their tables (markdown) and rows (``main``, ``ablation``,
+    ``timing``)."""
+    data = presets.load_data(config)
+    sample = jnp.asarray(data.normalize(data.test.images[:1]))
+    presets.check_models({f"runs: {name!r}": models.create(name, data.num_classes)
+                          for name, _ in config.runs}, sample)
+    file_ranks = _read_ranks(config, models.create(config.runs[0][0], data.num_classes), sample)
     results.json("config", config)
     note = lorita_study.preset_note(data, ["cifar10"])
     steps_per_epoch = len(data.train) // config.batch_size
     augmentation = data_lib.Augmentation(config.pad, config.flip)
-    sample = jnp.asarray(data.normalize(data.test.images[:1]))
-    file_ranks = json.loads(Path(config.ranks_file).read_text()) if config.ranks_file else None
 
-    fitted: dict[tuple, TrainResult] = {}
+    # What every run depends on besides its own model, epochs, ranks and options.
+    shared = run_settings(config, exclude=("runs", "ranks_file", "epochs", "pretrained_epochs",
+                                           "ablation", "timing_epochs", "checkpoint_every"))
+    fitted: dict[str, tuple[TrainResult, dict[str, Any]]] = {}
 
     def fit(name: str, model: Any, epochs: int, ranks: dict[str, int] | None = None,
             energy: bool = True, bnr: bool = True, every: int = steps_per_epoch,
-            pretrained: dict[str, Any] | None = None) -> TrainResult:
-        """Trains (or reuses the identical run): no projection when ``ranks`` is None."""
-        key = (name, epochs, None if ranks is None else tuple(sorted(ranks.items())), energy,
-               bnr, every, pretrained is not None)
+            pretrained: tuple[TrainResult, dict[str, Any]] | None = None,
+            ) -> tuple[TrainResult, dict[str, Any]]:
+        """Trains (or reuses the identical run): no projection when ``ranks`` is None. Returns
+        the result and the run's settings (a run from ``pretrained`` has the pretrained run's
+        settings among its own)."""
+        settings = {**shared, "model": name, "epochs": epochs,
+                    "ranks": None if ranks is None else dict(sorted(ranks.items())),
+                    **({} if ranks is None else {"energy_transfer": energy, "bn_rectification": bnr,
+                                                 "every": every}),
+                    "pretrained": None if pretrained is None else pretrained[1]}
+        key = json.dumps(settings, sort_keys=True)
         if key in fitted:
             return fitted[key]
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))
@@ -177,30 +211,33 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                           *([] if ranks is None else [f"et{int(energy)}", f"bnr{int(bnr)}",
                                                       f"every{every}"]),
                           *(["pt"] if pretrained is not None else [])])
-        fitted[key] = train(task, data, train_config, workdir=results.file(f"runs/{label}"),
-                            variables=pretrained, label=label)
+        result = train(task, data, train_config, workdir=results.run_dir(label, settings),
+                       variables=None if pretrained is None else pretrained[0].best,
+                       label=label, settings=settings)
+        fitted[key] = (result, settings)
         return fitted[key]
 
     main_rows, baselines = [], {}
     for index, (name, ratio) in enumerate(config.runs):
         model = models.create(name, data.num_classes)
         if name not in baselines:
-            result = fit(name, model, config.epochs)
+            baseline = fit(name, model, config.epochs)
+            result = baseline[0]
             dense_macs = truncation.forward_macs(model, result.best, sample)
             dense_params = models.param_count(result.best["params"])
             base = _score(model, result.best, None, data, sample, dense_macs, dense_params)
-            baselines[name] = (result, dense_macs, dense_params, base)
+            baselines[name] = (baseline, dense_macs, dense_params, base)
             main_rows.append({"model": name, "pt": "", "method": "baseline", "ratio": None,
                               **base, "change": 0.0})
-        result, dense_macs, dense_params, base = baselines[name]
+        baseline, dense_macs, dense_params, base = baselines[name]
         searched = bool(file_ranks) and index == 0
         ranks = file_ranks if searched else jaxlr.lsvt_ranks(
-            result.best["params"], prune=ratio, filter="conv")
+            baseline[0].best["params"], prune=ratio, filter="conv")
         starts = [("N", None, config.epochs)]
         if config.pretrained_epochs:
-            starts.append(("Y", result.best, config.pretrained_epochs))
+            starts.append(("Y", baseline, config.pretrained_epochs))
         for pt, init, epochs in starts:
-            trained = fit(name, model, epochs, dict(ranks), pretrained=init)
+            trained, _ = fit(name, model, epochs, dict(ranks), pretrained=init)
             score = _score(model, trained.best, dict(ranks), data, sample, dense_macs,
                            dense_params)
             main_rows.append({"model": name, "pt": pt, "method": "LRPET",
@@ -218,13 +255,15 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
 
     name, ratio = config.runs[0]
     model = models.create(name, data.num_classes)
-    result, dense_macs, dense_params, base = baselines[name]
-    ranks = dict(jaxlr.lsvt_ranks(result.best["params"], prune=ratio, filter="conv"))
-    first_two = _first_convs(result.best)
+    baseline, dense_macs, dense_params, base = baselines[name]
+    ranks = dict(jaxlr.lsvt_ranks(baseline[0].best["params"], prune=ratio, filter="conv"))
+    first_two = _first_convs(baseline[0].best)
+    ablation: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
     if config.ablation:
-        ablation, histories = [], {}
+        histories = {}
         for method, (energy, bnr) in ABLATION.items():
-            trained = fit(name, model, config.epochs, ranks, energy, bnr)
+            trained, _ = fit(name, model, config.epochs, ranks, energy, bnr)
             histories[method] = trained.history
             score = _score(model, trained.best, ranks, data, sample, dense_macs, dense_params)
             norms = {}
@@ -247,11 +286,10 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             f"and the first step after each projection, averaged over epochs.{note}")
         plots.training_curves(histories, results.file("ablation_training.png"))
     if config.timing_epochs:
-        timing = []
         for method, every in (("SGD", None), ("LRPET (every epoch)", steps_per_epoch),
                               ("projection every step", 1)):
-            trained = fit(name, model, config.timing_epochs, None if every is None else ranks,
-                          every=every or steps_per_epoch)
+            trained, _ = fit(name, model, config.timing_epochs,
+                             None if every is None else ranks, every=every or steps_per_epoch)
             seconds = [r["seconds"] for r in trained.history[1:]]
             timing.append({"method": method, "seconds": float(np.mean(seconds))})
         for row in timing:
@@ -263,13 +301,14 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             f"epoch left out; {name}, p = {ratio:g}.{note}")
     for key, table in tables.items():
         print(f"\n{key}\n{table}")
-    return {"tables": tables, "main": main_rows}
+    return {"tables": tables, "main": main_rows, "ablation": ablation, "timing": timing}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0],
-                                                  "results/lrpet_cifar")
-    return run(config, Results(output), progress)
+    """``python -m experiments.lrpet_cifar [--preset NAME] [--set FIELD=VALUE] ...``."""
+    return presets.cli(argv, PRESETS, run, description=__doc__.split("\n")[0],
+                       default_output="results/lrpet_cifar",
+                       prog="python -m experiments.lrpet_cifar")
 
 
 if __name__ == "__main__":

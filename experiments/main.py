@@ -23,7 +23,9 @@ Written to the results directory (``results/PRESET`` by default): ``config.json`
 markdown and CSV (``lorita_training``, ``lorita_truncation``, ``lorita_accepted``, ``lrpet``) and
 all of them in ``summary.md``; plots ``accuracy_drop.png`` (accuracy drop against retained
 singular values), ``singular_values.png`` (their decay per layer, N = 1 and N = 3) and
-``lrpet_training.png``; per training run, ``runs/NAME/metrics.jsonl`` and its orbax checkpoints.
+``lrpet_training.png``; per training run, ``runs/NAME-FINGERPRINT/`` with its ``settings.json``,
+``metrics.jsonl`` and orbax checkpoints (the fingerprint covers every setting the run's result
+depends on: run again with other settings, the job trains anew instead of reusing runs).
 """
 
 from __future__ import annotations
@@ -34,13 +36,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, plots, presets, truncation
-from experiments.results import Column, Results
+from experiments.results import Column, Results, run_settings
 from experiments.train import Task, TrainConfig, evaluate, train
 from jaxlr import lorita
 
@@ -92,6 +93,16 @@ class Config:
     sgd_weight_decay: float = 5e-4
     checkpoint_every: int = 10
 
+    def __post_init__(self) -> None:
+        presets.check(self)
+
+
+# Fields no training run's result depends on (each run has its own N and decay), and those of
+# the other part: the fingerprint of a run covers every other field (results.run_settings).
+_AFTER_TRAINING = ("depths", "weight_decays", "budgets", "tolerance", "checkpoint_every")
+_NOT_LORITA = (*_AFTER_TRAINING, "cnn", "lrpet_epochs", "prune", "sgd_learning_rate",
+               "sgd_weight_decay")
+_NOT_LRPET = (*_AFTER_TRAINING, "fcn_depth", "fcn_width", "lorita_epochs", "learning_rate")
 
 PRESETS = {
     "default": Config(),
@@ -111,7 +122,7 @@ def lorita_part(config: Config, data: data_lib.Dataset, results: Results,
         optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
         config=TrainConfig(config.lorita_epochs, config.batch_size, config.seed,
                            checkpoint_every=config.checkpoint_every, progress=progress),
-        results=results)
+        results=results, settings=run_settings(config, exclude=_NOT_LORITA))
     study = lorita_study.study_truncation(name, model, chosen, data, budgets=config.budgets,
                                           filter=hidden, tolerance=config.tolerance)
     tables = {
@@ -161,10 +172,11 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
                                 optax.sgd(schedule, momentum=0.9),
                                 *([projection] if projection is not None else []))
         slug = name.lower().replace(" ", "_")
+        settings = run_settings(config, exclude=_NOT_LRPET, variant=name)
         result = train(Task(model, optimizer), data, TrainConfig(
             config.lrpet_epochs, config.batch_size, config.seed,
             checkpoint_every=config.checkpoint_every, progress=progress),
-            workdir=results.file(f"runs/{slug}"), label=slug)
+            workdir=results.run_dir(slug, settings), label=slug, settings=settings)
         histories[name] = result.history
         variables = result.best
         dense_macs = truncation.forward_macs(model, variables, sample)
@@ -195,9 +207,15 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
 
 
 def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
-    """Runs the main job; returns its tables (markdown) and rows."""
+    """Runs the main job; returns its tables (markdown), rows, seconds and split sizes."""
     began = time.perf_counter()
-    data = data_lib.load(config.data, config.data_dir, config.seed)
+    data = presets.load_data(config)
+    sample = data.normalize(data.test.images[:1])
+    presets.check_models({
+        f"fcn_depth={config.fcn_depth}, fcn_width={config.fcn_width}": models.FCN(
+            config.fcn_depth, config.fcn_width, num_classes=data.num_classes),
+        f"cnn={config.cnn}": models.VGG(config=config.cnn, num_classes=data.num_classes)},
+        sample)
     results.json("config", config)
     print(f"{data.name}: {len(data.train)} train / {len(data.validation)} validation / "
           f"{len(data.test)} test images of shape {data.image_shape}; results in {results.path}")
@@ -211,13 +229,15 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         summary += [f"## {name}", "", caption, "", table, ""]
     results.file("summary.md").write_text("\n".join(summary))
     print("\n".join(summary))
-    return {"tables": tables, "lorita": lorita_out, "lrpet": lrpet_out, "seconds": seconds}
+    return {"tables": tables, "lorita": lorita_out, "lrpet": lrpet_out, "seconds": seconds,
+            "examples": {"train": len(data.train), "validation": len(data.validation),
+                         "test": len(data.test)}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0])
-    jnp.zeros(())  # initialise the backend before the first progress bar
-    return run(config, Results(output), progress)
+    """``python -m experiments [--preset NAME] [--set FIELD=VALUE] [--output-dir DIR]``."""
+    return presets.cli(argv, PRESETS, run, description=__doc__.split("\n")[0],
+                       prog="python -m experiments")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,20 @@
-"""Presets and the command line every experiment shares.
+"""Presets, settings checks and the command line every experiment shares.
 
 An experiment describes its settings as a frozen dataclass and names a few instances of it
 (``smoke``: seconds, for tests; ``default``: the job as documented; ``paper``: the papers'
 settings). :func:`parse_args` picks one, applies ``--set field=value`` overrides (checked against
-the field's type) and returns it with the output directory.
+the field's type) and returns it with the output directory; :func:`cli` does that and runs the
+experiment, turning a bad setting into a one-line error.
+
+Settings are checked before anything trains, in two steps:
+
+* :func:`check`, called by each experiment's config when it is built (``__post_init__``): every
+  field against its rule in :data:`RULES` (type, range, model names, data set names), by field
+  name. A config field without a rule is itself an error, so no new setting goes unchecked.
+* :func:`check_models` and :func:`load_data`, at the start of a run: every model the run will
+  train is traced on an image of the data (shapes only), and the data set must load.
+
+Both raise :class:`SettingsError`, naming the field, the value and what is allowed.
 
 Example:
   >>> import dataclasses
@@ -11,10 +22,16 @@ Example:
   ... class Config:
   ...     epochs: int = 10
   ...     budgets: tuple[float, ...] = (0.5, 0.1)
+  ...     def __post_init__(self):
+  ...         check(self)
   >>> config, _, _ = parse_args(["--preset", "smoke", "--set", "budgets=(0.3,)"],
   ...                           {"smoke": Config(epochs=1), "default": Config()}, "demo")
   >>> config
   Config(epochs=1, budgets=(0.3,))
+  >>> Config(epochs=0)
+  Traceback (most recent call last):
+    ...
+  experiments.presets.SettingsError: epochs must be an int >= 1, got 0.
 """
 
 from __future__ import annotations
@@ -22,13 +39,270 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-from collections.abc import Mapping, Sequence
+import math
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-__all__ = ["override", "parse_args"]
+__all__ = [
+    "RULES",
+    "Rule",
+    "SettingsError",
+    "SettingsTypeError",
+    "check",
+    "check_models",
+    "cli",
+    "load_data",
+    "override",
+    "parse_args",
+]
 
 ConfigT = TypeVar("ConfigT")
+
+
+class SettingsError(ValueError):
+    """An experiment setting that cannot work, found before anything trains."""
+
+
+class SettingsTypeError(SettingsError, TypeError):
+    """A setting of the wrong type (a string for a number, a bool for an int, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules, by field name.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a setting may be.
+
+    Attributes:
+      allowed: the allowed values in words (for the error message), e.g. ``"an int >= 1"``.
+      kind: whether a value has the right type.
+      value: whether a value of the right type is allowed; or a function returning a reason
+        (a string) where it is not, ``None`` where it is.
+    """
+
+    allowed: str
+    kind: Callable[[Any], bool]
+    value: Callable[[Any], bool | str | None] = lambda value: True
+
+    def check(self, name: str, value: Any) -> None:
+        """Raises :class:`SettingsError` naming ``name`` if ``value`` is not allowed."""
+        if not self.kind(value):
+            raise SettingsTypeError(f"{name} must be {self.allowed}, got {value!r}.")
+        verdict = self.value(value)
+        if verdict is True or verdict is None:
+            return
+        reason = f" ({verdict.rstrip('.')})" if isinstance(verdict, str) else ""
+        raise SettingsError(f"{name} must be {self.allowed}, got {value!r}{reason}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(minimum: int) -> Rule:
+    return Rule(f"an int >= {minimum}", _is_int, lambda v: v >= minimum)
+
+
+def _number(low: float, high: float = math.inf, *, open_low: bool = False,
+            open_high: bool = True, words: str = "") -> Rule:
+    def inside(v: float) -> bool:
+        return (math.isfinite(v) and (v > low if open_low else v >= low)
+                and (v < high if open_high else v <= high))
+
+    return Rule(words or _interval("a number", low, high, open_low, open_high), _is_number,
+                inside)
+
+
+def _interval(what: str, low: float, high: float, open_low: bool, open_high: bool) -> str:
+    if high == math.inf:
+        return f"{what} {'>' if open_low else '>='} {low:g}"
+    return (f"{what} in {'(' if open_low else '['}{low:g}, {high:g}"
+            f"{')' if open_high else ']'}")
+
+
+def _tuple_of(item: Rule, what: str, *, empty: bool = False, distinct: bool = True) -> Rule:
+    def kind(value: Any) -> bool:
+        return isinstance(value, tuple) and all(item.kind(v) for v in value)
+
+    def allowed(value: tuple) -> bool | str:
+        if not value and not empty:
+            return "it is empty"
+        for v in value:
+            verdict = item.value(v)
+            if isinstance(verdict, str):
+                return f"{v!r}: {verdict.rstrip('.')}"
+            if verdict is False:
+                return f"{v!r} is not {item.allowed}"
+        if distinct and len(set(value)) != len(value):
+            return "it repeats a value"
+        return True
+
+    words = f"{'a' if empty else 'a non-empty'} tuple of {'distinct ' if distinct else ''}{what}"
+    return Rule(words, kind, allowed)
+
+
+def _model_spec(value: str) -> bool | str:
+    from experiments import models
+
+    try:
+        models.create(value)
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def _data_spec(value: str) -> bool | str:
+    from experiments import data as data_lib
+
+    if value == "digits" or value in data_lib.TFDS_NAMES:
+        return True
+    if value.startswith("idx:") and value[len("idx:"):]:
+        return True
+    return f"one of 'digits', 'idx:DIR', {', '.join(map(repr, data_lib.TFDS_NAMES))}"
+
+
+def _cnn_layer(value: Any) -> bool:
+    return value == "M" or (_is_int(value) and value >= 1)
+
+
+def _run(value: Any) -> bool | str:
+    spec, prune = value
+    verdict = _model_spec(spec)
+    if verdict is not True:
+        return verdict
+    return True if 0 <= prune < 1 else f"the pruning ratio {prune!r} is not in [0, 1)"
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+_POSITIVE = _int(1)
+_NONNEGATIVE = _int(0)
+_BOOL = Rule("True or False", lambda v: isinstance(v, bool))
+_RATE = _number(0, open_low=True)
+_DECAY = _number(0)
+_PRUNE = _number(0, 1)
+_MODEL = Rule("a model name of experiments.models.create (e.g. 'resnet20', "
+              "'vgg:config=32/M/64/M', 'vit-l4-h4:dim=64')", _is_str, _model_spec)
+_MODELS = _tuple_of(_MODEL, "model names (experiments.models.create)", empty=True)
+_OPTIONAL_STR = Rule("None or a string", lambda v: v is None or isinstance(v, str))
+
+RULES: dict[str, Rule] = {
+    # Counts.
+    **{name: _POSITIVE for name in (
+        "baseline_epochs", "batch_size", "checkpoint_every", "compress_depth", "epochs",
+        "fcn_depth", "fcn_width", "lorita_epochs", "lrpet_epochs", "random_trials",
+        "trial_epochs", "trials", "width")},
+    **{name: _NONNEGATIVE for name in ("seed", "pad", "pretrained_epochs", "timing_epochs")},
+    "depths": _tuple_of(_POSITIVE, "ints >= 1 (LoRITa's N)"),
+    "fcn_depths": _tuple_of(_POSITIVE, "ints >= 1"),
+    # Switches.
+    "ablation": _BOOL,
+    "flip": _BOOL,
+    # Optimisation.
+    "learning_rate": _RATE,
+    "sgd_learning_rate": _RATE,
+    "weight_decay": _DECAY,
+    "sgd_weight_decay": _DECAY,
+    "weight_decays": _tuple_of(_DECAY, "numbers >= 0"),
+    "label_smoothing": _PRUNE,
+    "lam": _DECAY,
+    # Compression.
+    "prune": _PRUNE,
+    "min_prune": _PRUNE,
+    "max_prune": _PRUNE,
+    "budgets": _tuple_of(_number(0, 1, open_low=True, open_high=False),
+                         "numbers in (0, 1]"),
+    "flop_drops": _tuple_of(_number(0, 1, open_low=True), "numbers in (0, 1)"),
+    "tolerance": _PRUNE,
+    "ranks_file": _OPTIONAL_STR,
+    # Data.
+    "data": Rule("a data set: 'digits', 'idx:DIR', 'mnist', 'cifar10' or 'cifar100'", _is_str,
+                 _data_spec),
+    "data_dir": _OPTIONAL_STR,
+    # Models.
+    "model": _MODEL,
+    "models": _MODELS,
+    "compress_models": _MODELS,
+    "with_augmentation": _MODELS,
+    "without_augmentation": _MODELS,
+    "model_options": Rule("model options 'key=value,...' (e.g. 'dim=64,patch=2')", _is_str),
+    "cnn": Rule("a non-empty tuple of layer widths (ints >= 1) and 'M' (max-pooling), with at "
+                "least one width", lambda v: isinstance(v, tuple) and all(map(_cnn_layer, v)),
+                lambda v: any(_is_int(x) for x in v)),
+    "runs": _tuple_of(Rule("a (model name, pruning ratio in [0, 1)) pair",
+                           lambda v: isinstance(v, tuple) and len(v) == 2 and _is_str(v[0])
+                           and _is_number(v[1]), _run), "(model name, pruning ratio) pairs"),
+}
+
+
+def check(config: Any, rules: Mapping[str, Rule] | None = None) -> None:
+    """Checks every field of ``config`` (a dataclass) against its rule.
+
+    Args:
+      config: an experiment's settings.
+      rules: rules by field name (default :data:`RULES`).
+
+    Raises:
+      SettingsError: naming the first field whose value is not allowed, the value and what is
+        allowed (:class:`SettingsTypeError` for a value of the wrong type).
+      TypeError: for a field that has no rule (add one to :data:`RULES`).
+    """
+    rules = RULES if rules is None else rules
+    for field in dataclasses.fields(config):
+        if field.name not in rules:
+            raise TypeError(f"{type(config).__name__}.{field.name} has no rule in "
+                            "experiments.presets.RULES: add one, so that it is checked.")
+        rules[field.name].check(field.name, getattr(config, field.name))
+
+
+def load_data(config: Any) -> Any:
+    """``experiments.data.load(config.data, config.data_dir, config.seed)``, its errors (a
+    missing directory or file, an unprepared tfds data set) raised as :class:`SettingsError`
+    naming the setting."""
+    from experiments import data as data_lib
+
+    try:
+        return data_lib.load(config.data, config.data_dir, config.seed)
+    except (FileNotFoundError, NotADirectoryError, data_lib.DatasetNotPreparedError,
+            ValueError) as error:
+        raise SettingsError(f"data={config.data!r} cannot be loaded: {error}") from error
+
+
+def check_models(models: Mapping[str, Any], sample: Any) -> None:
+    """Traces the initialisation of every model (shapes only, nothing is computed) on
+    ``sample``, so that a model that cannot run on the data fails before anything trains.
+
+    Args:
+      models: ``{what names it (e.g. "cnn=(32, 'M')"): Linen model}``.
+      sample: a batch of the data's normalised images.
+
+    Raises:
+      SettingsError: naming the model and the error.
+    """
+    import jax
+
+    for name, model in models.items():
+        try:
+            jax.eval_shape(lambda m=model: m.init(jax.random.key(0), sample, train=False))
+        except Exception as error:  # a model's own errors come in many types
+            raise SettingsError(f"{name}: the model cannot run on images of shape "
+                                f"{tuple(sample.shape[1:])}: {error}") from error
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line.
 
 
 def _same_kind(old: Any, new: Any) -> bool:
@@ -46,7 +320,8 @@ def override(config: ConfigT, assignments: Sequence[str]) -> ConfigT:
     that is not a literal is taken as a string).
 
     Raises:
-      ValueError: for an unknown field, a malformed assignment or a value of another type.
+      ValueError: for an unknown field, a malformed assignment or a value of another type, or
+        a value the config refuses (:class:`SettingsError`).
     """
     fields = {f.name for f in dataclasses.fields(config)}  # type: ignore[arg-type]
     changes = {}
@@ -66,19 +341,79 @@ def override(config: ConfigT, assignments: Sequence[str]) -> ConfigT:
     return dataclasses.replace(config, **changes)  # type: ignore[type-var]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (no usage block, no traceback), pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message.rstrip('.')}. See --help.\n")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """``{field: description}`` from the ``Attributes:`` section of a Google-style docstring."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside, current, indent = False, None, None
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if not stripped:
+            if docs:
+                break
+            continue
+        depth = len(line) - len(line.lstrip())
+        head, sep, text = stripped.partition(":")
+        if sep and head.isidentifier() and (indent is None or depth <= indent):
+            indent, current = depth, head
+            docs[current] = text.strip()
+        elif current is not None:
+            docs[current] += " " + stripped
+    return docs
+
+
+def _plain(text: str) -> str:
+    """Docstring markup (``code``, :func:`name`) as plain text."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
+def _settings_help(presets: Mapping[str, Any]) -> str:
+    first = next(iter(presets.values()))
+    docs = _field_docs(type(first))
+    lines = ["settings (--set FIELD=VALUE, the value a Python literal), with each preset's value:"]
+    for field in dataclasses.fields(first):
+        rule = RULES.get(field.name)
+        allowed = f" [{rule.allowed}]" if rule is not None else ""
+        lines += textwrap.wrap(f"{field.name}: {_plain(docs.get(field.name, ''))}{allowed}",
+                               width=96, initial_indent="  ", subsequent_indent="      ")
+        values = {preset: repr(getattr(config, field.name)) for preset, config in presets.items()}
+        if len(set(values.values())) == 1:
+            lines.append(f"      every preset: {next(iter(values.values()))}")
+        else:
+            lines += [f"      {preset + ':':9} {value}" for preset, value in values.items()]
+    return "\n".join(lines)
+
+
 def parse_args(
     argv: Sequence[str] | None,
     presets: Mapping[str, ConfigT],
     description: str,
     default_output: str = "results",
+    prog: str | None = None,
 ) -> tuple[ConfigT, Path, bool]:
     """``(config, output directory, show progress)`` from the command line.
 
     Options: ``--preset NAME`` (default ``default``, else the first), ``--set field=value``
     (repeatable), ``--output-dir DIR`` (default ``{default_output}/{preset}``), ``--no-progress``.
+    ``--help`` lists every field with its description and each preset's value. A bad option or
+    setting exits with a one-line error (status 2).
     """
     default = "default" if "default" in presets else next(iter(presets))
-    parser = argparse.ArgumentParser(description=description)
+    parser = _Parser(prog=prog, description=description, epilog=_settings_help(presets),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(presets), default=default,
                         help=f"settings to start from (default: {default})")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -93,3 +428,28 @@ def parse_args(
         parser.error(str(error))
     output = args.output_dir or Path(default_output) / args.preset
     return config, output, not args.no_progress
+
+
+def cli(
+    argv: Sequence[str] | None,
+    presets: Mapping[str, ConfigT],
+    run: Callable[..., ConfigT | Any],
+    *,
+    description: str,
+    default_output: str = "results",
+    prog: str | None = None,
+) -> Any:
+    """Parses the command line (:func:`parse_args`) and calls ``run(config, Results(output),
+    progress)``; a :class:`SettingsError` found at the start of the run (a model that cannot run
+    on the data, data that cannot be loaded) exits with a one-line error too."""
+    import jax.numpy as jnp
+
+    from experiments.results import Results
+
+    config, output, progress = parse_args(argv, presets, description, default_output, prog)
+    jnp.zeros(())  # initialise the backend before the first progress bar
+    try:
+        return run(config, Results(output), progress)
+    except SettingsError as error:
+        sys.stderr.write(f"{prog or Path(sys.argv[0]).name}: error: {error}\n")
+        raise SystemExit(2) from None

@@ -31,12 +31,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import jaxlr
-from experiments import data as data_lib
 from experiments import lorita_study, models, plots, presets, truncation
-from experiments.results import Column, Results
+from experiments.results import Column, Results, run_settings
 from experiments.train import Task, TrainConfig, evaluate, train
 
 __all__ = ["PRESETS", "Config", "main", "run"]
@@ -79,14 +79,14 @@ class Config:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        if not 0 <= self.min_prune < self.max_prune < 1:
-            raise ValueError(f"need 0 <= min_prune < max_prune < 1, got {self.min_prune}, "
-                             f"{self.max_prune}.")
-        if not 1 <= self.random_trials <= self.trials:
-            raise ValueError(f"random_trials must be in [1, trials={self.trials}], got "
-                             f"{self.random_trials}.")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}.")
+        presets.check(self)
+        if not self.min_prune < self.max_prune:
+            raise presets.SettingsError(
+                f"min_prune must be below max_prune, got min_prune={self.min_prune}, "
+                f"max_prune={self.max_prune}.")
+        if self.random_trials > self.trials:
+            raise presets.SettingsError(f"random_trials must be in [1, trials={self.trials}], "
+                                        f"got {self.random_trials}.")
 
 
 PRESETS = {
@@ -109,15 +109,21 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     """Runs the search; returns the best ranks, the trials and the table (markdown)."""
     from bayes_opt import BayesianOptimization, acquisition
 
-    data = data_lib.load(config.data, config.data_dir, config.seed)
-    results.json("config", config)
+    data = presets.load_data(config)
     model = models.create(config.model, data.num_classes)
+    presets.check_models({f"model={config.model!r}": model},
+                         data.normalize(data.test.images[:1]))
+    results.json("config", config)
     steps_per_epoch = len(data.train) // config.batch_size
     slug = lorita_study.slug(config.model)
+    # The baseline does not depend on the search's settings.
+    settings = run_settings(config, exclude=("trials", "random_trials", "lam", "min_prune",
+                                             "max_prune", "trial_epochs"))
     baseline = train(Task(model, _sgd(config, config.learning_rate)), data,
                      TrainConfig(config.baseline_epochs, config.batch_size, config.seed,
                                  progress=progress),
-                     workdir=results.file(f"runs/{slug}_baseline"), label="baseline")
+                     workdir=results.run_dir(f"{slug}_baseline", settings), label="baseline",
+                     settings=settings)
     sample = jnp.asarray(data.normalize(data.test.images[:1]))
     dense_macs = truncation.forward_macs(model, baseline.best, sample)
     leaves = jaxlr.matrix_leaves(baseline.best["params"], filter="conv")
@@ -130,10 +136,14 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         acquisition_function=acquisition.ExpectedImprovement(xi=0.01),
         random_state=config.seed, verbose=0, allow_duplicate_points=True)
 
+    # The random trials are drawn from the seed (bayes_opt's random_sample draws from a fresh,
+    # unseeded generator unless given one): the same settings give the same search.
+    sampler = np.random.RandomState(config.seed)
     trials = []
     for trial in range(config.trials):
         if trial < config.random_trials:
-            point = optimizer.space.array_to_params(optimizer.space.random_sample())
+            point = optimizer.space.array_to_params(
+                optimizer.space.random_sample(random_state=sampler))
         else:
             point = optimizer.suggest()
         ratios = {keys[k]: float(v) for k, v in point.items()}
@@ -174,9 +184,10 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, output, progress = presets.parse_args(argv, PRESETS, __doc__.split("\n")[0],
-                                                  "results/rank_search")
-    return run(config, Results(output), progress)
+    """``python -m experiments.rank_search [--preset NAME] [--set FIELD=VALUE] ...``."""
+    return presets.cli(argv, PRESETS, run, description=__doc__.split("\n")[0],
+                       default_output="results/rank_search",
+                       prog="python -m experiments.rank_search")
 
 
 if __name__ == "__main__":

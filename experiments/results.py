@@ -1,4 +1,10 @@
-"""A results directory: the run's configuration, tables as markdown and CSV, and where plots go.
+"""A results directory: the run's configuration, tables as markdown and CSV, where plots go, and
+one fingerprinted directory per training run.
+
+A training run's directory is named by its label and a fingerprint of every setting its result
+depends on (:func:`run_settings`, :meth:`Results.run_dir`): run again with a changed learning
+rate or pruning ratio, an experiment trains into a new directory instead of reusing runs that
+other settings produced, and changed back it finds the old ones again.
 
 Example:
   >>> import tempfile
@@ -16,13 +22,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["Column", "Results", "markdown_table"]
+__all__ = ["Column", "Results", "markdown_table", "run_settings"]
 
 
 class Column(NamedTuple):
@@ -71,6 +79,46 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def run_settings(config: Any, *, exclude: Sequence[str] = (), **identity: Any) -> dict[str, Any]:
+    """The settings a training run's result depends on, as JSON values: every field of the
+    experiment's ``config`` (a dataclass) except those in ``exclude``, and the run's own
+    ``identity`` (its N, weight decay, model, ...; these win over a field of the same name).
+
+    Fields are left out only by name, so a field added to a config later counts for every run
+    until it is excluded where it does not matter: a run may be retrained needlessly, never
+    reused wrongly.
+
+    Example:
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Config:
+      ...     learning_rate: float = 0.1
+      ...     budgets: tuple[float, ...] = (0.5, 0.1)
+      >>> run_settings(Config(), exclude=["budgets"], N=3)
+      {'learning_rate': 0.1, 'N': 3}
+
+    Raises:
+      TypeError: if ``config`` is not a dataclass instance.
+      ValueError: if ``exclude`` names a field ``config`` does not have.
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}.")
+    names = [f.name for f in dataclasses.fields(config)]
+    if isinstance(exclude, str):
+        raise TypeError(f"exclude must be a sequence of field names, got the string {exclude!r}.")
+    unknown = sorted(set(exclude) - set(names))
+    if unknown:
+        raise ValueError(f"exclude names fields {type(config).__name__} does not have: "
+                         f"{unknown}; its fields are {names}.")
+    settings = {name: getattr(config, name) for name in names if name not in set(exclude)}
+    settings.update(identity)
+    return _jsonable(settings)
+
+
+def _fingerprint(settings: Mapping[str, Any]) -> str:
+    text = json.dumps(_jsonable(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 class Results:
     """A directory of one experiment's outputs (created if missing).
 
@@ -85,6 +133,32 @@ class Results:
     def file(self, name: str) -> Path:
         """The path of ``name`` in the directory (for plots, checkpoints, metrics)."""
         return self.path / name
+
+    def run_dir(self, label: str, settings: Mapping[str, Any]) -> Path:
+        """The directory of one training run: ``runs/{label}-{fingerprint}``, the fingerprint a
+        hash of ``settings`` (:func:`run_settings`), which are written beside the run as
+        ``settings.json``. The same settings give the same directory (a finished run is found
+        again); any change gives another.
+
+        Example:
+          >>> import tempfile
+          >>> results = Results(tempfile.mkdtemp())
+          >>> a = results.run_dir("fcn_N3", {"learning_rate": 0.001})
+          >>> a == results.run_dir("fcn_N3", {"learning_rate": 0.001})
+          True
+          >>> a == results.run_dir("fcn_N3", {"learning_rate": 0.01})
+          False
+          >>> a.name.startswith("fcn_N3-")
+          True
+        """
+        if not isinstance(settings, Mapping):
+            raise TypeError(f"settings must be a mapping, got {type(settings).__name__}.")
+        name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(label)).strip("_") or "run"
+        path = self.path / "runs" / f"{name}-{_fingerprint(settings)}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "settings.json").write_text(
+            json.dumps(_jsonable(settings), indent=2, sort_keys=True) + "\n")
+        return path
 
     def json(self, name: str, value: Any) -> Path:
         """Writes ``value`` (dataclasses and NamedTuples as objects) to ``name.json``."""

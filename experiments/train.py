@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,7 +47,7 @@ import orbax.checkpoint as ocp
 
 import jaxlr
 from experiments import data as data_lib
-from jaxlr import lorita
+from jaxlr import export, lorita
 from jaxlr.matrices import path_key
 
 __all__ = [
@@ -292,17 +293,22 @@ class _Checkpoints:
         self.last = ocp.CheckpointManager(workdir / "checkpoints" / "last", options=options)
         self.best = ocp.CheckpointManager(workdir / "checkpoints" / "best", options=options)
 
+    @staticmethod
+    def _save(manager: ocp.CheckpointManager, epoch: int, **items: Any) -> None:
+        manager.save(epoch, args=ocp.args.Composite(**items))
+        manager.wait_until_finished()
+        # Every file of the step is listed with its checksum, verified before it is restored.
+        export.write_checksums(manager.directory / str(epoch))
+
     def save_last(self, epoch: int, state: TrainState, best: dict[str, Any],
                   meta: dict[str, Any]) -> None:
         # The best variables go with the state, so a resumed run selects as a straight one does.
-        self.last.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
-            meta=ocp.args.JsonSave(meta)))
+        self._save(self.last, epoch, state=ocp.args.StandardSave(state),
+                   best=ocp.args.StandardSave(best), meta=ocp.args.JsonSave(meta))
 
     def save_best(self, epoch: int, variables: dict[str, Any], accuracy: float) -> None:
-        self.best.save(epoch, args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables),
-            meta=ocp.args.JsonSave({"epoch": epoch, "accuracy": accuracy})))
+        self._save(self.best, epoch, variables=ocp.args.StandardSave(variables),
+                   meta=ocp.args.JsonSave({"epoch": epoch, "accuracy": accuracy}))
 
     def restore(
         self, state: TrainState, variables: dict[str, Any], run: dict[str, Any], epochs: int
@@ -310,6 +316,7 @@ class _Checkpoints:
         epoch = self.last.latest_step()
         if epoch is None:
             return None
+        export.verify_checksums(self.last.directory / str(epoch))
         saved = self.last.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         differ = sorted(k for k in run if saved.meta.get("run", {}).get(k) != run[k])
         if differ:
@@ -328,6 +335,14 @@ class _Checkpoints:
     def close(self) -> None:
         self.last.close()
         self.best.close()
+
+
+def _structure(tree: Any) -> str:
+    """A short fingerprint of a tree's paths, shapes and dtypes (e.g. LoRITa's factor shapes)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    text = ";".join(f"{path_key(p)}:{tuple(np.shape(x))}:{jnp.result_type(x)}"
+                    for p, x in leaves)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int, label: str) -> Any:
@@ -354,6 +369,7 @@ def train(
     variables: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     label: str = "train",
+    settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Trains ``task`` on ``data``'s training split, selecting on its validation split.
 
@@ -363,17 +379,29 @@ def train(
       config: epochs, batch size, seed, augmentation, ...
       workdir: where checkpoints and ``metrics.jsonl`` go; a run finding checkpoints there
         resumes after the last saved epoch (a finished run is returned as it is; more epochs
-        continue it). Checkpoints of another model, data set, batch size, seed or augmentation
-        raise ``ValueError`` rather than being mixed in.
+        continue it). Checkpoints of another model, parameter structure (e.g. LoRITa's N), data
+        set, batch size, seed, augmentation, label smoothing or ``settings`` raise
+        ``ValueError`` rather than being mixed in; a corrupted one raises
+        :class:`jaxlr.export.CheckpointCorruptedError` naming the file.
       variables: initial ``{"params", "batch_stats"}`` (default: ``task.model.init`` with the
         seed), e.g. a pre-trained model.
       callbacks: called as ``callback(epoch, record, state)`` after each epoch's record and
         checkpoint.
       label: the progress bar's description.
+      settings: JSON values of everything else the run's result depends on that the loop
+        cannot see, chiefly the optimizer's hyper-parameters (learning rate, decay, pruning
+        ratio): saved with the checkpoints and required to match on resumption
+        (:func:`experiments.results.run_settings` makes them from an experiment's config).
 
     Returns:
       A :class:`TrainResult`.
     """
+    if settings is not None and not isinstance(settings, Mapping):
+        raise TypeError(f"settings must be a mapping, got {type(settings).__name__}.")
+    try:  # as they read back from the checkpoint's JSON
+        settings = json.loads(json.dumps(dict(settings or {}), sort_keys=True))
+    except TypeError as error:
+        raise TypeError(f"settings must hold JSON values: {error}.") from None
     root = jax.random.key(config.seed, impl=config.prng_impl)
     init_key, factor_key, dropout_key = jax.random.split(root, 3)
     if variables is None:
@@ -400,7 +428,9 @@ def train(
            "batch_size": config.batch_size, "seed": config.seed, "prng_impl": config.prng_impl,
            "augmentation": None if config.augmentation is None else list(config.augmentation),
            "lorita": any(isinstance(n, jaxlr.Product) for n in jax.tree.leaves(
-               params, is_leaf=jaxlr.nodes.is_node))}
+               params, is_leaf=jaxlr.nodes.is_node)),
+           "params": _structure(params), "label_smoothing": task.label_smoothing,
+           "settings": settings}
     checkpoints = metrics_file = None
     history: list[dict[str, Any]] = []
     if workdir is not None:

@@ -310,6 +310,11 @@ def forward_cost(
     Raises:
       NotImplementedError: if the forward pass contains a ``while`` loop.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be the forward pass, a function (params, *inputs), got "
+                        f"{type(fn).__name__}.")
+    if not isinstance(xla, bool):
+        raise TypeError(f"xla must be True or False, got {xla!r}.")
     closed = jax.make_jaxpr(fn)(params, *inputs)
     names, sizes = _parameter_tags(params)
     invars = closed.jaxpr.invars

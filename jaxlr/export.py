@@ -8,6 +8,11 @@ variable dict, an NNX ``State`` or an NNX module (its whole state, with the node
 A module's random number streams (``nnx.Rngs``) are not saved. A loaded tree runs with
 :func:`jaxlr.apply` (Linen) or :func:`jaxlr.nnx_model` (NNX).
 
+**Integrity.** Every file of the checkpoint is listed with its size and SHA-256 checksum
+(:func:`write_checksums`, when the checkpoint is finalized); :func:`load` and :class:`Restore`
+verify them first (:func:`verify_checksums`), so a flipped byte, a truncated or a missing file
+raises an error naming the file instead of loading altered values.
+
 The same format works in an orbax ``CheckpointManager`` (steps, retention, async saving):
 :class:`Save` and :class:`Restore` are checkpoint arguments handled by
 :class:`TreeCheckpointHandler`::
@@ -34,10 +39,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -45,10 +53,102 @@ from jaxlr import _nnx, nodes
 from jaxlr.matrices import MatrixView
 from jaxlr.nodes import LowRank, Product
 
-__all__ = ["Restore", "Save", "TreeCheckpointHandler", "load", "save"]
+__all__ = [
+    "CheckpointCorruptedError",
+    "Restore",
+    "Save",
+    "TreeCheckpointHandler",
+    "load",
+    "save",
+    "verify_checksums",
+    "write_checksums",
+]
 
-_FORMAT = "jaxlr.tree/2"
+_FORMAT = "jaxlr.tree/3"
 _LAYOUT = "jaxlr_layout.json"
+_CHECKSUMS = "jaxlr_checksums.json"
+# Written by orbax after a handler finalizes its directory, or by this module: not listed.
+_UNLISTED = frozenset({_CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt"})
+
+
+class CheckpointCorruptedError(ValueError):
+    """A checkpoint file is missing, truncated or altered (its checksum does not match)."""
+
+
+def _sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: epath.Path) -> list[str]:
+    """The listed files under ``directory``, as relative posix paths (``iterdir`` works on every
+    file system orbax writes to; recursive globs do not)."""
+    found, pending = [], [directory]
+    while pending:
+        for path in pending.pop().iterdir():
+            if path.is_dir():
+                pending.append(path)
+            else:
+                name = path.relative_to(directory).as_posix()
+                if name not in _UNLISTED:
+                    found.append(name)
+    return sorted(found)
+
+
+def write_checksums(directory: str | os.PathLike) -> None:
+    """Lists every file of a checkpoint directory with its size and SHA-256 checksum, in
+    ``jaxlr_checksums.json`` beside them (the files orbax writes at commit are left out).
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> directory = pathlib.Path(tempfile.mkdtemp())
+      >>> _ = (directory / "data").write_bytes(b"weights")
+      >>> write_checksums(directory)
+      >>> verify_checksums(directory)
+      >>> _ = (directory / "data").write_bytes(b"weighTs")
+      >>> verify_checksums(directory)
+      Traceback (most recent call last):
+        ...
+      jaxlr.export.CheckpointCorruptedError: .../data is corrupted: its SHA-256 checksum ...
+    """
+    directory = epath.Path(directory)
+    listing = {name: {"size": (directory / name).stat().length,
+                      "sha256": _sha256(directory / name)} for name in _files(directory)}
+    (directory / _CHECKSUMS).write_text(json.dumps({"format": _FORMAT, "files": listing}))
+
+
+def verify_checksums(directory: str | os.PathLike) -> None:
+    """Checks every file listed by :func:`write_checksums`.
+
+    Raises:
+      CheckpointCorruptedError: naming the first file that is missing, of another size
+        (truncated) or of another checksum (altered), or when the listing itself is missing.
+    """
+    directory = epath.Path(directory)
+    listing_path = directory / _CHECKSUMS
+    if not listing_path.exists():
+        raise CheckpointCorruptedError(f"{listing_path} is missing: the checkpoint was not "
+                                       "finalized, or was written by another version of jaxlr.")
+    try:
+        listing = json.loads(listing_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointCorruptedError(f"{listing_path} is unreadable: {error}.") from None
+    for name, entry in listing.items():
+        path = directory / name
+        if not path.exists():
+            raise CheckpointCorruptedError(f"{path} is missing from the checkpoint.")
+        size = path.stat().length
+        if size != entry["size"]:
+            raise CheckpointCorruptedError(
+                f"{path} is truncated or altered: {size} bytes where {entry['size']} were "
+                "written.")
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointCorruptedError(
+                f"{path} is corrupted: its SHA-256 checksum differs from the one written with "
+                "the checkpoint.")
 
 
 def _plain(tree: Any) -> Any:
@@ -111,7 +211,8 @@ class TreeCheckpointHandler(ocp.AsyncCheckpointHandler):
     """An orbax checkpoint handler of trees with jaxlr's nodes (:class:`Save`, :class:`Restore`).
 
     The arrays go through orbax's ``StandardCheckpointHandler`` (sharded, async); the nodes'
-    layout through its ``JsonCheckpointHandler``, in a file beside them.
+    layout through its ``JsonCheckpointHandler``, in a file beside them; the checksums of every
+    file are written when the checkpoint is finalized and verified before it is restored.
     """
 
     def __init__(self) -> None:
@@ -133,9 +234,11 @@ class TreeCheckpointHandler(ocp.AsyncCheckpointHandler):
 
     def restore(self, directory: epath.Path, args: Restore | None = None) -> Any:
         del args
-        if not (epath.Path(directory) / _LAYOUT).exists():
+        directory = epath.Path(directory)
+        if not (directory / _LAYOUT).exists() and not (directory / _CHECKSUMS).exists():
             raise ValueError(f"{directory} is not a checkpoint written by jaxlr.export (it has no "
                              f"{_LAYOUT}).")
+        verify_checksums(directory)
         layout = self._layout.restore(directory)
         if not isinstance(layout, dict) or layout.get("format") != _FORMAT:
             raise ValueError(f"{directory} was written by another version of jaxlr.export "
@@ -148,6 +251,8 @@ class TreeCheckpointHandler(ocp.AsyncCheckpointHandler):
 
     def finalize(self, directory: epath.Path) -> None:
         self._arrays.finalize(directory)
+        if jax.process_index() == 0:
+            write_checksums(directory)
 
     def close(self) -> None:
         self._arrays.close()
@@ -185,6 +290,8 @@ def save(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Non
       TypeError: if the tree holds containers other than dicts.
       FileExistsError: if ``directory`` exists and not ``force``.
     """
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be True or False, got {force!r}.")
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not force:
         raise FileExistsError(f"{directory} exists; pass force=True to overwrite it.")
@@ -203,6 +310,7 @@ def load(directory: str | os.PathLike) -> Any:
     Raises:
       FileNotFoundError: if ``directory`` holds no checkpoint.
       ValueError: if the checkpoint was not written by :func:`save`.
+      CheckpointCorruptedError: naming a file that is missing, truncated or altered.
     """
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):

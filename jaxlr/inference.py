@@ -283,6 +283,9 @@ def apply(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Any:
     Returns:
       What ``model.apply`` returns. Jit it as usual: ``jax.jit(functools.partial(apply, model))``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a Flax Linen module, got {type(model).__name__} "
+                        "(for NNX, jaxlr.compress returns the module to call).")
     with intercept():
         return model.apply(variables, *args, **kwargs)
 
@@ -391,6 +394,8 @@ def nnx_model(model: nnx.Module, params: Any) -> nnx.Module:
       >>> small(jnp.ones((1, 4))), small.kernel[...].shape
       (Array([[4., 4., 4.]], dtype=float32), (4, 3))
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a Flax NNX module, got {type(model).__name__}.")
     model = nnx.clone(model)
     leaves = _leaves(params)
     for path, node in leaves:

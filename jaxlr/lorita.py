@@ -33,8 +33,9 @@ reach every ``m x n`` matrix (Prop. 4.1). ``placement`` says where the ``N - 1``
 * ``"smaller"`` (the default): ``k x k`` squares on the smaller side, the cheapest choice:
   ``(m, m)...(m, m)(m, n)`` when ``m <= n``, else ``(m, n)(n, n)...(n, n)``.
 * ``"input"``: ``(m, m)...(m, m)(m, n)``; ``"output"``: ``(m, n)(n, n)...(n, n)``.
-* ``"paper"``: what the paper's code does: ``"input"`` for dense and attention kernels, ``"output"``
-  for convolutions (a ``k x k`` convolution followed by ``N - 1`` ``1 x 1`` convolutions).
+* ``"paper"``: what the paper's code does: ``"input"`` for dense and attention kernels and for
+  ``1 x 1`` convolutions (such as ResNet projection shortcuts), ``"output"`` for other convolutions
+  (a ``k x k`` convolution followed by ``N - 1`` ``1 x 1`` convolutions).
 
 Initialisation (``init="orthogonal"``, the default): the non-square factor is the layer's own
 initial kernel and the squares are random orthogonal matrices, so the product has exactly the
@@ -85,11 +86,12 @@ def _check_depth(depth: Any) -> int:
 
 
 def _factor_shapes(
-    m: int, n: int, depth: int, placement: str, ndim: int
+    m: int, n: int, depth: int, placement: str, shape: tuple[int, ...]
 ) -> tuple[list[tuple[int, int]], int]:
     """The factors' shapes, and the index of the one that is not a padding square."""
-    if placement == "paper":
-        placement = "output" if ndim >= 4 else "input"
+    if placement == "paper":  # a k x k conv then 1 x 1 convs; squares before a 1 x 1 conv
+        window = len(shape) >= 4 and sum(d > 1 for d in shape) > 2
+        placement = "output" if window else "input"
     if placement == "smaller":
         placement = "input" if m <= n else "output"
     if placement == "input":
@@ -205,6 +207,10 @@ def factorize(
         raise ValueError(f"init must be one of {_INITS}, got {init!r}.")
     if depth > 1 and init == "orthogonal" and key is None:
         raise ValueError("key is required to draw the orthogonal factors when depth > 1.")
+    if key is not None and not (isinstance(key, jax.Array) and (
+            jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+            or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,)))):
+        raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}.")
     if _holds_products(params):
         raise ValueError("params is already factorized; collapse(params) first to refactor it.")
     if _nnx.is_module(params):
@@ -221,7 +227,7 @@ def factorize(
     leaves = [leaf for _, leaf in flat]
     for leaf, leaf_key in zip(selected.values(), keys, strict=True):
         matrix = leaf.view.to_matrix(jnp.asarray(leaves[leaf.index]))
-        shapes, outer = _factor_shapes(*leaf.matrix_shape, depth, placement, len(leaf.shape))
+        shapes, outer = _factor_shapes(*leaf.matrix_shape, depth, placement, leaf.shape)
         if depth == 1:
             factors = (matrix,)
         elif init == "balanced":
@@ -241,7 +247,8 @@ def from_dense(ftree: Any, params: Any) -> Any:
     rounding). Use it to start LoRITa from pre-trained weights.
 
     Raises:
-      ValueError: if ``params`` lacks a product's key or its kernel's shape differs.
+      ValueError: if ``ftree`` holds no product (the arguments swapped), or ``params`` lacks a
+        product's key or its kernel's shape differs.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -253,6 +260,10 @@ def from_dense(ftree: Any, params: Any) -> Any:
              [1., 1., 1., 1.],
              [1., 1., 1., 1.]], dtype=float32)
     """
+    if not _holds_products(ftree):
+        raise ValueError(
+            "ftree holds no LoRITa product: from_dense(ftree, params) takes the factorized tree "
+            "(from factorize) first and the dense params second.")
     if _nnx.is_module(params):
         params = _nnx.parameters(params)
     dense = {matrices.path_key(path): leaf for path, leaf in matrices.flatten(params)[0]}
@@ -337,7 +348,15 @@ def coupled_adam(
     ``optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)``.
 
     Raises:
-      ValueError: for a negative or non-finite ``weight_decay``.
+      ValueError: for a negative or non-finite ``weight_decay``, a learning rate <= 0.
+      TypeError: for a value that is not a number (or, for the learning rate, a schedule).
     """
     weight_decay = _check_decay(weight_decay)
+    if not callable(learning_rate):
+        if isinstance(learning_rate, bool) or not isinstance(
+                learning_rate, int | float | np.floating | np.integer):
+            raise TypeError(f"learning_rate must be a number or a schedule, got "
+                            f"{learning_rate!r}.")
+        if not math.isfinite(learning_rate) or learning_rate <= 0:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate}.")
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.adam(learning_rate))

@@ -60,6 +60,7 @@ __all__ = [
     "Path",
     "View",
     "ViewFn",
+    "checked_view",
     "default_view",
     "flax_view",
     "is_kernel",
@@ -271,11 +272,26 @@ def resolve_view(view: View) -> ViewFn:
                              f"MatrixView or a function (path, leaf) -> MatrixView; got {view!r}.")
         return _VIEW_PRESETS[view]
     if isinstance(view, MatrixView):
-        return _ConstantView(view)
+        return _ConstantView(checked_view(view))
     if callable(view):
         return view
     raise TypeError(f"view must be a function (path, leaf) -> MatrixView, a MatrixView or one of "
                     f"{sorted(_VIEW_PRESETS)}; got {view!r} of type {type(view).__name__}.")
+
+
+def checked_view(view: MatrixView) -> MatrixView:
+    """``view`` with its axes as tuples of distinct non-negative ints.
+
+    Raises:
+      TypeError: naming ``view``, for axes that are not so.
+    """
+    axes = (view.row_axes, view.col_axes)
+    if not all(isinstance(group, tuple | list) for group in axes) or not all(
+            isinstance(a, int | np.integer) and not isinstance(a, bool) and a >= 0
+            for group in axes for a in group):
+        raise TypeError(f"view must have row_axes and col_axes as tuples of non-negative ints, "
+                        f"got {view!r}.")
+    return MatrixView(tuple(int(a) for a in view.row_axes), tuple(int(a) for a in view.col_axes))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,10 +44,16 @@ def saves(rank: int, m: int, n: int) -> bool:
     """Whether a rank-``rank`` factor pair of an ``m x n`` matrix holds fewer numbers than the
     matrix, ``rank (m + n) < m n`` (and so costs fewer multiply-accumulates per position).
 
+    Raises:
+      TypeError: if an argument is not an integer.
+
     Example:
       >>> saves(8, 64, 64), saves(40, 64, 64)
       (True, False)
     """
+    for name, value in (("rank", rank), ("m", m), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name} must be an int, got {value!r}.")
     return rank * (m + n) < m * n
 
 
@@ -57,7 +63,17 @@ def value_of(factor: Any) -> Any:
 
 
 def _frozen_view(view: Any) -> MatrixView:
-    return MatrixView(tuple(int(a) for a in view.row_axes), tuple(int(a) for a in view.col_axes))
+    if not isinstance(view, MatrixView):
+        raise TypeError(f"view must be a MatrixView, got {view!r} of type {type(view).__name__}.")
+    return matrices.checked_view(view)
+
+
+def _frozen_shape(shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, tuple | list) or not all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= 0
+            for d in shape):
+        raise TypeError(f"shape must be a tuple of non-negative ints, got {shape!r}.")
+    return tuple(int(d) for d in shape)
 
 
 def _matrices_given(*children: Any) -> bool:
@@ -148,7 +164,7 @@ class Product(_KernelLike):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "factors", tuple(self.factors))
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "shape", _frozen_shape(self.shape))
         object.__setattr__(self, "view", _frozen_view(self.view))
         if self.factors and _matrices_given(*self.factors):
             self.check()
@@ -222,7 +238,7 @@ class LowRank(_KernelLike):
     view: MatrixView
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "shape", _frozen_shape(self.shape))
         object.__setattr__(self, "view", _frozen_view(self.view))
         if _matrices_given(self.a, self.b):
             self.check()

@@ -243,6 +243,8 @@ def local_rank(n: int, *, keep: Any = None, prune: Any = None) -> int:
       >>> local_rank(100, prune=0.57), local_rank(16, prune=0.57), local_rank(10, keep=0.05)
       (43, 6, 1)
     """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n (the number of singular values) must be an int >= 1, got {n!r}.")
     return _rank(kept_fraction(keep, prune), n)
 
 
@@ -602,6 +604,9 @@ def target_ranks(
       {'fc1/kernel': 17, 'fc2/kernel': 8}
     """
     reduction = float(_fraction("reduction", reduction, closed_low=False, closed_high=False))
+    if cost is not None and not hasattr(cost, "layers"):
+        raise TypeError(f"cost must be a jaxlr.ForwardCost (jaxlr.forward_cost of the dense "
+                        f"model) or None, got {type(cost).__name__}.")
     if policy not in ("gsvt", "lsvt"):
         raise ValueError(f"policy must be 'gsvt' or 'lsvt', got {policy!r}.")
     normalize = _normalize(normalize)

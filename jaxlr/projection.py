@@ -44,7 +44,13 @@ layers, the classifier among them, are left alone. With ``ranks=``, exactly the 
 **BN rectification** (paper eq. 16) for the kernels of ``ProjectionOptions.bn_pairs``
 (:func:`jaxlr.find_bn_pairs`, which traces the model). With ``a = gamma / sqrt(running_var +
 bn_epsilon)`` of the BatchNorm after a kernel (per output channel), the matrix ``M = W diag(a)`` is
-projected and ``W <- M_r diag(a / (a^2 + 1e-5))``. ``gamma`` is read from ``params`` and the
+projected and ``W <- M_r diag(a / (a^2 + 1e-5))``. A channel whose ``a^2 < 1e-5`` (its BatchNorm
+all but silences it) is neither folded nor unfolded: eq. 16's regularised inverse would shrink it
+to ``a^2 / 1e-5`` of its size (a BatchNorm with every scale near 0 would shrink the kernel to
+nothing). Folding and unfolding are inverse only up to ``a^2 / (a^2 + 1e-5)``, so a BN-rectified
+projection of weights already of rank ``<= r`` shrinks each channel by that factor again: after a
+last training step that projected, the weights are final; otherwise project them once with the
+training's options. ``gamma`` is read from ``params`` and the
 running variance from the ``batch_stats`` extra argument: Linen's ``variables["batch_stats"]``
 (:class:`jaxlr.TrainState` passes it) or NNX's ``nnx.state(model, nnx.BatchStat)``
 (``optimizer.update(model, grads, batch_stats=...)``).
@@ -164,8 +170,13 @@ class ProjectionOptions:
             if not isinstance(pairs, Mapping):
                 raise TypeError(f"bn_pairs must be a mapping {{kernel path: BatchNorm path}} "
                                 f"(jaxlr.find_bn_pairs gives one), got {type(pairs).__name__}.")
-            object.__setattr__(self, "bn_pairs", _FrozenMap(
-                {k: matrices.path_key(v) for k, v in matrices.keyed(pairs, "bn_pairs").items()}))
+            try:
+                frozen = {k: matrices.path_key(v)
+                          for k, v in matrices.keyed(pairs, "bn_pairs").items()}
+            except TypeError as error:
+                raise TypeError(f"bn_pairs must map kernel paths to BatchNorm paths: {error}"
+                                ) from None
+            object.__setattr__(self, "bn_pairs", _FrozenMap(frozen))
         matrices.resolve_filter(self.filter)
         matrices.resolve_view(self.view)
         svd.check_method(self.method)
@@ -318,8 +329,10 @@ def _named_leaves(tree: Any, strip: str) -> dict[str, Any]:
 
 
 def _bn_scales(params: Any, batch_stats: Any, plan: _Plan,
-               options: ProjectionOptions) -> dict[str, jax.Array]:
-    """``a = gamma / sqrt(var + eps)`` per output channel, for every projected kernel with a BN."""
+               options: ProjectionOptions) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Per projected kernel with a BatchNorm: the per-channel factors that fold it,
+    ``a = gamma / sqrt(var + eps)``, and unfold it, ``a / (a^2 + 1e-5)`` (eq. 16); a channel whose
+    ``a^2 < 1e-5`` (silenced by its BatchNorm) is neither folded nor unfolded."""
     given = options.bn_pairs or {}
     pairs = {key: given[key] for key in plan.keys if key in given}
     if not pairs:
@@ -344,8 +357,27 @@ def _bn_scales(params: Any, batch_stats: Any, plan: _Plan,
         if np.shape(variance) != (n,) or np.shape(gamma) != (n,):
             raise ValueError(f"the BatchNorm {bn!r} has {np.shape(variance)} channels, but "
                              f"the kernel {key!r} paired with it has {n} outputs.")
-        scales[key] = gamma / jnp.sqrt(variance + options.bn_epsilon)
+        _check_variance(bn, variance)
+        a = gamma / jnp.sqrt(variance + options.bn_epsilon)
+        live = a * a >= _BN_INVERSE_EPSILON
+        scales[key] = (jnp.where(live, a, 1), jnp.where(live, a / (a * a + _BN_INVERSE_EPSILON), 1))
     return scales
+
+
+def _check_variance(bn: str, variance: Any) -> None:
+    if not svd.is_traced(variance) and np.any(np.asarray(variance) < 0):
+        raise ValueError(f"the running variance {bn + '/var'!r} of batch_stats is negative "
+                         "somewhere; a variance is >= 0.")
+
+
+def _check_variances(batch_stats: Any, options: ProjectionOptions) -> None:
+    """The values of the paired BatchNorms' variances, checked before a jitted update."""
+    if batch_stats is None or not options.bn_pairs:
+        return
+    stat_leaves = _named_leaves(batch_stats, "batch_stats")
+    for bn in set(options.bn_pairs.values()):
+        if f"{bn}/var" in stat_leaves:
+            _check_variance(bn, stat_leaves[f"{bn}/var"])
 
 
 def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array] | None,
@@ -359,8 +391,8 @@ def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array]
         array = leaves[leaf.index]
         shapes.append(np.shape(array))
         if key in scales:  # fold diag(a) into the output channels (the matrix's columns)
-            scale = scales[key].astype(array.dtype)
-            array = leaf.view.from_matrix(leaf.view.to_matrix(array) * scale, leaf.shape)
+            fold = scales[key][0].astype(array.dtype)
+            array = leaf.view.from_matrix(leaf.view.to_matrix(array) * fold, leaf.shape)
         folded.append(array)
     projected, flags = svd.project_leaves(
         folded, [leaf.view for leaf in plan.leaves], plan.ranks,
@@ -368,9 +400,8 @@ def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array]
         method=options.method, traced_ranks=traced)
     for key, leaf, new in zip(plan.keys, plan.leaves, projected, strict=True):
         if key in scales:  # unfold with the regularised inverse a / (a^2 + 1e-5)
-            a = scales[key]
-            inverse = (a / (a * a + _BN_INVERSE_EPSILON)).astype(new.dtype)
-            new = leaf.view.from_matrix(leaf.view.to_matrix(new) * inverse, leaf.shape)
+            unfold = scales[key][1].astype(new.dtype)
+            new = leaf.view.from_matrix(leaf.view.to_matrix(new) * unfold, leaf.shape)
         leaves[leaf.index] = new
     return jax.tree_util.tree_unflatten(treedef, leaves), flags
 
@@ -603,32 +634,17 @@ def low_rank_projection(
             misplaced=jnp.zeros([], jnp.int32), pending=jnp.zeros([], bool),
             sketch=jnp.zeros((len(plan.keys), 2 * _SKETCHES + 1), jnp.float32))
 
-    def update_fn(
-        updates: Any,
-        state: LowRankProjectionState,
-        params: Any = None,
-        *,
-        batch_stats: Any = None,
-        **extra_args: Any,
-    ) -> tuple[Any, LowRankProjectionState]:
-        del extra_args
-        if params is None:
-            raise ValueError(
-                "low_rank_projection needs params: put it last in the optax chain and call "
-                "optimizer.update(grads, state, params).")
+    def step(updates: Any, state: LowRankProjectionState, params: Any,
+             batch_stats: Any) -> tuple[Any, LowRankProjectionState, jax.Array]:
+        """The update, the new state, and whether the last projection was found undone."""
         plan = _plan(params, spec, options)
         if state.sketch.shape[0] != len(plan.keys):
             raise ValueError(f"the projection state was made for {state.sketch.shape[0]} "
                              f"matrices, the params have {len(plan.keys)}: init it with these "
                              "params.")
-        misplaced = state.misplaced
-        if check_placement:
-            found = _misplaced(params, state, plan)
-            if check_placement == "raise":
-                jax.debug.callback(_raise_misplaced, found)
-            elif not svd.is_traced(found):
-                _raise_misplaced(found)
-            misplaced = misplaced + found.astype(jnp.int32)
+        found = _misplaced(params, state, plan) if check_placement else jnp.zeros((), bool)
+        if check_placement == "raise":
+            jax.debug.callback(_raise_misplaced, found)
         number = state.count + 1  # this update's number, 1-based
         due = (number >= first) & ((number - first) % every == 0)
         if end is not None:
@@ -659,7 +675,34 @@ def low_rank_projection(
         out, nonfinite, sketch = jax.lax.cond(due, projected, passed)
         return out, LowRankProjectionState(
             count=optax.safe_int32_increment(state.count), nonfinite=nonfinite,
-            misplaced=misplaced, pending=due, sketch=sketch)
+            misplaced=state.misplaced + found.astype(jnp.int32), pending=due,
+            sketch=sketch), found
+
+    # Called outside jit, the update runs as one jitted function: compiled once per structure of
+    # its arguments, where the branches of an eager cond would be compiled anew at every call.
+    eager_step = jax.jit(step)
+
+    def update_fn(
+        updates: Any,
+        state: LowRankProjectionState,
+        params: Any = None,
+        *,
+        batch_stats: Any = None,
+        **extra_args: Any,
+    ) -> tuple[Any, LowRankProjectionState]:
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "low_rank_projection needs params: put it last in the optax chain and call "
+                "optimizer.update(grads, state, params).")
+        if svd.is_traced((updates, state, params, batch_stats)):
+            out, new_state, _ = step(updates, state, params, batch_stats)
+            return out, new_state
+        _check_variances(batch_stats, options)
+        out, new_state, found = eager_step(updates, state, params, batch_stats)
+        if check_placement is True:
+            _raise_misplaced(found)
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

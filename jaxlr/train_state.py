@@ -81,6 +81,9 @@ class TrainState(train_state.TrainState):
           extra_args: further keyword arguments for ``tx.update``.
           **kwargs: fields to replace, as Flax's ``apply_gradients`` (``batch_stats=...``).
         """
+        if extra_args is not None and not isinstance(extra_args, Mapping):
+            raise TypeError(f"extra_args must be a mapping of keyword arguments for tx.update, "
+                            f"got {type(extra_args).__name__}.")
         extra = dict(extra_args or {})
         stats = kwargs.get("batch_stats", self.batch_stats)
         if stats is not None:
@@ -95,5 +98,11 @@ class TrainState(train_state.TrainState):
                tx: optax.GradientTransformation, **kwargs: Any) -> TrainState:
         """A state with ``step=0`` and an initialised ``opt_state``; ``apply_fn`` is wrapped to
         run LoRITa products and factor pairs (:func:`jaxlr.apply`)."""
+        if not callable(apply_fn):
+            raise TypeError(f"apply_fn must be a function (model.apply), got "
+                            f"{type(apply_fn).__name__}.")
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(f"tx must be an optax GradientTransformation, got "
+                            f"{type(tx).__name__}.")
         return super().create(apply_fn=inference.apply_fn(apply_fn), params=params, tx=tx,
                               **kwargs)

@@ -1,6 +1,9 @@
 """Tests of jaxlr.export: checkpoints of Linen trees, NNX states and modules with factor pairs and
 LoRITa products, restored typed without a target, in orbax's CheckpointManager too."""
 
+import json
+import re
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -106,3 +109,29 @@ def test_bad_checkpoints_and_trees_are_refused(tmp_path):
         jaxlr.export.load(tmp_path / "plain")
     with pytest.raises(TypeError, match="nested dicts of arrays"):
         jaxlr.export.save(tmp_path / "list", {"layers": [np.ones(2)]})
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_any_damaged_file_is_named_when_loading(tmp_path, damage):
+    _, variables = models.linen_variables("mlp")
+    small = jaxlr.compress(variables["params"], {"fc1/kernel": 4}).compressed
+    tree = {**variables, "params": small}
+    directory = tmp_path / "ckpt"
+    jaxlr.export.save(directory, tree)
+    listed = json.loads((directory / "jaxlr_checksums.json").read_text())["files"]
+    assert any(name.startswith(("d/", "ocdbt")) for name in listed)  # the array data is listed
+    for name in listed:
+        path = directory / name
+        original = path.read_bytes()
+        if damage == "flip":
+            data = bytearray(original)
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
+        elif damage == "truncate":
+            path.write_bytes(original[: len(original) // 2])
+        else:
+            path.unlink()
+        with pytest.raises(jaxlr.export.CheckpointCorruptedError, match=re.escape(str(path))):
+            jaxlr.export.load(directory)
+        path.write_bytes(original)
+    assert_same_tree(jaxlr.export.load(directory), tree)  # all restored: it loads again

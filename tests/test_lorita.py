@@ -381,3 +381,15 @@ def test_nnx_modules_factorize_to_products_of_params_that_read_as_the_kernel():
     restored = lorita.from_dense(fmodel, model)
     np.testing.assert_allclose(np.asarray(restored.Dense_0.kernel[...]), np.asarray(kernel),
                                atol=1e-5)
+
+
+def test_paper_placement_puts_the_squares_of_1x1_convolutions_on_the_input_side():
+    params = {"conv3x3": {"kernel": jnp.ones((3, 3, 64, 128))},
+              "shortcut": {"kernel": jnp.ones((1, 1, 64, 128))},
+              "fc": {"kernel": jnp.ones((512, 10))}}
+    fparams = lorita.factorize(params, 2, jax.random.key(0), placement="paper")
+    shapes = {name: [tuple(f.shape) for f in fparams[name]["kernel"].factors] for name in params}
+    # A k x k conv then a 1 x 1 conv; before a 1 x 1 conv (as the released code) and a dense
+    # layer, the square goes on the input side: 64 x 64, not 128 x 128.
+    assert shapes == {"conv3x3": [(576, 128), (128, 128)], "shortcut": [(64, 64), (64, 128)],
+                      "fc": [(512, 512), (512, 10)]}

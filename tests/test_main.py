@@ -28,9 +28,51 @@ def test_main_job_writes_its_results_directory(smoke):
     summary = (out / "summary.md").read_text()
     assert "## lrpet" in summary and "## lorita_truncation" in summary
     for run in ("FCN-3_N1_wd0.001", "FCN-3_N3_wd0.001", "lrp", "lrpet", "no_projection"):
-        lines = (out / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        (path,) = (out / "runs").glob(f"{run}-*")
+        lines = (path / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-        assert (out / "runs" / run / "checkpoints" / "last").is_dir()
+        assert (path / "checkpoints" / "last").is_dir()
+        settings = json.loads((path / "settings.json").read_text())
+        assert settings["seed"] == 0 and settings["batch_size"] == 64
+
+
+def run_dirs(out):
+    """``{run directory name: modification time of its last checkpoint's checksums}``."""
+    return {path.name: max(p.stat().st_mtime_ns for p in path.glob(
+        "checkpoints/last/*/jaxlr_checksums.json")) for path in (out / "runs").iterdir()}
+
+
+def test_changed_settings_train_anew_and_unchanged_runs_are_reused(tmp_path):
+    """Run again into the same directory with another learning rate, then another pruning
+    ratio: exactly the runs that depend on the changed setting are trained anew (in new
+    directories); the others are found finished and not touched."""
+    smoke = ["--preset", "smoke", "--output-dir", str(tmp_path), "--no-progress"]
+    first = main_job.main(smoke)
+    before = run_dirs(tmp_path)
+    lorita = {name for name in before if name.startswith("FCN")}
+    lrpet = set(before) - lorita
+    assert len(lorita) == 2 and len(lrpet) == 3
+
+    second = main_job.main([*smoke, "--set", "learning_rate=0.01"])
+    after = run_dirs(tmp_path)
+    new = set(after) - set(before)
+    assert len(new) == 2 and all(name.startswith("FCN") for name in new)
+    assert {name: after[name] for name in before} == before  # nothing rewritten
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
+    # The tables now describe the new runs: LoRITa's changed, LRPET's (reused) identical.
+    old_val = [r["validation"] for r in first["lorita"]["training"]]
+    new_val = [r["validation"] for r in second["lorita"]["training"]]
+    assert old_val != new_val
+    assert first["lrpet"]["rows"] == second["lrpet"]["rows"]
+    for name in new:
+        assert json.loads((tmp_path / "runs" / name / "settings.json").read_text())[
+            "learning_rate"] == 0.01
+
+    main_job.main([*smoke, "--set", "learning_rate=0.01", "--set", "prune=0.5"])
+    last = run_dirs(tmp_path)
+    assert len(set(last) - set(after)) == 3
+    assert all(not name.startswith("FCN") for name in set(last) - set(after))
+    assert {name: last[name] for name in after} == after
 
 
 def test_lorita_tables_cover_both_depths_and_policies(smoke):

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import jaxlr
-from experiments import lorita_cnn, lorita_fcn, lorita_vit, lrpet_cifar, rank_search
+from experiments import figures, lorita_cnn, lorita_fcn, lorita_vit, lrpet_cifar, rank_search
 
 
 def header(path):
@@ -41,6 +41,12 @@ def test_lorita_fcn_smoke(tmp_path):
     assert "not the paper's data" in (tmp_path / "table1.md").read_text()
     assert pngs(tmp_path) == ["accuracy_drop_FCN-3.png", "singular_values_FCN-3.png"]
     assert {r["N"] for r in out["training"]} == {1, 2}
+    # docs/reproducing.md's words for it hold the numbers of the run.
+    words = figures.findings("lorita_fcn", lorita_fcn.PRESETS["smoke"], out)
+    for depth in (1, 2):
+        (row,) = [r for r in out["truncation"] if r["N"] == depth and r["policy"] == "GSVT"
+                  and r["budget"] == 0.1]
+        assert f"{row['test']:.3f}" in words
 
 
 def test_lorita_vit_smoke_pools_attention_and_mlp(tmp_path):
@@ -61,6 +67,9 @@ def test_lorita_vit_smoke_pools_attention_and_mlp(tmp_path):
         params = run["variables"]["params"]
         assert row["ranks"] == dict(jaxlr.gsvt_ranks(params, row["budget"], pools="kind",
                                                      filter=blocks))
+    words = figures.findings("lorita_vit", lorita_vit.PRESETS["smoke"], out)
+    tests = sorted(r["test"] for r in out["training"] if r["chosen"])
+    assert f"{tests[0]:.3f}" in words and f"{tests[-1]:.3f}" in words
 
 
 def test_lorita_cnn_smoke_reaches_its_flop_target(tmp_path):
@@ -71,6 +80,9 @@ def test_lorita_cnn_smoke_reaches_its_flop_target(tmp_path):
         assert row["macs_drop"] >= row["target"]
         assert 0 < row["budget"] <= 1 and row["params_drop"] > 0
     assert len(pngs(tmp_path)) == 2
+    words = figures.findings("lorita_cnn", lorita_cnn.PRESETS["smoke"], out)
+    assert all(f"keeps {r['tuned']:.3f} ({r['dense']:.3f} dense" in words
+               for r in out["compressed"])
 
 
 def test_rank_search_and_lrpet_cifar_smoke(tmp_path):
@@ -84,6 +96,8 @@ def test_rank_search_and_lrpet_cifar_smoke(tmp_path):
     assert json.loads((tmp_path / "search" / "ranks.json").read_text()) == search["ranks"]
     assert min(t["score"] for t in search["trials"]) == pytest.approx(
         min(t["validation_error"] + config.lam * t["macs_ratio"] for t in search["trials"]))
+    words = figures.findings("rank_search", config, search)
+    assert f"the best score is {min(t['score'] for t in search['trials']):.3f}" in words
 
     out = smoke(lrpet_cifar, tmp_path / "lrpet",
                 f"ranks_file={tmp_path / 'search' / 'ranks.json'}")
@@ -101,3 +115,18 @@ def test_rank_search_and_lrpet_cifar_smoke(tmp_path):
         if row["method"] == "LRPET":
             assert row["params"] == dense_params - 36 - 288 + conv0 + conv1
             assert row["macs"] == 64 * conv0 + 16 * conv1 + 320
+    words = figures.findings("lrpet_cifar", lrpet_cifar.PRESETS["smoke"], out)
+    changes = [r["change"] for r in out["main"] if r["method"] == "LRPET"]
+    assert f"{min(changes):+.3f}" in words
+    assert all(f"{r['method']} {r['accuracy']:.3f}" in words for r in out["ablation"])
+    assert all(f"{r['method']} {r['ratio']:.2f}x" in words for r in out["timing"][1:])
+
+
+def test_rank_search_is_the_same_search_for_the_same_settings(tmp_path):
+    """The random trials are drawn from the seed, so two runs make the same trials and scores."""
+    config = rank_search.PRESETS["smoke"]
+    first, second = (rank_search.run(config, rank_search.Results(tmp_path / name), False)
+                     for name in ("a", "b"))
+    assert [t["ranks"] for t in first["trials"]] == [t["ranks"] for t in second["trials"]]
+    assert [t["score"] for t in first["trials"]] == [t["score"] for t in second["trials"]]
+    assert len({json.dumps(t["ranks"], sort_keys=True) for t in first["trials"]}) > 1

@@ -145,6 +145,41 @@ def test_gsvt_ranks_match_a_brute_force_threshold(sizes, keep_pct, seed):
 # ----------------------------------------------------------------------------------------------
 # Ranks to a cost target.
 
+def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
+    """A LoRITa tree with some layers collapsed and some still products: every layer's spectrum
+    (the product's, computed by numpy) enters the one global pool."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    dense = {"conv": {"kernel": jax.random.normal(keys[0], (3, 3, 2, 5))},
+             "fc1": {"kernel": jax.random.normal(keys[1], (5, 6))},
+             "fc2": {"kernel": jax.random.normal(keys[2], (6, 3))}}
+    factored = jaxlr.factorize(dense, 3, jax.random.key(4))
+    mixed = {**factored, "fc1": {"kernel": jaxlr.collapse(factored["fc1"]["kernel"])}}
+    assert isinstance(mixed["conv"]["kernel"], jaxlr.Product)
+    assert isinstance(mixed["fc2"]["kernel"], jaxlr.Product)
+
+    def product(name):
+        node = factored[name]["kernel"]
+        out = np.asarray(node.factors[0], np.float64)
+        for factor in node.factors[1:]:
+            out = out @ np.asarray(factor, np.float64)
+        return out
+
+    expected = {"conv/kernel": product("conv"), "fc1/kernel": product("fc1"),
+                "fc2/kernel": product("fc2")}
+    spectra = jaxlr.singular_values_tree(mixed)
+    assert set(spectra) == set(expected)
+    for name, matrix in expected.items():
+        np.testing.assert_allclose(spectra[name], np.linalg.svd(matrix, compute_uv=False),
+                                   rtol=1e-4, atol=1e-5)
+    pooled = np.sort(np.concatenate([np.linalg.svd(m, compute_uv=False)
+                                     for m in expected.values()]))[::-1]
+    threshold = pooled[int(0.5 * pooled.size) - 1]
+    ranks = jaxlr.gsvt_ranks(mixed, 0.5)
+    for name, matrix in expected.items():
+        values = np.linalg.svd(matrix, compute_uv=False)
+        assert ranks[name] == max(1, int(np.sum(values >= threshold * (1 - 1e-6))))
+
+
 
 def test_target_ranks_meet_a_parameter_target_by_hand():
     params = {"fc1": {"kernel": jnp.zeros((64, 64))}, "fc2": {"kernel": jnp.zeros((64, 32))}}

@@ -1,6 +1,10 @@
-"""experiments.presets: preset choice and typed overrides."""
+"""experiments.presets: preset choice, typed overrides, settings checked before anything trains,
+one-line command-line errors and --help."""
 
 import dataclasses
+import importlib
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -45,3 +49,136 @@ def test_bad_command_line_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         presets.parse_args(["--set", "epochs=x"], PRESETS, "x")
     assert "epochs" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiments' settings: checked when built, before anything trains; one-line CLI errors.
+
+MODULES = ["main", "lorita_fcn", "lorita_vit", "lorita_cnn", "lrpet_cifar", "rank_search"]
+PROGS = {"main": "python -m experiments"}
+
+
+def module(name):
+    return importlib.import_module(f"experiments.{name}")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_setting_of_every_experiment_has_a_rule(name):
+    config = module(name).Config()
+    assert {f.name for f in dataclasses.fields(config)} <= set(presets.RULES)
+    for preset in module(name).PRESETS.values():
+        presets.check(preset)
+
+
+def test_a_config_field_without_a_rule_is_an_error():
+    @dataclasses.dataclass(frozen=True)
+    class Unruled:
+        momentum: float = 0.9
+
+    with pytest.raises(TypeError, match="momentum has no rule"):
+        presets.check(Unruled())
+
+
+BAD = [
+    ("main", "prune", 1.5, "prune"), ("main", "prune", -0.1, "prune"),
+    ("main", "learning_rate", math.nan, "learning_rate"), ("main", "learning_rate", 0.0, ">"),
+    ("main", "sgd_weight_decay", -1e-4, "sgd_weight_decay"), ("main", "budgets", (0.5, 1.5), "1.5"),
+    ("main", "budgets", (), "empty"), ("main", "tolerance", 1.0, "tolerance"),
+    ("main", "depths", (1, 0), "depths"), ("main", "depths", (3, 3), "repeats"),
+    ("main", "fcn_width", True, "fcn_width"), ("main", "lorita_epochs", 2.0, "lorita_epochs"),
+    ("main", "weight_decays", ("1e-3",), "weight_decays"), ("main", "cnn", (8, "X"), "cnn"),
+    ("main", "cnn", ("M",), "at least one width"), ("main", "data", "imagenet", "data"),
+    ("main", "seed", -1, "seed"), ("main", "batch_size", 0, "batch_size"),
+    ("lorita_fcn", "fcn_depths", (), "fcn_depths"), ("lorita_vit", "flip", "False", "flip"),
+    ("lorita_vit", "with_augmentation", ("vit-l4",), "with_augmentation"),
+    ("lorita_vit", "model_options", "dim64", "model_options"),
+    ("lorita_cnn", "flop_drops", (1.0,), "flop_drops"),
+    ("lorita_cnn", "label_smoothing", 1.0, "label_smoothing"),
+    ("lorita_cnn", "models", ("resnet9x",), "models"),
+    ("lrpet_cifar", "runs", (("resnet8", 1.5),), "runs"),
+    ("lrpet_cifar", "runs", (("resnet8",),), "runs"), ("lrpet_cifar", "ablation", 1, "ablation"),
+    ("lrpet_cifar", "pad", -1, "pad"), ("lrpet_cifar", "ranks_file", 3, "ranks_file"),
+    ("rank_search", "max_prune", 1.0, "max_prune"), ("rank_search", "lam", -1.0, "lam"),
+    ("rank_search", "min_prune", 0.95, "min_prune"),
+    ("rank_search", "random_trials", 30, "random_trials"), ("rank_search", "model", "", "model"),
+]
+
+
+@pytest.mark.parametrize("name, field, value, pattern", BAD,
+                         ids=[f"{m}-{f}-{v!r}" for m, f, v, _ in BAD])
+def test_bad_settings_are_refused_when_the_config_is_built(name, field, value, pattern):
+    with pytest.raises(presets.SettingsError) as raised:
+        dataclasses.replace(module(name).PRESETS["smoke"], **{field: value})
+    message = str(raised.value)
+    assert field in message and pattern in message, message
+
+
+def run_cli(name, argv, capsys):
+    with pytest.raises(SystemExit) as raised:
+        module(name).main([*argv, "--no-progress"])
+    return raised.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--set", "prune=1.5"], "prune must be a number in [0, 1), got 1.5"),
+    (["--set", "ratio=0.5"], "--set takes field=value with a field among"),
+    (["--preset", "paperr"], "invalid choice: 'paperr'"),
+    (["--set", "lorita_epochs=True"], "--set lorita_epochs"),
+    (["--set", "budgets=(0.5, 2)"], "budgets"),
+])
+def test_bad_command_lines_fail_in_one_line_before_anything_runs(argv, pattern, capsys,
+                                                                  tmp_path):
+    code, out = run_cli("main", [*argv, "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m experiments: error:"), out.err
+    assert pattern in lines[0]
+    assert "Traceback" not in out.err and not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_run_on_the_data_fails_before_training(capsys, tmp_path):
+    # Four poolings of an 8 x 8 digit leave nothing to pool: found by tracing, before training.
+    code, out = run_cli("main", ["--preset", "smoke", "--set", "cnn=(8, 'M', 'M', 'M', 'M')",
+                                 "--output-dir", str(tmp_path)], capsys)
+    assert code == 2
+    (line,) = out.err.strip().splitlines()
+    assert "cnn=(8, 'M', 'M', 'M', 'M')" in line and "(8, 8, 1)" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_fails_in_one_line(capsys, tmp_path):
+    code, out = run_cli("lorita_fcn", ["--preset", "smoke", "--set",
+                                       f"data=idx:{tmp_path / 'none'}",
+                                       "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2
+    (line,) = out.err.strip().splitlines()
+    assert line.startswith("python -m experiments.lorita_fcn: error: data=") and "none" in line
+
+
+@pytest.mark.parametrize("ranks, pattern", [({"conv9/kernel": 2}, "conv9/kernel"),
+                                            ({"conv1/kernel": 99}, "99")])
+def test_a_ranks_file_that_does_not_fit_the_model_fails_before_training(ranks, pattern, capsys,
+                                                                        tmp_path):
+    path = tmp_path / "ranks.json"
+    path.write_text(json.dumps(ranks))
+    code, out = run_cli("lrpet_cifar", ["--preset", "smoke", "--set", "runs=(('resnet8', 0.5),)",
+                                        "--set", f"ranks_file={str(path)!r}",
+                                        "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2
+    (line,) = out.err.strip().splitlines()
+    assert "ranks_file" in line and pattern in line
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_help_lists_every_field_with_each_presets_value(name, capsys):
+    with pytest.raises(SystemExit) as raised:
+        module(name).main(["--help"])
+    assert raised.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the wrapping
+    for field in dataclasses.fields(module(name).Config):
+        assert f" {field.name}: " in text, field.name
+        for preset in module(name).PRESETS.values():
+            assert repr(getattr(preset, field.name)) in text, (field.name, preset)
+    for preset in module(name).PRESETS:
+        assert f"{preset}:" in text or "every preset:" in text

@@ -1,5 +1,7 @@
 """Tests of jaxlr.projection (LRPET) against numpy references of its formulas."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -471,3 +473,97 @@ def test_ranks_as_a_function_of_the_params_and_bfloat16_final_projection():
     s = np.linalg.svd(np.asarray(out["shortcut_conv"]["kernel"], np.float64).reshape(4, 8),
                       compute_uv=False)
     assert s[1] <= 1e-2 * s[0]
+
+
+def count_compiles(run, calls):
+    """How many XLA compilations ``calls`` repeated calls of ``run`` take (jax.log_compiles)."""
+    messages = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Recorder(level=logging.WARNING)
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            for _ in range(calls):
+                run()
+    finally:
+        logger.removeHandler(handler)
+    return sum("Finished XLA compilation" in m for m in messages)
+
+
+def test_eager_updates_compile_once_per_structure_and_options():
+    params = block_variables()["params"]
+    stats = block_variables()["batch_stats"]
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+    tx = optax.chain(optax.sgd(0.1), low_rank_projection(prune=0.5, every=2, options=BNR))
+    box = {"params": params, "state": tx.init(params)}
+
+    def step():
+        updates, box["state"] = tx.update(grads, box["state"], box["params"], batch_stats=stats)
+        box["params"] = jax.block_until_ready(optax.apply_updates(box["params"], updates))
+
+    assert count_compiles(step, 2) > 0  # the first calls compile (projection and pass-through)
+    assert count_compiles(step, 6) == 0  # projecting or not, eager calls reuse the compilation
+    assert numerical_rank(np.asarray(box["params"]["conv2"]["kernel"]).reshape(72, 8)) <= 4
+    # The one-off projection too, after its first call.
+    project(params, prune=0.5, batch_stats=stats, options=BNR)
+    assert count_compiles(lambda: project(params, prune=0.5, batch_stats=stats, options=BNR), 3) \
+        == 0
+
+
+def test_attention_output_projections_are_not_projected_whatever_the_module_is_called():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), name="conv")(x)
+            tokens = x.reshape(x.shape[0], -1, 8)
+            tokens = nn.MultiHeadDotProductAttention(2, name="mha")(tokens, tokens)
+            return nn.Dense(3, name="head")(tokens.mean(1))
+
+    params = Net().init(jax.random.key(0), X)["params"]
+    out = project(params, prune=0.5)
+    assert numerical_rank(np.asarray(out["conv"]["kernel"]).reshape(36, 8)) == 4
+    for name in ("query", "key", "value", "out"):  # 3-D kernels, but attention: left alone
+        np.testing.assert_array_equal(np.asarray(out["mha"][name]["kernel"]),
+                                      np.asarray(params["mha"][name]["kernel"]))
+
+
+def test_channels_a_batchnorm_silences_are_projected_plainly_not_shrunk():
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((3, 3, 2, 6)).astype(np.float32)
+    gamma = np.asarray([1e-4, 1e-4, 1e-4, 2.0, 0.5, 1.0], np.float32)  # three dead channels
+    var = np.ones(6, np.float32)
+    params = {"conv": {"kernel": jnp.asarray(kernel)}, "bn": {"scale": jnp.asarray(gamma)}}
+    stats = {"bn": {"mean": jnp.zeros(6), "var": jnp.asarray(var)}}
+    options = ProjectionOptions(bn_pairs={"conv/kernel": "bn"})
+    out = np.asarray(project(params, {"conv/kernel": 3}, batch_stats=stats, options=options)
+                     ["conv"]["kernel"]).reshape(18, 6)
+    # numpy: fold the live channels by a, not the dead ones (a^2 < 1e-5), project with ET,
+    # unfold the live ones by a / (a^2 + 1e-5).
+    a = gamma.astype(np.float64) / np.sqrt(var + 1e-5)
+    live = a * a >= 1e-5
+    fold = np.where(live, a, 1.0)
+    unfold = np.where(live, a / (a * a + 1e-5), 1.0)
+    expected = np_project(kernel.reshape(18, 6) * fold, 3, True) * unfold
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    # Every scale near zero: the kernel keeps its norm (eq. 16 alone would leave ~5e-7 of it).
+    silent = {"conv": {"kernel": jnp.asarray(kernel)}, "bn": {"scale": jnp.full(6, 1e-6)}}
+    out = project(silent, {"conv/kernel": 3}, batch_stats=stats, options=options)
+    assert np.linalg.norm(np.asarray(out["conv"]["kernel"])) == pytest.approx(
+        np.linalg.norm(kernel), rel=1e-5)
+
+
+def test_weights_a_step_projected_are_final_and_a_plain_projection_keeps_them():
+    params, stats = block_variables()["params"], block_variables()["batch_stats"]
+    tx = optax.chain(optax.sgd(0.1), low_rank_projection(prune=0.5, options=BNR))
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+    updates, _ = tx.update(grads, tx.init(params), params, batch_stats=stats)
+    final = optax.apply_updates(params, updates)
+    again = project(final, prune=0.5)  # energy transfer of a rank-r matrix changes nothing
+    for name in ("conv1", "conv2", "shortcut_conv"):
+        np.testing.assert_allclose(np.asarray(again[name]["kernel"]),
+                                   np.asarray(final[name]["kernel"]), rtol=1e-4, atol=1e-6)

@@ -179,12 +179,50 @@ def test_batch_larger_than_the_training_split_raises(digits):
 def test_a_workdir_of_other_settings_is_refused(tmp_path, digits):
     config = TrainConfig(epochs=1, batch_size=128, progress=False)
     train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits, config, workdir=tmp_path)
-    with pytest.raises(ValueError, match="other settings \\(model\\)"):
+    with pytest.raises(ValueError, match="other settings \\(model, params\\)"):
         train(Task(models.FCN(2, 16), optax.sgd(0.1)), digits, config, workdir=tmp_path)
     with pytest.raises(ValueError, match="batch_size"):
         train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits,
               TrainConfig(epochs=1, batch_size=100, progress=False), workdir=tmp_path)
+    # What the loop cannot see in the optimizer is told as settings, and must match too.
+    with pytest.raises(ValueError, match="other settings \\(settings\\)"):
+        train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits, config, workdir=tmp_path,
+              settings={"learning_rate": 0.1})
+    with pytest.raises(ValueError, match="label_smoothing"):
+        train(Task(models.FCN(2, 8), optax.sgd(0.1), label_smoothing=0.1), digits, config,
+              workdir=tmp_path)
+    with pytest.raises(TypeError, match="settings must hold JSON values"):
+        train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits, config, workdir=tmp_path,
+              settings={"optimizer": optax.sgd(0.1)})
     # Asking for more epochs continues the saved run.
     more = train(Task(models.FCN(2, 8), optax.sgd(0.1)), digits,
                  TrainConfig(epochs=2, batch_size=128, progress=False), workdir=tmp_path)
     assert [r["epoch"] for r in more.history] == [1, 2]
+
+
+def test_a_lorita_run_of_another_n_is_refused(tmp_path, digits):
+    config = TrainConfig(epochs=1, batch_size=128, progress=False)
+    train(lorita_task(models.FCN(2, 8), optax.adam(1e-2), depth=2), digits, config,
+          workdir=tmp_path)
+    with pytest.raises(ValueError, match="other settings \\(params\\)"):
+        train(lorita_task(models.FCN(2, 8), optax.adam(1e-2), depth=3), digits, config,
+              workdir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, digits, damage):
+    config = TrainConfig(epochs=1, batch_size=128, progress=False)
+    task = Task(models.FCN(2, 8), optax.sgd(0.1))
+    train(task, digits, config, workdir=tmp_path)
+    step = tmp_path / "checkpoints" / "last" / "1"
+    listed = json.loads((step / "jaxlr_checksums.json").read_text())["files"]
+    # The largest listed file under the state: array data.
+    name = max((n for n in listed if n.startswith("state/")), key=lambda n: listed[n]["size"])
+    data = bytearray((step / name).read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    (step / name).write_bytes(bytes(data))
+    with pytest.raises(jaxlr.export.CheckpointCorruptedError, match=name.split("/")[-1]):
+        train(task, digits, config, workdir=tmp_path)
