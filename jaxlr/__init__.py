@@ -29,6 +29,7 @@ from jaxlr import (
     nodes,
     policies,
     projection,
+    sharding,
     svd,
     train_state,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "project",
     "project_matrix",
     "projection",
+    "sharding",
     "policies",
     "retained_fraction",
     "singular_values",

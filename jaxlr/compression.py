@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import _nnx, matrices, nodes, svd
+from jaxlr import _nnx, matrices, nodes, sharding, svd
 from jaxlr.policies import Ranks, RankSpec, retained_fraction, select
 
 __all__ = ["CompressionResult", "CompressionReport", "LayerReport", "compress"]
@@ -112,6 +112,7 @@ def compress(
     *,
     view: matrices.View = None,
     method: svd.Method = "svd",
+    mesh: Any = "auto",
 ) -> CompressionResult:
     """Truncates every ranked matrix of a trained tree or NNX module (module documentation).
 
@@ -122,6 +123,9 @@ def compress(
         a function of the params returning one.
       view: how each kernel is seen as a matrix (the view the ranks were chosen with).
       method: decomposition method (:mod:`jaxlr.svd`); the SVD by default, since it runs once.
+      mesh: the devices the decompositions are spread over (:mod:`jaxlr.sharding`; ``"auto"``:
+        the weights' mesh). On a mesh ``A`` keeps the kernel's row sharding, ``B`` its column
+        sharding.
 
     Returns:
       A :class:`CompressionResult` ``(compressed, report)``.
@@ -133,21 +137,22 @@ def compress(
     if _nnx.is_module(params):
         from jaxlr import inference  # noqa: PLC0415 - inference imports this module's users
 
-        tree, report = _compress_tree(_nnx.parameters(params), ranks, view, method)
+        tree, report = _compress_tree(_nnx.parameters(params), ranks, view, method, mesh)
         return CompressionResult(inference.nnx_model(params, tree), report)
-    return CompressionResult(*_compress_tree(params, ranks, view, method))
+    return CompressionResult(*_compress_tree(params, ranks, view, method, mesh))
 
 
 def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
-                   method: str) -> tuple[Any, CompressionReport]:
+                   method: str, mesh: Any) -> tuple[Any, CompressionReport]:
     params = nodes.collapse(params)
     svd.check_method(method)
+    sharding.check_mesh(mesh)
     chosen, found = select(params, ranks, view=view)
     flat, treedef = matrices.flatten(params)
     leaves = [leaf for _, leaf in flat]
     selected = [leaves[leaf.index] for leaf in found.values()]
     pairs, finite = svd.factor_leaves(selected, [leaf.view for leaf in found.values()],
-                                      [chosen[key] for key in found], method=method)
+                                      [chosen[key] for key in found], method=method, mesh=mesh)
     if not svd.is_traced(selected):
         svd.raise_if_nonfinite(list(found), finite)
     layers = {}
@@ -157,7 +162,8 @@ def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
         if node.saves:
             leaves[leaf.index] = node
         else:
-            leaves[leaf.index] = node.kernel().astype(jnp.result_type(leaves[leaf.index]))
+            dense = node.kernel().astype(jnp.result_type(leaves[leaf.index]))
+            leaves[leaf.index] = sharding.like(dense, leaves[leaf.index])
         layers[key] = LayerReport((m, n), node.rank, leaf.full_rank, node.saves, m * n,
                                   node.param_count if node.saves else m * n)
     before = sum(math.prod(np.shape(leaf)) for _, leaf in flat)

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlr import _nnx, matrices, nodes, svd
+from jaxlr import _nnx, matrices, nodes, sharding, svd
 from jaxlr.nodes import Product, collapse
 
 __all__ = [
@@ -177,7 +177,10 @@ def factorize(
         scale) or ``"balanced"`` (the product is the given kernel, split with equal norms).
 
     Returns:
-      The tree (or a copy of the module) with each selected kernel replaced by a product.
+      The tree (or a copy of the module) with each selected kernel replaced by a product. A
+      kernel on a mesh gives factors on that mesh: each factor's rows split like the kernel's
+      rows where they have the kernel's row count, its columns like the kernel's columns where
+      they have its column count (:func:`jaxlr.sharding.place_factors`).
 
     Raises:
       ValueError: for ``depth < 1``, an unknown placement or init, a missing key, a tree that is
@@ -234,6 +237,7 @@ def factorize(
             factors = _balanced_factors(matrix, shapes)
         else:
             factors = _orthogonal_factors(matrix, shapes, outer, leaf_key)
+        factors = sharding.place_factors(factors, leaves[leaf.index], leaf.view)
         leaves[leaf.index] = Product(factors, leaf.shape, leaf.view)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 

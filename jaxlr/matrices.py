@@ -132,7 +132,7 @@ class MatrixView(NamedTuple):
         shape = self.matrix_shape(tuple(np.shape(leaf)))
         if perm != tuple(range(len(perm))):
             leaf = jnp.transpose(leaf, perm)
-        return jnp.reshape(leaf, shape)
+        return _reshape(leaf, shape, (len(self.row_axes), len(self.col_axes)), merge=True)
 
     def from_matrix(self, matrix: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """The inverse of :meth:`to_matrix`: an ``(m, n)`` matrix back to a leaf of ``shape``."""
@@ -142,7 +142,8 @@ class MatrixView(NamedTuple):
                 f"matrix of shape {tuple(matrix.shape)} cannot be viewed as a leaf of shape "
                 f"{shape} through {self}: expected {self.matrix_shape(shape)}."
             )
-        permuted = jnp.reshape(matrix, tuple(shape[a] for a in perm))
+        permuted = _reshape(matrix, tuple(shape[a] for a in perm),
+                            (len(self.row_axes), len(self.col_axes)), merge=False)
         if perm == tuple(range(len(perm))):
             return permuted
         return jnp.transpose(permuted, np.argsort(perm))
@@ -160,6 +161,42 @@ _ATTENTION_PROJECTIONS = (*_ATTENTION_INPUTS, "out")
 _GENERAL_DENSE = ("DenseGeneral", "LinearGeneral")
 # A convolution window: every spatial axis of a kernel at most this long.
 _WINDOW = 7
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...], groups: tuple[int, int], merge: bool
+             ) -> jax.Array:
+    """``jnp.reshape`` between a leaf and its matrix (``groups``: the leaf axes of the rows and of
+    the columns). On a mesh with ``Explicit`` axes, where JAX needs the output's sharding: a
+    merged dimension keeps the sharding of its first axis when that is its only sharded axis, a
+    split one gives its sharding to its first axis when that divides evenly; else unsharded."""
+    typed = getattr(jax.typeof(x), "sharding", None)
+    if not (isinstance(typed, jax.sharding.NamedSharding)
+            and jax.sharding.AxisType.Explicit in typed.mesh.axis_types
+            and any(entry is not None for entry in typed.spec)):
+        return jnp.reshape(x, shape)
+    spec = tuple(typed.spec) + (None,) * (x.ndim - len(typed.spec))
+    sizes = dict(zip(typed.mesh.axis_names, typed.mesh.axis_sizes, strict=True))
+
+    def count(entry: Any) -> int:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return math.prod(sizes[name] for name in names if name is not None)
+
+    out: list[Any] = []
+    if merge:
+        start = 0
+        for size in groups:
+            block = spec[start:start + size]
+            out.append(block[0] if all(e is None for e in block[1:]) else None)
+            start += size
+    else:
+        for entry, size in zip(spec, groups, strict=True):
+            first = len(out)
+            out.extend([None] * size)
+            if entry is not None and shape[first] % count(entry) == 0:
+                out[first] = entry
+    mesh = typed.mesh if isinstance(x, jax.core.Tracer) else x.sharding.mesh
+    return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*out)))
 
 
 def _module_name(path: Path) -> str:

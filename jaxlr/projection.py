@@ -81,7 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlr import _nnx, matrices, nodes, policies, svd
+from jaxlr import _nnx, matrices, nodes, policies, sharding, svd
 
 __all__ = [
     "LowRankProjectionState",
@@ -136,6 +136,9 @@ class ProjectionOptions:
         ``(path, leaf) -> bool`` function (default ``"conv"``, as the paper).
       view: how each kernel is seen as a matrix (:mod:`jaxlr.matrices`).
       method: the decomposition (:mod:`jaxlr.svd`): ``"auto"``, ``"gram"`` or ``"svd"``.
+      mesh: the devices the decompositions are spread over (:mod:`jaxlr.sharding`): ``"auto"``
+        (the default: the mesh of the weights, or of ``jax.set_mesh``), a
+        ``jax.sharding.Mesh``, or ``None`` (where XLA's partitioner puts them).
 
     Raises:
       TypeError / ValueError: at construction, naming the field, for a value of the wrong type or
@@ -157,6 +160,7 @@ class ProjectionOptions:
     filter: matrices.Filter = "conv"
     view: matrices.View = None
     method: svd.Method = "auto"
+    mesh: Any = "auto"
 
     def __post_init__(self) -> None:
         svd.check_flag("energy_transfer", self.energy_transfer)
@@ -180,6 +184,7 @@ class ProjectionOptions:
         matrices.resolve_filter(self.filter)
         matrices.resolve_view(self.view)
         svd.check_method(self.method)
+        sharding.check_mesh(self.mesh)
 
     @property
     def bn_rectification(self) -> bool:
@@ -328,8 +333,8 @@ def _named_leaves(tree: Any, strip: str) -> dict[str, Any]:
     return out
 
 
-def _bn_scales(params: Any, batch_stats: Any, plan: _Plan,
-               options: ProjectionOptions) -> dict[str, tuple[jax.Array, jax.Array]]:
+def _bn_scales(params: Any, batch_stats: Any, plan: _Plan, options: ProjectionOptions,
+               mesh: Any = None) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Per projected kernel with a BatchNorm: the per-channel factors that fold it,
     ``a = gamma / sqrt(var + eps)``, and unfold it, ``a / (a^2 + 1e-5)`` (eq. 16); a channel whose
     ``a^2 < 1e-5`` (silenced by its BatchNorm) is neither folded nor unfolded."""
@@ -360,7 +365,12 @@ def _bn_scales(params: Any, batch_stats: Any, plan: _Plan,
         _check_variance(bn, variance)
         a = gamma / jnp.sqrt(variance + options.bn_epsilon)
         live = a * a >= _BN_INVERSE_EPSILON
-        scales[key] = (jnp.where(live, a, 1), jnp.where(live, a / (a * a + _BN_INVERSE_EPSILON), 1))
+        fold, unfold = jnp.where(live, a, 1), jnp.where(live, a / (a * a + _BN_INVERSE_EPSILON), 1)
+        if mesh is not None and not sharding.is_explicit(fold):
+            # Whole on every device: the kernel's sharding must not spread to the BatchNorm.
+            whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            fold, unfold = (jax.lax.with_sharding_constraint(x, whole) for x in (fold, unfold))
+        scales[key] = (fold, unfold)
     return scales
 
 
@@ -385,25 +395,36 @@ def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array]
     """The projected tree (every unprojected leaf the input's own) and the finiteness flags."""
     flat, treedef = matrices.flatten(params)
     leaves = [leaf for _, leaf in flat]
-    scales = _bn_scales(params, batch_stats, plan, options)
-    folded, shapes = [], []
+    mesh = sharding.mesh_of([leaves[leaf.index] for leaf in plan.leaves], options.mesh)
+    scales = _bn_scales(params, batch_stats, plan, options, mesh)
+    folded = []
     for key, leaf in zip(plan.keys, plan.leaves, strict=True):
         array = leaves[leaf.index]
-        shapes.append(np.shape(array))
         if key in scales:  # fold diag(a) into the output channels (the matrix's columns)
-            fold = scales[key][0].astype(array.dtype)
-            array = leaf.view.from_matrix(leaf.view.to_matrix(array) * fold, leaf.shape)
+            array = _scale_columns(array, leaf.view, scales[key][0])
         folded.append(array)
     projected, flags = svd.project_leaves(
         folded, [leaf.view for leaf in plan.leaves], plan.ranks,
         energy_transfer=options.energy_transfer, tail_scale=options.tail_scale,
-        method=options.method, traced_ranks=traced)
+        method=options.method, traced_ranks=traced, mesh=mesh)
     for key, leaf, new in zip(plan.keys, plan.leaves, projected, strict=True):
         if key in scales:  # unfold with the regularised inverse a / (a^2 + 1e-5)
-            unfold = scales[key][1].astype(new.dtype)
-            new = leaf.view.from_matrix(leaf.view.to_matrix(new) * unfold, leaf.shape)
+            new = _scale_columns(new, leaf.view, scales[key][1])
         leaves[leaf.index] = new
     return jax.tree_util.tree_unflatten(treedef, leaves), flags
+
+
+def _scale_columns(leaf: jax.Array, view: matrices.MatrixView, factors: jax.Array) -> jax.Array:
+    """``view.from_matrix(view.to_matrix(leaf) * factors)``, without reshaping the leaf (which
+    would move a sharded kernel's data): ``factors`` is broadcast over the column axes."""
+    cols = tuple(view.col_axes)
+    block = jnp.reshape(factors.astype(leaf.dtype), tuple(leaf.shape[a] for a in cols))
+    order = tuple(sorted(cols))
+    block = jnp.transpose(block, tuple(cols.index(a) for a in order))
+    shape = [1] * leaf.ndim
+    for a in order:
+        shape[a] = leaf.shape[a]
+    return leaf * jnp.reshape(block, shape)
 
 
 def _stats_from(params: Any, batch_stats: Any) -> Any:

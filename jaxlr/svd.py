@@ -47,12 +47,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxlr import matrices, nodes
 from jaxlr.matrices import MatrixView
@@ -205,11 +206,18 @@ def _gram_subspace(
         if rows >= cols
         else jnp.matmul(matrix, matrix.T, precision=_HIGHEST)
     )
+    norm = jnp.sqrt(jnp.sum(jnp.square(matrix)))
+    return _subspace_of_gram(gram, norm, rank, cut, min(rows, cols))
+
+
+def _subspace_of_gram(
+    gram: jax.Array, norm: jax.Array, rank: int, cut: jax.Array | None, full: int
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`_gram_subspace` from the Gram matrix and the matrix's Frobenius norm."""
     eigenvalues, eigenvectors = jnp.linalg.eigh(gram)  # ascending
     top = eigenvectors[:, -rank:][:, ::-1]
-    full = min(rows, cols)
     if cut is None and rank == full:  # nothing is cut: U S V^T = W V V^T = W, whatever the spectrum
-        return top, jnp.zeros((), matrix.dtype)
+        return top, jnp.zeros((), gram.dtype)
     # Davis-Kahan: rounding of the Gram matrix and of eigh perturbs it by ~eps * s_1^2, which moves
     # the projection by about that over the singular-value gap at the cut.
     sigma = jnp.sqrt(jnp.maximum(eigenvalues[::-1], 0))
@@ -219,8 +227,7 @@ def _gram_subspace(
         padded = jnp.concatenate([sigma, jnp.zeros((1,), sigma.dtype)])
         gap = jnp.where(cut >= full, jnp.inf, padded[cut - 1] - padded[cut])
     largest = eigenvalues[-1]
-    norm = jnp.sqrt(jnp.sum(jnp.square(matrix)))
-    eps = jnp.finfo(matrix.dtype).eps
+    eps = jnp.finfo(gram.dtype).eps
     return top, jnp.where(largest > 0, eps * largest / (gap * norm), 0.0)
 
 
@@ -234,11 +241,27 @@ def _triplets_from_subspace(matrix: jax.Array, top: jax.Array) -> Triplets:
     return top, s, scaled / jnp.where(s > 0, s, 1)[:, None]
 
 
+class Spread(NamedTuple):
+    """Decompositions spread over a mesh (:mod:`jaxlr.sharding`): the matrices are tall, their
+    rows split over every device of ``mesh`` where ``sharded``, each decomposed by the device
+    ``owners`` names."""
+
+    mesh: Any
+    sharded: tuple[bool, ...]
+    owners: tuple[int, ...]
+
+    def pick(self, indices: Sequence[int]) -> Spread:
+        """The spread of the matrices at ``indices``."""
+        return Spread(self.mesh, tuple(self.sharded[i] for i in indices),
+                      tuple(self.owners[i] for i in indices))
+
+
 def _top_triplets(
     mats: list[jax.Array],
     ranks: list[int],
     method: str,
     cuts: list[jax.Array] | None = None,
+    spread: Spread | None = None,
 ) -> list[Triplets]:
     """The top-``rank`` singular triplets of every matrix (error estimated at ``cuts``, if given).
 
@@ -246,6 +269,8 @@ def _top_triplets(
     is under the tolerance" guards the per-matrix choices, so in the common case the SVD fallbacks
     cost nothing at run time, and a matrix that falls back does not pay for the Gram projection.
     """
+    if spread is not None and mats:
+        return _spread_triplets(mats, ranks, method, cuts, spread)
     if method == "svd":
         return [_thin_svd(m, r) for m, r in zip(mats, ranks, strict=True)]
     cuts = cuts if cuts is not None else [None] * len(mats)
@@ -271,6 +296,111 @@ def _top_triplets(
         ]
 
     return lax.cond(jnp.all(jnp.stack(accepted)), all_gram, each_its_own)
+
+
+
+def _r_factor(x: jax.Array) -> jax.Array:
+    """A matrix with ``x``'s Gram matrix and at most ``cols`` rows: ``x`` if it has no more rows
+    than columns, else the triangular factor of its QR decomposition."""
+    return jnp.linalg.qr(x, mode="r") if x.shape[0] > x.shape[1] else x
+
+
+def _reduce_to_owner(block: jax.Array, owner: int, axes: tuple[str, ...], devices: int,
+                     me: jax.Array) -> jax.Array:
+    """Inside ``shard_map``: on device ``owner``, a matrix of at most ``n`` rows whose Gram
+    matrix is the sum of every device's ``block^T block`` (a tall-skinny QR reduced along a
+    binary tree: each device sends one ``n x n`` factor at most once, point to point, and only
+    the devices that receive one factorize); elsewhere a buffer of that shape."""
+    local = _r_factor(block)
+    relative = (me - owner) % devices
+    step = 1
+    while step < devices:
+        pairs = [((owner + rel + step) % devices, (owner + rel) % devices)
+                 for rel in range(0, devices, 2 * step) if rel + step < devices]
+        received = lax.ppermute(local, axes, perm=pairs)
+        stacked = jnp.concatenate([local, received], axis=0)
+        receives = (relative % (2 * step) == 0) & (relative + step < devices)
+        rows = min(stacked.shape[0], stacked.shape[1])
+        local = lax.cond(receives, _r_factor, lambda x, rows=rows: x[:rows], stacked) \
+            if stacked.shape[0] > stacked.shape[1] else stacked
+        step *= 2
+    return local
+
+
+def _spread_triplets(
+    mats: list[jax.Array],
+    ranks: list[int],
+    method: str,
+    cuts: list[jax.Array] | None,
+    spread: Spread,
+) -> list[Triplets]:
+    """:func:`_top_triplets` of tall matrices, each decomposed by one device of the mesh (see
+    :mod:`jaxlr.sharding`); ``u`` keeps the rows' split, ``s`` and ``vt`` are on every device."""
+    from jaxlr import sharding  # noqa: PLC0415
+
+    mesh, sharded, owner = spread
+    mesh = sharding.in_context(mesh)
+    axes = tuple(mesh.axis_names)
+    devices = mesh.size
+    rows = P(axes, None)
+    replicated = P()
+
+    def reduce(x: jax.Array, split: bool) -> jax.Array:
+        return lax.psum(x, axes) if split else x
+
+    def body(blocks: list[jax.Array], local_cuts: list[jax.Array]) -> list[Triplets]:
+        me = lax.axis_index(axes)
+        out = []
+        for i, w in enumerate(blocks):
+            rank, split, mine = ranks[i], sharded[i], me == owner[i]
+            cut = local_cuts[i] if cuts is not None else None
+            n = w.shape[1]
+            norm = jnp.sqrt(reduce(jnp.sum(jnp.square(w)), split))
+
+            def nothing(*_: Any, n: int = n, rank: int = rank, dtype: Any = w.dtype
+                        ) -> tuple[jax.Array, jax.Array]:
+                return jnp.zeros((n, rank), dtype), jnp.zeros((), dtype)
+
+            def by_gram(gram: jax.Array, norm: jax.Array = norm, rank: int = rank,
+                        cut: Any = cut, full: int = min(mats[i].shape)
+                        ) -> tuple[jax.Array, jax.Array]:
+                return _subspace_of_gram(gram, norm, rank, cut, full)
+
+            top = estimate = None
+            if method != "svd":
+                if split:  # the sum of the local Gram matrices; the owner decomposes it
+                    gram = lax.psum(jnp.matmul(w.T, w, precision=_HIGHEST), axes)
+                    top, estimate = lax.cond(mine, by_gram, nothing, gram)
+                else:
+                    top, estimate = lax.cond(
+                        mine, lambda w=w, f=by_gram: f(jnp.matmul(w.T, w, precision=_HIGHEST)),
+                        nothing)
+                top, estimate = lax.psum(top, axes), lax.psum(estimate, axes)
+
+            def by_svd(w: jax.Array = w, split: bool = split, rank: int = rank,
+                       owner: int = owner[i], mine: jax.Array = mine, nothing: Any = nothing
+                       ) -> jax.Array:
+                # The right singular vectors of any matrix with W's Gram matrix are W's.
+                reduced = _reduce_to_owner(w, owner, axes, devices, me) if split else w
+                v = lax.cond(mine, lambda x: _thin_svd(x, rank)[2].T, lambda x: nothing()[0],
+                             reduced)
+                return lax.psum(v, axes)
+
+            if method == "svd":
+                top = by_svd()
+            elif method == "auto":
+                # The estimate is the same on every device, so all take the same branch.
+                top = lax.cond(estimate <= _GRAM_TOLERANCE, lambda t=top: t, by_svd)
+            scaled = jnp.matmul(w, top, precision=_HIGHEST)  # this device's rows of U_r S_r
+            s = jnp.sqrt(reduce(jnp.sum(jnp.square(scaled), axis=0), split))
+            out.append((scaled / jnp.where(s > 0, s, 1), s, top.T))
+        return out
+
+    in_specs = ([rows if split else replicated for split in sharded],
+                [replicated] * (len(cuts) if cuts is not None else 0))
+    out_specs = [(rows if split else replicated, replicated, replicated) for split in sharded]
+    run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return run(list(mats), list(cuts) if cuts is not None else [])
 
 
 def _sanitize(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -308,11 +438,13 @@ def _project_many(
     tail_scale: float,
     method: str,
     traced_ranks: list[jax.Array] | None = None,
+    spread: Spread | None = None,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """Projections of every matrix and whether each was finite.
 
     With ``traced_ranks``, ``ranks`` are the static upper bounds of the traced ones: every triplet
-    up to the bound is formed and the values beyond the traced rank are masked.
+    up to the bound is formed and the values beyond the traced rank are masked. With ``spread``,
+    the matrices are tall and decomposed over its mesh.
     """
     out = list(mats)
     flags = [jnp.all(jnp.isfinite(m)) for m in mats]
@@ -324,7 +456,10 @@ def _project_many(
         return out, flags
     sanitized = [_sanitize(mats[i]) for i in cut]
     cuts = None if traced_ranks is None else [traced_ranks[i] for i in cut]
-    triplets = _top_triplets([w for w, _ in sanitized], [ranks[i] for i in cut], method, cuts)
+    if spread is not None:
+        spread = spread.pick(cut)
+    triplets = _top_triplets([w for w, _ in sanitized], [ranks[i] for i in cut], method, cuts,
+                             spread)
     for j, i in enumerate(cut):
         (work, finite), parts = sanitized[j], triplets[j]
         mask = None if cuts is None else jnp.arange(ranks[i]) < cuts[j]
@@ -336,10 +471,10 @@ def _project_many(
 
 
 def _factors_many(
-    mats: list[jax.Array], ranks: list[int], method: str
+    mats: list[jax.Array], ranks: list[int], method: str, spread: Spread | None = None
 ) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
     sanitized = [_sanitize(m) for m in mats]
-    triplets = _top_triplets([w for w, _ in sanitized], ranks, method)
+    triplets = _top_triplets([w for w, _ in sanitized], ranks, method, None, spread)
     out = []
     for matrix, (_, finite), (u, s, vt) in zip(mats, sanitized, triplets, strict=True):
         root = jnp.sqrt(s)
@@ -501,24 +636,41 @@ def project_leaves(
     tail_scale: float,
     method: str,
     traced_ranks: Sequence[jax.Array] | None = None,
+    mesh: Any = "auto",
 ) -> tuple[list[jax.Array], jax.Array]:
     """Projects each leaf through its view onto its rank; returns the leaves and whether each was
     finite (one stacked array).
 
     ``ranks`` are static; with ``traced_ranks`` they are the static bounds of traced ranks (masked
-    path). Runs inline when traced (inside the caller's ``jit``), else as one jitted call.
+    path). Runs inline when traced (inside the caller's ``jit``), else as one jitted call. The
+    decompositions are spread over ``mesh`` (:func:`jaxlr.sharding.mesh_of`), and each leaf keeps
+    its sharding.
     """
+    from jaxlr import sharding  # noqa: PLC0415
+
+    spread_over = sharding.mesh_of(leaves, mesh)
+    specs = tuple(sharding.spec_of(leaf) for leaf in leaves) if spread_over is not None else None
     args = (tuple(views), tuple(ranks), energy_transfer, tail_scale, method)
     if traced_ranks is not None or is_traced(leaves):
         return _project_leaves(tuple(leaves), *args,
-                               None if traced_ranks is None else tuple(traced_ranks))
-    return _jit_project_leaves(tuple(leaves), *args, None)
+                               None if traced_ranks is None else tuple(traced_ranks), spread_over,
+                               specs)
+    return _jit_project_leaves(tuple(leaves), *args, None, spread_over, specs)
 
 
 def _project_leaves(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...],
                     ranks: tuple[int, ...], energy_transfer: bool, tail_scale: float, method: str,
-                    traced_ranks: tuple[jax.Array, ...] | None
-                    ) -> tuple[list[jax.Array], jax.Array]:
+                    traced_ranks: tuple[jax.Array, ...] | None, mesh: Any = None,
+                    specs: tuple[Any, ...] | None = None) -> tuple[list[jax.Array], jax.Array]:
+    if mesh is not None:
+        specs = specs if specs is not None else (None,) * len(leaves)
+        layouts, spread = _layouts(leaves, views, mesh, specs)
+
+        def run(leaves: tuple[jax.Array, ...], traced: Any) -> tuple[list[jax.Array], jax.Array]:
+            return _project_spread(leaves, layouts, spread, ranks, energy_transfer, tail_scale,
+                                   method, traced, specs)
+
+        return _on_mesh(run, leaves, traced_ranks, mesh, (list(specs), P()))
     mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, views, strict=True)]
     projected, flags = _project_many(mats, list(ranks), energy_transfer, tail_scale, method,
                                      None if traced_ranks is None else list(traced_ranks))
@@ -527,24 +679,127 @@ def _project_leaves(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...]
     return out, _stacked(flags)
 
 
-_jit_project_leaves = jax.jit(_project_leaves, static_argnums=(1, 2, 3, 4, 5, 6))
+def _on_mesh(fn: Any, leaves: Any, traced: Any, mesh: Any, out_specs: Any) -> Any:
+    """``fn(leaves, traced)``; traced on a mesh with ``Explicit`` axes, it runs with ``Auto``
+    axes (``jax.sharding.auto_axes``) and its outputs get ``out_specs``."""
+    from jaxlr import sharding  # noqa: PLC0415
+
+    if not any(sharding.is_explicit(leaf) for leaf in jax.tree.leaves(leaves)):
+        return fn(leaves, traced)
+    abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
+    with jax.sharding.use_abstract_mesh(abstract):
+        return jax.sharding.auto_axes(fn, out_sharding=out_specs)(leaves, traced)
+
+
+def _project_spread(leaves: tuple[jax.Array, ...], layouts: list[Any], spread: Spread,
+                    ranks: tuple[int, ...], energy_transfer: bool, tail_scale: float, method: str,
+                    traced_ranks: tuple[jax.Array, ...] | None, specs: tuple[Any, ...]
+                    ) -> tuple[list[jax.Array], jax.Array]:
+    from jaxlr import sharding  # noqa: PLC0415
+
+    mesh = spread.mesh
+    out, flags, previous = [], [], None
+    for i, (leaf, layout) in enumerate(zip(leaves, layouts, strict=True)):
+        if previous is not None:  # one matrix after the other: the temporaries of one at a time
+            leaf, _ = lax.optimization_barrier((leaf, previous))
+        projected, finite = _project_many(
+            [layout.to_rows(leaf)], [ranks[i]], energy_transfer, tail_scale, method,
+            None if traced_ranks is None else [traced_ranks[i]], spread.pick([i]))
+        p = projected[0]
+        if spread.sharded[i]:  # rebuilt where the rows are; moved to the leaf's sharding once
+            p = sharding.split_rows(p, mesh, specs[i])
+        previous = sharding.follow(layout.from_rows(p, leaf.shape), leaves[i], mesh, specs[i])
+        out.append(previous)
+        flags.extend(finite)
+    return out, _stacked(flags)
+
+
+def _layouts(leaves: Sequence[Any], views: Sequence[MatrixView], mesh: Any,
+             specs: Sequence[Any] | None = None) -> tuple[list[Any], Spread]:
+    """Each leaf's row layout on ``mesh``, and the spread: whether its rows are split over the
+    devices (not for a leaf known to be whole on every device: one decomposes it, each rebuilds
+    it) and which device decomposes it."""
+    from jaxlr import sharding  # noqa: PLC0415
+
+    layouts = [sharding.RowLayout.of(tuple(leaf.shape), v, mesh.size)
+               for leaf, v in zip(leaves, views, strict=True)]
+    specs = specs if specs is not None else [sharding.spec_of(leaf) for leaf in leaves]
+    split = tuple(not (spec is not None and all(entry is None for entry in spec))
+                  for spec in specs)
+    owners = sharding.owners([float(layout.tall_shape[1]) ** 3 for layout in layouts], mesh.size)
+    return layouts, Spread(mesh, split, tuple(owners))
+
+
+_jit_project_leaves = jax.jit(_project_leaves, static_argnums=(1, 2, 3, 4, 5, 6, 7, 8))
 
 
 def factor_leaves(
-    leaves: Sequence[Any], views: Sequence[MatrixView], ranks: Sequence[int], *, method: str
+    leaves: Sequence[Any], views: Sequence[MatrixView], ranks: Sequence[int], *, method: str,
+    mesh: Any = "auto",
 ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     """Balanced factors ``(A, B)`` of each leaf's matrix at its rank, and whether each matrix was
-    finite (one stacked array)."""
-    return _jit_factor_leaves(tuple(leaves), tuple(views), tuple(ranks), method)
+    finite (one stacked array). On a mesh (:func:`jaxlr.sharding.mesh_of`) the decompositions
+    are spread over its devices, ``A`` takes the rows' sharding of the kernel and ``B`` its
+    columns' sharding."""
+    from jaxlr import sharding  # noqa: PLC0415
+
+    spread_over = sharding.mesh_of(
+        [x for leaf in leaves for x in jax.tree.leaves(leaf)], mesh)
+    specs = None
+    if spread_over is not None:
+        specs = tuple(sharding.matrix_specs(
+            leaf if not nodes.is_node(leaf) else jax.tree.leaves(leaf)[0], view)
+            for leaf, view in zip(leaves, views, strict=True))
+    args = (tuple(leaves), tuple(views), tuple(ranks), method, spread_over, specs)
+    if is_traced(leaves):
+        return _factor_leaves(*args)
+    return _jit_factor_leaves(*args)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _jit_factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
-                       ranks: tuple[int, ...], method: str
-                       ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
-    mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
-    pairs, finite = _factors_many(mats, list(ranks), method)
-    return pairs, _stacked(finite)
+def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
+                   ranks: tuple[int, ...], method: str, mesh: Any, specs: Any = None
+                   ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+    if mesh is None:
+        mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
+        pairs, finite = _factors_many(mats, list(ranks), method)
+        return pairs, _stacked(finite)
+    from jaxlr import sharding  # noqa: PLC0415
+
+    kernels = [leaf if not nodes.is_node(leaf) else jax.tree.leaves(leaf)[0] for leaf in leaves]
+    layouts, spread = _layouts(kernels, views, mesh, None if specs is None else [
+        None if row is None else _whole_if_unsharded(row, col) for row, col in specs])
+
+    def run(leaves: tuple[Any, ...], _: Any) -> tuple[list[tuple[jax.Array, jax.Array]],
+                                                       jax.Array]:
+        pairs, flags = [], []
+        for i, (leaf, view, layout) in enumerate(zip(leaves, views, layouts, strict=True)):
+            shape = tuple(np.shape(kernels[i]))
+            tall = layout.to_rows(view.from_matrix(leaf_matrix(leaf, view), shape)
+                                  if nodes.is_node(leaf) else leaf)
+            (a, b), finite = (x[0] for x in _factors_many([tall], [ranks[i]], method,
+                                                          spread.pick([i])))
+            a = layout.to_view(a, shape, view)
+            a, b = (b.T, a.T) if layout.transposed else (a, b)
+            row_spec, col_spec = specs[i] if specs is not None else (None, None)
+            if row_spec is not None:
+                a = sharding.constrain(a, spread.mesh, row_spec)
+                b = sharding.constrain(b, spread.mesh, col_spec)
+            pairs.append((a, b))
+            flags.append(finite)
+        return pairs, _stacked(flags)
+
+    out_specs = None
+    if specs is not None and all(row is not None for row, _ in specs):
+        out_specs = ([(row, col) for row, col in specs], P())
+    return _on_mesh(run, leaves, None, mesh, out_specs)
+
+
+def _whole_if_unsharded(row: Any, col: Any) -> Any:
+    """A stand-in spec for :func:`_layouts`: ``P()`` if neither side is split, else a split one."""
+    return P() if row[0] is None and col[1] is None else P("split")
+
+
+_jit_factor_leaves = jax.jit(_factor_leaves, static_argnums=(1, 2, 3, 4, 5))
 
 
 def singular_values_tree(
