@@ -57,13 +57,13 @@ __all__ = [
     "RowLayout",
     "check_mesh",
     "constrain",
+    "factor_specs",
     "follow",
     "in_context",
     "is_explicit",
     "mesh_of",
     "is_replicated",
     "like",
-    "matrix_specs",
     "owners",
     "place_factors",
     "spec_of",
@@ -195,20 +195,17 @@ def is_replicated(x: Any) -> bool:
     return spec is not None and all(entry is None for entry in spec)
 
 
-def matrix_specs(kernel: Any, view: MatrixView) -> tuple[PartitionSpec | None,
-                                                          PartitionSpec | None]:
-    """The specs of the factors ``A`` (``m x r``) and ``B`` (``r x n``) of a kernel whose spec is
-    known: ``A``'s rows split over the mesh axes that split the kernel's row axes, ``B``'s columns
-    over those that split its column axes; ``(None, None)`` when the kernel's spec is unknown."""
-    spec = spec_of(kernel)
+def factor_specs(spec: PartitionSpec | None, view: MatrixView
+                 ) -> tuple[PartitionSpec, PartitionSpec] | None:
+    """The specs of the factors ``A`` (``m x r``) and ``B`` (``r x n``) of a kernel of spec
+    ``spec``: ``A``'s rows split over the mesh axes that split the kernel's row axes, ``B``'s
+    columns over those that split its column axes; ``None`` when the kernel's spec is unknown."""
     if spec is None:
-        return None, None
-    entries = tuple(spec) + (None,) * (np.ndim(kernel) - len(spec))
+        return None
+    entries = tuple(spec) + (None,) * (len(view.row_axes) + len(view.col_axes) - len(spec))
 
     def axes_of(dims: Sequence[int]) -> Any:
-        names = tuple(name for d in dims for name in (
-            entries[d] if isinstance(entries[d], tuple) else (entries[d],)) if name is not None)
-        return names or None
+        return tuple(name for d in dims for name in _names(entries[d])) or None
 
     return (PartitionSpec(axes_of(view.row_axes), None),
             PartitionSpec(None, axes_of(view.col_axes)))
@@ -231,7 +228,7 @@ def place_factors(factors: Sequence[jax.Array], kernel: Any, view: MatrixView
     sharding = getattr(kernel, "sharding", None)
     if _is_tracer(kernel) or not isinstance(sharding, NamedSharding):
         return tuple(factors)
-    row_spec, col_spec = matrix_specs(kernel, view)
+    row_spec, col_spec = factor_specs(spec_of(kernel), view)
     m, n = view.matrix_shape(tuple(np.shape(kernel)))
     out = []
     for factor in factors:

@@ -746,10 +746,8 @@ def factor_leaves(
     spread_over = sharding.mesh_of(
         [x for leaf in leaves for x in jax.tree.leaves(leaf)], mesh)
     specs = None
-    if spread_over is not None:
-        specs = tuple(sharding.matrix_specs(
-            leaf if not nodes.is_node(leaf) else jax.tree.leaves(leaf)[0], view)
-            for leaf, view in zip(leaves, views, strict=True))
+    if spread_over is not None:  # each kernel's spec (a LoRITa product's is not known)
+        specs = tuple(None if nodes.is_node(leaf) else sharding.spec_of(leaf) for leaf in leaves)
     args = (tuple(leaves), tuple(views), tuple(ranks), method, spread_over, specs)
     if is_traced(leaves):
         return _factor_leaves(*args)
@@ -765,38 +763,32 @@ def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
         return pairs, _stacked(finite)
     from jaxlr import sharding  # noqa: PLC0415
 
-    kernels = [leaf if not nodes.is_node(leaf) else jax.tree.leaves(leaf)[0] for leaf in leaves]
-    layouts, spread = _layouts(kernels, views, mesh, None if specs is None else [
-        None if row is None else _whole_if_unsharded(row, col) for row, col in specs])
+    specs = specs if specs is not None else (None,) * len(leaves)
+    factor_specs = [sharding.factor_specs(spec, view) for spec, view in zip(specs, views,
+                                                                             strict=True)]
+    shapes = [tuple(leaf.shape) for leaf in leaves]
+    layouts, spread = _layouts(leaves, views, mesh, specs)
 
     def run(leaves: tuple[Any, ...], _: Any) -> tuple[list[tuple[jax.Array, jax.Array]],
                                                        jax.Array]:
         pairs, flags = [], []
         for i, (leaf, view, layout) in enumerate(zip(leaves, views, layouts, strict=True)):
-            shape = tuple(np.shape(kernels[i]))
-            tall = layout.to_rows(view.from_matrix(leaf_matrix(leaf, view), shape)
-                                  if nodes.is_node(leaf) else leaf)
-            (a, b), finite = (x[0] for x in _factors_many([tall], [ranks[i]], method,
-                                                          spread.pick([i])))
-            a = layout.to_view(a, shape, view)
+            kernel = leaf[...] if nodes.is_node(leaf) else leaf
+            (a, b), finite = (x[0] for x in _factors_many(
+                [layout.to_rows(kernel)], [ranks[i]], method, spread.pick([i])))
+            a = layout.to_view(a, shapes[i], view)
             a, b = (b.T, a.T) if layout.transposed else (a, b)
-            row_spec, col_spec = specs[i] if specs is not None else (None, None)
-            if row_spec is not None:
-                a = sharding.constrain(a, spread.mesh, row_spec)
-                b = sharding.constrain(b, spread.mesh, col_spec)
+            if factor_specs[i] is not None:
+                a, b = (sharding.constrain(x, spread.mesh, spec)
+                        for x, spec in zip((a, b), factor_specs[i], strict=True))
             pairs.append((a, b))
             flags.append(finite)
         return pairs, _stacked(flags)
 
     out_specs = None
-    if specs is not None and all(row is not None for row, _ in specs):
-        out_specs = ([(row, col) for row, col in specs], P())
+    if all(spec is not None for spec in factor_specs):
+        out_specs = ([tuple(spec) for spec in factor_specs], P())
     return _on_mesh(run, leaves, None, mesh, out_specs)
-
-
-def _whole_if_unsharded(row: Any, col: Any) -> Any:
-    """A stand-in spec for :func:`_layouts`: ``P()`` if neither side is split, else a split one."""
-    return P() if row[0] is None and col[1] is None else P("split")
 
 
 _jit_factor_leaves = jax.jit(_factor_leaves, static_argnums=(1, 2, 3, 4, 5))
