@@ -70,6 +70,8 @@ class Config:
       budgets: fractions of singular values kept in the sweeps.
       tolerance: accepted validation accuracy drop of a truncation.
       checkpoint_every: epochs between periodic checkpoints.
+      parallel: how training spreads over the local devices: "data" (each batch split over
+        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
 
     data: str = "digits"
@@ -90,6 +92,7 @@ class Config:
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05)
     tolerance: float = 0.01
     checkpoint_every: int = 10
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -161,7 +164,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                            optax.sgd(schedule, momentum=0.9))
 
     train_config = TrainConfig(config.epochs, config.batch_size, config.seed,
-                               checkpoint_every=config.checkpoint_every, progress=progress)
+                               checkpoint_every=config.checkpoint_every, progress=progress,
+                                 parallel=config.parallel)
     augmentation = data_lib.Augmentation(config.pad, config.flip)
     convs = jaxlr.kernel_filter(exclude=r"^head")
     out = lorita_study.run_models(

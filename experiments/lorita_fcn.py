@@ -56,6 +56,8 @@ class Config:
       budgets: fractions of singular values kept.
       tolerance: accepted validation accuracy drop of a truncation.
       checkpoint_every: epochs between periodic checkpoints.
+      parallel: how training spreads over the local devices: "data" (each batch split over
+        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
 
     data: str = "digits"
@@ -71,6 +73,7 @@ class Config:
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
     tolerance: float = 0.01
     checkpoint_every: int = 10
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -99,7 +102,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         entries, data, results, depths=config.depths, weight_decays=config.weight_decays,
         optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
         config=TrainConfig(config.epochs, config.batch_size, config.seed,
-                           checkpoint_every=config.checkpoint_every, progress=progress),
+                           checkpoint_every=config.checkpoint_every, progress=progress,
+                                 parallel=config.parallel),
         settings=run_settings(config, exclude=("fcn_depths", "depths", "weight_decays",
                                                "budgets", "tolerance", "checkpoint_every")),
         budgets=config.budgets, filter=jaxlr.kernel_filter(exclude="head"),

@@ -60,6 +60,8 @@ class Config:
       budgets: fractions of singular values kept.
       tolerance: accepted validation accuracy drop of a truncation.
       checkpoint_every: epochs between periodic checkpoints.
+      parallel: how training spreads over the local devices: "data" (each batch split over
+        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
 
     data: str = "digits"
@@ -78,6 +80,7 @@ class Config:
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05)
     tolerance: float = 0.01
     checkpoint_every: int = 10
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -113,7 +116,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
          for name in getattr(config, field)}, data.normalize(data.test.images[:1]))
     results.json("config", config)
     train_config = TrainConfig(config.epochs, config.batch_size, config.seed,
-                               checkpoint_every=config.checkpoint_every, progress=progress)
+                               checkpoint_every=config.checkpoint_every, progress=progress,
+                                 parallel=config.parallel)
     augmentation = data_lib.Augmentation(config.pad, config.flip)
     groups = {"table1": [(name, None) for name in config.without_augmentation],
               "table2": [(f"{name}+aug", augmentation) for name in config.with_augmentation]}

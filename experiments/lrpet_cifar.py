@@ -80,6 +80,8 @@ class Config:
       ablation: run Table XIV.
       timing_epochs: epochs of each Table XX run (0: no timing).
       checkpoint_every: epochs between periodic checkpoints.
+      parallel: how training spreads over the local devices: "data" (each batch split over
+        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
 
     data: str = "digits"
@@ -98,6 +100,7 @@ class Config:
     ablation: bool = True
     timing_epochs: int = 4
     checkpoint_every: int = 10
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -205,7 +208,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         task = Task(model, _optimizer(config, epochs, steps_per_epoch, projection),
                     grad_norms=_first_convs(shapes))
         train_config = TrainConfig(epochs, config.batch_size, config.seed, augmentation,
-                                   checkpoint_every=config.checkpoint_every, progress=progress)
+                                   checkpoint_every=config.checkpoint_every, progress=progress,
+                                 parallel=config.parallel)
         label = "_".join([lorita_study.slug(name), f"e{epochs}",
                           "sgd" if ranks is None else f"r{sum(ranks.values())}",
                           *([] if ranks is None else [f"et{int(energy)}", f"bnr{int(bnr)}",

@@ -72,6 +72,8 @@ class Config:
       sgd_learning_rate: SGD's learning rate, divided by 10 at 50% and 75% of training.
       sgd_weight_decay: SGD's (coupled) weight decay.
       checkpoint_every: epochs between the periodic checkpoints of a run.
+      parallel: how training spreads over the local devices: "data" (each batch split over
+        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
 
     data: str = "digits"
@@ -92,6 +94,7 @@ class Config:
     sgd_learning_rate: float = 0.05
     sgd_weight_decay: float = 5e-4
     checkpoint_every: int = 10
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -121,7 +124,8 @@ def lorita_part(config: Config, data: data_lib.Dataset, results: Results,
         name, model, data, depths=config.depths, weight_decays=config.weight_decays,
         optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
         config=TrainConfig(config.lorita_epochs, config.batch_size, config.seed,
-                           checkpoint_every=config.checkpoint_every, progress=progress),
+                           checkpoint_every=config.checkpoint_every, progress=progress,
+                                 parallel=config.parallel),
         results=results, settings=run_settings(config, exclude=_NOT_LORITA))
     study = lorita_study.study_truncation(name, model, chosen, data, budgets=config.budgets,
                                           filter=hidden, tolerance=config.tolerance)
@@ -175,7 +179,8 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
         settings = run_settings(config, exclude=_NOT_LRPET, variant=name)
         result = train(Task(model, optimizer), data, TrainConfig(
             config.lrpet_epochs, config.batch_size, config.seed,
-            checkpoint_every=config.checkpoint_every, progress=progress),
+            checkpoint_every=config.checkpoint_every, progress=progress,
+                                 parallel=config.parallel),
             workdir=results.run_dir(slug, settings), label=slug, settings=settings)
         histories[name] = result.history
         variables = result.best

@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 ConfigT = TypeVar("ConfigT")
+PARALLEL = ("data", "fsdp", "none")  # experiments.train.PARALLEL (not imported: jax-free here)
 
 
 class SettingsError(ValueError):
@@ -231,6 +232,9 @@ RULES: dict[str, Rule] = {
     "data": Rule("a data set: 'digits', 'idx:DIR', 'mnist', 'cifar10' or 'cifar100'", _is_str,
                  _data_spec),
     "data_dir": _OPTIONAL_STR,
+    # Devices.
+    "parallel": Rule("one of 'data' (each batch split over the local devices), 'fsdp' (the "
+                     "parameters too) or 'none'", _is_str, lambda v: v in PARALLEL),
     # Models.
     "model": _MODEL,
     "models": _MODELS,

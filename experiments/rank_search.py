@@ -61,6 +61,8 @@ class Config:
       batch_size: of training.
       learning_rate: SGD's learning rate (the trials use a tenth of it).
       weight_decay: coupled weight decay.
+      parallel: how training spreads over the local devices: "data" (each batch split over
+        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
 
     data: str = "digits"
@@ -77,6 +79,7 @@ class Config:
     batch_size: int = 64
     learning_rate: float = 0.05
     weight_decay: float = 5e-4
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -121,7 +124,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                                              "max_prune", "trial_epochs"))
     baseline = train(Task(model, _sgd(config, config.learning_rate)), data,
                      TrainConfig(config.baseline_epochs, config.batch_size, config.seed,
-                                 progress=progress),
+                                 progress=progress,
+                                 parallel=config.parallel),
                      workdir=results.run_dir(f"{slug}_baseline", settings), label="baseline",
                      settings=settings)
     sample = jnp.asarray(data.normalize(data.test.images[:1]))
@@ -152,7 +156,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         projection = jaxlr.low_rank_projection(ranks=ranks, every=steps_per_epoch)
         tuned = train(Task(model, _sgd(config, config.learning_rate / 10, projection)), data,
                       TrainConfig(config.trial_epochs, config.batch_size, config.seed,
-                                  progress=False),
+                                  progress=False,
+                                 parallel=config.parallel),
                       variables=baseline.best, label=f"trial {trial}")
         compressed, _ = truncation.compressed_variables(tuned.variables, ranks)
         error = 1 - evaluate(model, compressed, data, "validation")["accuracy"]

@@ -30,7 +30,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["Column", "Results", "markdown_table", "run_settings"]
+__all__ = ["PLACEMENT", "Column", "Results", "markdown_table", "run_settings"]
+
+PLACEMENT = frozenset({"parallel"})
+"""Config fields that say where a run's work runs, not what it computes: not in fingerprints."""
 
 
 class Column(NamedTuple):
@@ -86,7 +89,8 @@ def run_settings(config: Any, *, exclude: Sequence[str] = (), **identity: Any) -
 
     Fields are left out only by name, so a field added to a config later counts for every run
     until it is excluded where it does not matter: a run may be retrained needlessly, never
-    reused wrongly.
+    reused wrongly. The fields of :data:`PLACEMENT` (where the work runs, e.g. ``parallel``:
+    the same result up to the order of floating-point sums) never count.
 
     Example:
       >>> @dataclasses.dataclass(frozen=True)
@@ -109,7 +113,8 @@ def run_settings(config: Any, *, exclude: Sequence[str] = (), **identity: Any) -
     if unknown:
         raise ValueError(f"exclude names fields {type(config).__name__} does not have: "
                          f"{unknown}; its fields are {names}.")
-    settings = {name: getattr(config, name) for name in names if name not in set(exclude)}
+    dropped = set(exclude) | PLACEMENT
+    settings = {name: getattr(config, name) for name in names if name not in dropped}
     settings.update(identity)
     return _jsonable(settings)
 

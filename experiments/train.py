@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import jaxlr
 from experiments import data as data_lib
@@ -52,6 +54,7 @@ from jaxlr.matrices import path_key
 
 __all__ = [
     "Callback",
+    "Placement",
     "Task",
     "TrainConfig",
     "TrainResult",
@@ -59,11 +62,13 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "lorita_task",
+    "placement",
     "train",
 ]
 
 
 PRNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")
+PARALLEL = ("none", "data", "fsdp")
 
 
 def _identity_params(params: Any) -> Any:
@@ -139,6 +144,15 @@ class TrainConfig:
         RngBitGenerator, deterministic on a given backend) by default: on a CPU a model's
         initialisation compiles in about a second with it, against ten with ``"threefry2x32"``
         (JAX's default, the same numbers on every backend).
+      parallel: how the work spreads over the local devices (``jax.local_devices()``):
+        ``"data"`` (default) splits each batch over all of them, with the parameters and the
+        optimizer state whole on each; ``"fsdp"`` also splits every parameter and optimizer
+        state array of two or more axes on its last axis that the device count divides (then
+        the longest such), as fully sharded data parallel training does; ``"none"`` runs on the
+        default device. With one local device all three are the same computation; on several the
+        results equal one device's up to the order of floating-point sums. Under ``"data"`` and
+        ``"fsdp"`` the step runs inside ``jax.set_mesh`` of a one-axis mesh ``("data",)``, so
+        jaxlr's projection spreads its decompositions over the devices.
     """
 
     epochs: int
@@ -149,14 +163,80 @@ class TrainConfig:
     checkpoint_every: int = 1
     progress: bool = True
     prng_impl: str = "rbg"
+    parallel: str = "data"
 
     def __post_init__(self) -> None:
         if self.prng_impl not in PRNG_IMPLS:
             raise ValueError(f"prng_impl must be one of {PRNG_IMPLS}, got {self.prng_impl!r}.")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}.")
         for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+
+
+class Placement(NamedTuple):
+    """Where a run's arrays live (:func:`placement`).
+
+    Attributes:
+      mesh: the one-axis mesh ``("data",)`` over the local devices, or ``None`` (the default
+        device).
+      fsdp: whether parameters and optimizer state are split over it.
+    """
+
+    mesh: Mesh | None
+    fsdp: bool = False
+
+    def batch(self, array: Any) -> Any:
+        """A batch (first axis: examples) split over the devices."""
+        if self.mesh is None:
+            return array
+        return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec("data")))
+
+    def spec(self, shape: tuple[int, ...]) -> PartitionSpec:
+        """The spec of a state array: whole, or (FSDP) split on its last axis the device count
+        divides, else on its longest such axis."""
+        if not self.fsdp or self.mesh is None or len(shape) < 2:
+            return PartitionSpec()
+        devices = self.mesh.size
+        axes = [len(shape) - 1, *sorted(range(len(shape) - 1), key=lambda a: -shape[a])]
+        for axis in axes:
+            if shape[axis] % devices == 0:
+                return PartitionSpec(*[("data" if a == axis else None)
+                                       for a in range(len(shape))])
+        return PartitionSpec()
+
+    def tree(self, tree: Any) -> Any:
+        """Every array of ``tree`` placed by :meth:`spec` (as it is without a mesh)."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(
+            self.mesh, self.spec(tuple(np.shape(x))))), tree)
+
+    def context(self) -> Any:
+        """``jax.set_mesh(mesh)`` (a no-op context without a mesh)."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+
+def placement(config: TrainConfig) -> Placement:
+    """The :class:`Placement` of ``config.parallel`` on this process's local devices.
+
+    Raises:
+      ValueError: if the batch size is not a multiple of the local device count (data parallel
+        splits every batch evenly).
+    """
+    devices = jax.local_devices()
+    if config.parallel == "none" or len(devices) == 1:
+        return Placement(None)
+    if config.batch_size % len(devices):
+        raise ValueError(
+            f"batch_size {config.batch_size} is not a multiple of the {len(devices)} local "
+            f"devices that parallel={config.parallel!r} splits each batch over: choose a "
+            "multiple, or parallel='none'.")
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,),
+                         devices=devices)
+    return Placement(mesh, fsdp=config.parallel == "fsdp")
 
 
 class TrainState(NamedTuple):
@@ -210,10 +290,18 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def _make_step(task: Task, dropout_key: jax.Array) -> Callable[..., Any]:
+def _make_step(task: Task, dropout_key: jax.Array, state: TrainState | None = None,
+               where: Placement | None = None) -> Callable[..., Any]:
+    """The jitted step; with a mesh, its outputs keep ``state``'s placement."""
     optimizer = optax.with_extra_args_support(task.optimizer)
+    if where is None or where.mesh is None or state is None:
+        jit = jax.jit
+    else:  # the state keeps its placement from step to step (the step compiles once)
+        whole = NamedSharding(where.mesh, PartitionSpec())
+        jit = functools.partial(jax.jit, out_shardings=(
+            jax.tree.map(lambda x: x.sharding, state), whole, whole, whole))
 
-    @jax.jit
+    @jit
     def step(
         state: TrainState, images: jax.Array, labels: jax.Array
     ) -> tuple[TrainState, jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -269,6 +357,9 @@ def evaluate(
     """
     part = data.split(split)
     size = min(batch_size, len(part))
+    mesh = _mesh_of(variables)
+    if mesh is not None:  # each batch split over the devices the variables live on
+        size = -(-size // mesh.size) * mesh.size
     loss, correct = 0.0, 0
     for start in range(0, len(part), size):
         images = data.normalize(part.images[start:start + size])
@@ -278,11 +369,23 @@ def evaluate(
             images = np.concatenate([images, np.zeros((size - count, *images.shape[1:]),
                                                       images.dtype)])
             labels = np.concatenate([labels, np.zeros(size - count, labels.dtype)])
-        batch_loss, batch_correct = _eval_batch(model, variables, images, labels,
-                                                np.arange(size) < count)
+        mask = np.arange(size) < count
+        if mesh is not None:
+            rows = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+            images, labels, mask = (jax.device_put(a, rows) for a in (images, labels, mask))
+        batch_loss, batch_correct = _eval_batch(model, variables, images, labels, mask)
         loss += float(batch_loss)
         correct += int(batch_correct)
     return {"loss": loss / len(part), "accuracy": correct / len(part)}
+
+
+def _mesh_of(tree: Any) -> Mesh | None:
+    """The mesh of more than one device ``tree``'s arrays live on, if any."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
 
 
 class _Checkpoints:
@@ -413,9 +516,12 @@ def train(
     unknown = sorted(set(task.grad_norms) - known)
     if unknown:
         raise ValueError(f"grad_norms names paths the parameters do not have: {unknown}.")
+    where = placement(config)
     batch_stats = variables.get("batch_stats", {})
-    state = TrainState(jnp.zeros([], jnp.int32), params, batch_stats,
-                       task.optimizer.init(params))
+    params, batch_stats = where.tree(params), where.tree(batch_stats)
+    state = where.tree(TrainState(jnp.zeros([], jnp.int32), params, batch_stats,
+                                  task.optimizer.init(params)))
+    params = state.params
     best = _variables(task.model_params(params), batch_stats)
     best_epoch, best_accuracy, start_epoch = 0, -1.0, 0
     steps_per_epoch = len(data.train) // config.batch_size
@@ -446,20 +552,22 @@ def train(
         history = _read_history(metrics_file, start_epoch)
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    step = _make_step(task, dropout_key)
+    step = _make_step(task, dropout_key, state, where)
     bar = _progress_bar(config, steps_per_epoch, start_epoch, label)
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             began = time.perf_counter()
             loss_sum, correct_sum = jnp.zeros([]), jnp.zeros([], jnp.int32)
             first_norms = norms = None
-            for images, labels in data_lib.batches(
-                    data.train, config.batch_size, seed=config.seed, epoch=epoch,
-                    augmentation=config.augmentation):
-                state, loss, correct, norms = step(state, data.normalize(images), labels)
-                first_norms = norms if first_norms is None else first_norms
-                loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
-                bar.update()
+            with where.context():  # jaxlr's projection sees the mesh inside the step
+                for images, labels in data_lib.batches(
+                        data.train, config.batch_size, seed=config.seed, epoch=epoch,
+                        augmentation=config.augmentation):
+                    state, loss, correct, norms = step(
+                        state, where.batch(data.normalize(images)), where.batch(labels))
+                    first_norms = norms if first_norms is None else first_norms
+                    loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
+                    bar.update()
             current = _variables(task.model_params(state.params), state.batch_stats)
             validation = evaluate(task.model, current, data, "validation",
                                   config.eval_batch_size)

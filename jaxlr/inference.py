@@ -25,6 +25,10 @@ What runs, for input ``x``:
   carrying the bias, computed as a product over the channel axis.
 
 Both agree with the dense truncated model up to rounding (``W = A B`` exactly in real arithmetic).
+On a mesh with ``Explicit`` axes (sharded factors or inputs) ``A`` is gathered before use, as FSDP
+gathers a weight, and split as the input is on the contracted axes (row-parallel layers add their
+partial sums over the mesh); ``B`` keeps its column split unless that mesh axis splits the batch;
+:class:`LowRankLayer` takes ``out_sharding`` as ``nnx.Linear`` does.
 Errors name the layer's path: a factor pair that does not fit the kernel the module expects, a rank
 above ``min(m, n)``, a :class:`~jaxlr.nodes.LowRank` in a module that cannot run it (grouped or
 masked convolutions, custom ``dot_general``, ``ConvTranspose``, embeddings, user modules, ...).
@@ -54,6 +58,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
 
 from jaxlr import _nnx, matrices, nodes
 from jaxlr.matrices import MatrixView
@@ -129,17 +134,85 @@ def _contract(layer: _Layer, kernel: jax.Array, x: jax.Array) -> jax.Array:
     return conv.apply({"params": {"kernel": kernel}}, x)
 
 
-def _run(layer: _Layer, node: Any, bias: jax.Array | None, x: jax.Array) -> jax.Array:
+def _explicit(x: Any) -> bool:
+    """Whether ``x`` is typed on a mesh with ``Explicit`` axes (its sharding is in its type)."""
+    try:
+        mesh = jax.typeof(x).sharding.mesh
+    except (AttributeError, TypeError):
+        return False
+    return not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types)
+
+
+def _entries(x: jax.Array) -> tuple[Any, ...]:
+    """``x``'s partition spec, one entry per axis (``x`` typed on an ``Explicit`` mesh)."""
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _axis_names(entries: Any) -> set[str]:
+    return {name for entry in entries if entry is not None
+            for name in (entry if isinstance(entry, tuple) else (entry,))}
+
+
+def _to(x: jax.Array, entries: Any) -> jax.Array:
+    """``x`` (on an ``Explicit`` mesh) resharded to ``entries``; as it is when already so."""
+    entries = tuple(entries)
+    if _entries(x) == entries:
+        return x
+    return jax.sharding.reshard(x, PartitionSpec(*entries))
+
+
+def _run_explicit(layer: _Layer, node: LowRank, a: jax.Array, b: jax.Array, x: jax.Array,
+                  out_sharding: Any) -> jax.Array:
+    """The two thin products on a mesh with ``Explicit`` axes, where every result's sharding must
+    be determined: ``A`` is gathered (FSDP's gather of a weight before its use: ``m r`` values)
+    and split on its input axes as ``x`` is on the axes they contract (a row-parallel layer: the
+    partial sums are added over the mesh); ``B``'s rank axis is whole, its feature axis split as
+    given unless that mesh axis already splits the batch; ``out_sharding`` is the second
+    product's."""
+    r = node.rank
+    n_in = len(layer.axis) if layer.kind == "dense" else len(node.shape) - 1
+    x_entries = _entries(x)
+    if layer.kind == "dense":
+        contracted_axes = [ax % x.ndim for ax in layer.axis]
+        contracted = [x_entries[ax] for ax in contracted_axes]
+        kept = [e for i, e in enumerate(x_entries) if i not in contracted_axes]
+    else:  # a convolution contracts the window and the channels: the channels made whole
+        x = _to(x, (*x_entries[:-1], None))
+        contracted, kept = [None] * n_in, list(x_entries[:-1])
+    a = _to(_to(a, (None, None)).reshape(node.shape[:n_in] + (r,)), (*contracted, None))
+    if _axis_names(contracted):
+        t = jax.lax.dot_general(x, a, ((tuple(contracted_axes), tuple(range(n_in))), ((), ())),
+                                layer.precision, out_sharding=PartitionSpec(*kept, None))
+    else:
+        t = _contract(layer, a, x)
+    features = node.shape[n_in:]
+    col = _entries(b)[1]
+    if len(features) != 1 or _axis_names([col]) & _axis_names(kept):
+        col = None
+    b = _to(b, (None, col)).reshape((r,) + features)
+    return jax.lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())), layer.precision,
+                               out_sharding=out_sharding)
+
+
+def _run(layer: _Layer, node: Any, bias: jax.Array | None, x: jax.Array,
+         out_sharding: Any = None) -> jax.Array:
     """The layer with a :class:`LowRank` kernel run as two thin products (or a dense kernel)."""
     if not isinstance(node, LowRank):  # a dense kernel (e.g. after jaxlr.collapse)
         x, kernel, bias = _promote(layer.dtype, x, nodes.value_of(node), bias)
         return _add_bias(_contract(layer, kernel, x), bias)
     r = node.rank
     x, a, b, bias = _promote(layer.dtype, x, nodes.value_of(node.a), nodes.value_of(node.b), bias)
+    if any(_explicit(v) for v in (x, a, b)):
+        y = _run_explicit(layer, node, a, b, x, out_sharding)
+        if bias is not None and _explicit(bias):
+            bias = _to(bias, _entries(y)[y.ndim - bias.ndim:])
+        return _add_bias(y, bias)
     n_in = len(layer.axis) if layer.kind == "dense" else len(node.shape) - 1
     t = _contract(layer, a.reshape(node.shape[:n_in] + (r,)), x)
     b = b.reshape((r,) + node.shape[n_in:])
-    y = jax.lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())), layer.precision)
+    y = jax.lax.dot_general(t, b, (((t.ndim - 1,), (0,)), ((), ())), layer.precision,
+                            out_sharding=out_sharding)
     return _add_bias(y, bias)
 
 
@@ -334,10 +407,16 @@ class LowRankLayer(nnx.Module):
         self.layer = layer
 
     def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
-        if out_sharding is not None:
-            raise NotImplementedError("LowRankLayer does not take out_sharding.")
+        """The layer's output for ``x``.
+
+        Args:
+          x: the input, as for the layer replaced.
+          out_sharding: the output's sharding (a ``PartitionSpec`` or ``NamedSharding``), as
+            ``nnx.Linear`` and ``nnx.Conv`` take it. On a mesh with ``Explicit`` axes it may be
+            left out: the output is split as the input's batch axes and ``B``'s columns are.
+        """
         bias = None if self.bias is None else self.bias[...]
-        return _run(self.layer, self.kernel, bias, x)
+        return _run(self.layer, self.kernel, bias, x, out_sharding)
 
 
 def _nnx_layer(name: str, module: nnx.Module) -> _Layer:

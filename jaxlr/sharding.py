@@ -16,7 +16,9 @@ each of ``D`` devices), and no device gathers a whole kernel:
 4. where the Gram path is not accurate enough (``method="auto"``'s fallback, or
    ``method="svd"``) the owner receives the matrix's row blocks (point-to-point, never an
    all-gather) and runs the SVD;
-5. results take the sharding of the input they replace.
+5. results take the sharding of the input they replace;
+6. the matrices are taken one after the other (each made to depend on the previous one's result),
+   so a device holds the temporaries of one matrix at a time, whatever the tree's size.
 
 A matrix whose longer side has no axis divisible by the number of devices gets zero rows up to a
 multiple of it (they change neither its Gram matrix nor its projection, and are dropped after).

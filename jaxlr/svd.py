@@ -30,7 +30,9 @@ eigenvalues (the Davis-Kahan bound ``eps * s_1^2 / ((s_r - s_{r+1}) * ||W||_F)``
 Frobenius error, so the result is within ``1e-4`` of the full SVD's. (Under ``vmap`` with a
 batched predicate, ``cond`` becomes ``select`` and both paths run.) The decompositions of a tree
 run as a Python loop inside one ``jit`` (no ``vmap`` over ``eigh``, which has deadlocked on some
-CPU builds of jaxlib).
+CPU builds of jaxlib; ``tests/test_batched_decompositions.py`` soaks batched ``eigh`` and ``svd``
+on the installed one, under a timeout). On a mesh of several devices each matrix is decomposed
+by one device, one matrix after the other (:mod:`jaxlr.sharding`).
 
 **Static and traced ranks.** Ranks are static Python ints on the fast path: only the top ``r``
 singular triplets are formed. A traced rank (a schedule of the kept fraction, or
@@ -701,7 +703,7 @@ def _project_spread(leaves: tuple[jax.Array, ...], layouts: list[Any], spread: S
     out, flags, previous = [], [], None
     for i, (leaf, layout) in enumerate(zip(leaves, layouts, strict=True)):
         if previous is not None:  # one matrix after the other: the temporaries of one at a time
-            leaf, _ = lax.optimization_barrier((leaf, previous))
+            leaf = _after(leaf, previous)
         projected, finite = _project_many(
             [layout.to_rows(leaf)], [ranks[i]], energy_transfer, tail_scale, method,
             None if traced_ranks is None else [traced_ranks[i]], spread.pick([i]))
@@ -712,6 +714,17 @@ def _project_spread(leaves: tuple[jax.Array, ...], layouts: list[Any], spread: S
         out.append(previous)
         flags.extend(finite)
     return out, _stacked(flags)
+
+
+def _after(x: jax.Array, previous: jax.Array) -> jax.Array:
+    """``x``, made to depend on all of ``previous`` (its value unchanged), so that XLA computes
+    whatever follows from ``x`` after ``previous``: one matrix's decomposition after the other's,
+    with the temporaries of one alive at a time. (An ``optimization_barrier`` orders nothing once
+    the SPMD partitioner has run: every Gram matrix was computed first, every kernel's moved copy
+    alive at once.) The cost: a pass over ``previous`` and an all-reduce of a scalar."""
+    peak = jnp.max(jnp.abs(previous)).astype(x.dtype)
+    zero = jnp.where(jnp.isfinite(peak), peak, 0) * 0  # 0, not NaN, whatever ``previous`` holds
+    return x + zero
 
 
 def _layouts(leaves: Sequence[Any], views: Sequence[MatrixView], mesh: Any,
@@ -774,6 +787,8 @@ def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
         pairs, flags = [], []
         for i, (leaf, view, layout) in enumerate(zip(leaves, views, layouts, strict=True)):
             kernel = leaf[...] if nodes.is_node(leaf) else leaf
+            if pairs:  # one matrix after the other (:func:`_after`)
+                kernel = _after(kernel, pairs[-1][0])
             (a, b), finite = (x[0] for x in _factors_many(
                 [layout.to_rows(kernel)], [ranks[i]], method, spread.pick([i])))
             a = layout.to_view(a, shapes[i], view)

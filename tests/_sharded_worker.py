@@ -119,6 +119,24 @@ def projections() -> list[dict]:
     return rows
 
 
+def memory() -> dict:
+    """Temporary memory per device of the compiled FSDP projection of 1 and of 4 same-shape
+    kernels: the matrices are decomposed one after the other, so 4 cost about what 1 does."""
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+    rng = np.random.default_rng(3)
+    out = {}
+    for count in (1, 4):
+        tree = {f"Conv_{i}": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 128, 128)),
+                                                    jnp.float32)} for i in range(count)}
+        given = place(tree, mesh, "fsdp-out")
+        step = jax.jit(lambda p: jaxlr.project(p, prune=PRUNE, options=OPTIONS))
+        with jax.set_mesh(mesh):
+            compiled = step.lower(given).compile()
+        out[str(count)] = compiled.memory_analysis().temp_size_in_bytes
+    out["kernel_bytes"] = 3 * 3 * 128 * 128 * 4
+    return out
+
+
 def training() -> dict:
     """A jitted FSDP training step with BN-rectified projection every 2nd step: compiles once,
     keeps every sharding (the BatchNorm's too), projects."""
@@ -198,8 +216,137 @@ def compression() -> list[dict]:
     return rows
 
 
+def inference() -> list[dict]:
+    """Compressed NNX and Linen models run on a 2 x 4 Explicit mesh, factors laid out as data
+    parallel, FSDP and tensor parallel, against the same model on one device."""
+    from flax import linen as nn  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    general = jaxlr.MatrixView((0,), (1, 2))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.conv = nnx.Conv(8, 16, (3, 3), rngs=rngs)
+            self.fc = nnx.Linear(16, 32, rngs=rngs)
+            self.gen = nnx.LinearGeneral((32,), (4, 8), axis=-1, rngs=rngs)
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return self.gen(self.fc(self.conv(x).mean((1, 2))))
+
+    def view(path: tuple, leaf: jax.Array) -> jaxlr.MatrixView:
+        return general if leaf.ndim == 3 else jaxlr.matrices.default_view(path, leaf)
+
+    ranks = {"conv/kernel": 4, "fc/kernel": 6, "gen/kernel": 5}
+    small = jaxlr.compress(Net(nnx.Rngs(0)), ranks, view=view).compressed
+    x = jax.random.normal(jax.random.key(1), (8, 6, 6, 8))
+    want = np.asarray(small(x))
+    layouts = {
+        "dp": lambda v: P(),
+        "fsdp": lambda v: P("model", None) if v.ndim == 2 and v.shape[0] % 4 == 0 else P(),
+        "tp": lambda v: P(None, "model") if v.ndim == 2 and v.shape[1] % 4 == 0 else P(),
+    }
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    rows = []
+    for name, spec in layouts.items():
+        model = nnx.clone(small)
+        state = nnx.state(model)
+        nnx.update(model, jax.tree.map(
+            lambda v, spec=spec: jax.device_put(v, NamedSharding(mesh, spec(v))), state))
+        with jax.set_mesh(mesh):
+            got = nnx.jit(lambda m, x: m(x))(model, xs)
+        rows.append({"api": "nnx", "layout": name, "spec": [e for e in got.sharding.spec],
+                     "error": float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())})
+
+    # Row parallel: the input's features split over "model", A's rows with them; the output
+    # as asked for.
+    layer = jaxlr.compress(nnx.Linear(32, 16, rngs=nnx.Rngs(2)), {"kernel": 4}).compressed
+    h = jax.random.normal(jax.random.key(3), (8, 32))
+    want = np.asarray(layer(h))
+    nnx.update(layer, jax.tree.map(lambda v: jax.device_put(v, NamedSharding(
+        mesh, P("model", None) if v.shape[0] == 32 else P())), nnx.state(layer)))
+    hs = jax.device_put(h, NamedSharding(mesh, P("data", "model")))
+    with jax.set_mesh(mesh):
+        for label, out in (("row-parallel", None), ("row-parallel-out", P("data", "model"))):
+            got = jax.jit(lambda x, out=out: layer(x, out_sharding=out))(hs)
+            rows.append({"api": "nnx", "layout": label,
+                         "spec": [e for e in got.sharding.spec],
+                         "error": float(np.abs(np.asarray(got) - want).max()
+                                        / np.abs(want).max())})
+
+    class LinenNet(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return nn.Dense(10)(nn.Conv(16, (3, 3))(x).mean((1, 2)))
+
+    linen = LinenNet()
+    params = linen.init(jax.random.key(4), x)["params"]
+    packed = jaxlr.compress(params, {"Conv_0/kernel": 4, "Dense_0/kernel": 3}).compressed
+    want = np.asarray(jaxlr.apply(linen, {"params": packed}, x))
+    for name, spec in layouts.items():
+        placed = jax.tree.map(lambda v, spec=spec: jax.device_put(
+            v, NamedSharding(mesh, spec(v))), packed)
+        with jax.set_mesh(mesh):
+            got = jax.jit(lambda p, x: jaxlr.apply(linen, {"params": p}, x))(placed, xs)
+        rows.append({"api": "linen", "layout": name, "spec": [e for e in got.sharding.spec],
+                     "error": float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())})
+    return rows
+
+
+def experiments_loop() -> list[dict]:
+    """experiments.train.train of a small VGG with BatchNorm under LRPET (projection every
+    epoch, BN rectification) and of a LoRITa FCN (N = 3), with parallel="none", "data" and
+    "fsdp" on the 8 devices: final parameters and accuracies compared with "none"."""
+    from experiments import data as data_lib  # noqa: PLC0415
+    from experiments import models  # noqa: PLC0415
+    from experiments.train import Task, TrainConfig, lorita_task, train  # noqa: PLC0415
+
+    data = data_lib.load("digits")
+    steps = len(data.train) // 64
+    vgg = models.VGG(config=(16, "M", 32), num_classes=data.num_classes)
+    sample = data.normalize(data.test.images[:1])
+    shapes = jax.eval_shape(vgg.init, jax.random.key(0), sample)
+    options = jaxlr.ProjectionOptions(bn_pairs=jaxlr.find_bn_pairs(vgg, shapes, sample))
+    lrpet = Task(vgg, optax.chain(optax.sgd(0.05, momentum=0.9),
+                                  jaxlr.low_rank_projection(0.5, every=steps, options=options)))
+    lorita = lorita_task(models.FCN(depth=3, width=64), optax.adam(1e-3), depth=3)
+    rows = []
+    for name, task in (("lrpet", lrpet), ("lorita", lorita)):
+        runs = {}
+        for parallel in ("none", "data", "fsdp"):
+            config = TrainConfig(2, 64, seed=0, progress=False, parallel=parallel)
+            result = train(task, data, config)
+            leaves = jax.tree.leaves(result.state.params)
+            runs[parallel] = (result, leaves)
+        base, base_leaves = runs["none"]
+        for parallel in ("data", "fsdp"):
+            result, leaves = runs[parallel]
+            split = [len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+                     for x in leaves]
+            rows.append({
+                "task": name, "parallel": parallel,
+                # Relative, with a floor: the biases of convolutions followed by BatchNorm get
+                # no gradient in exact arithmetic (their values are rounding noise, ~1e-9).
+                "error": max(float(jnp.linalg.norm(a - b) / max(jnp.linalg.norm(b), 1e-3))
+                             for a, b in zip(leaves, base_leaves, strict=True)),
+                "accuracy": [h["validation_accuracy"] for h in result.history],
+                "base_accuracy": [h["validation_accuracy"] for h in base.history],
+                "on_8_devices": all(len(x.sharding.device_set) == 8 for x in leaves),
+                "split": sum(split), "leaves": len(leaves),
+                "matrices": sum(x.ndim >= 2 for x in leaves),
+            })
+    try:  # 60 rows do not split over 8 devices
+        train(lrpet, data, TrainConfig(1, 60, progress=False, parallel="data"))
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    rows.append({"task": "refused", "parallel": "data", "message": refused})
+    return rows
+
+
 def main() -> None:
-    parts = sys.argv[1:] or ["projections", "training", "compression"]
+    parts = sys.argv[1:] or ["projections", "memory", "training", "compression", "inference",
+                             "experiments_loop"]
     result = {part: globals()[part]() for part in parts}
     print("RESULT " + json.dumps(result))
 

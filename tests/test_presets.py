@@ -101,6 +101,7 @@ BAD = [
     ("rank_search", "max_prune", 1.0, "max_prune"), ("rank_search", "lam", -1.0, "lam"),
     ("rank_search", "min_prune", 0.95, "min_prune"),
     ("rank_search", "random_trials", 30, "random_trials"), ("rank_search", "model", "", "model"),
+    ("main", "parallel", "gpu", "parallel"), ("lorita_fcn", "parallel", None, "parallel"),
 ]
 
 

@@ -164,6 +164,8 @@ def test_bad_settings_raise_at_construction():
         TrainConfig(epochs=1, batch_size=True)
     with pytest.raises(ValueError, match="prng_impl"):
         TrainConfig(epochs=1, prng_impl="philox")
+    with pytest.raises(ValueError, match="parallel"):
+        TrainConfig(epochs=1, parallel="model")
     with pytest.raises(ValueError, match="label_smoothing"):
         Task(models.FCN(), optax.sgd(0.1), label_smoothing=1.0)
     with pytest.raises(ValueError, match="depth"):
