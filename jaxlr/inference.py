@@ -58,9 +58,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
-from jaxlr import _nnx, matrices, nodes
+from jaxlr import _nnx, matrices, nodes, sharding
 from jaxlr.matrices import MatrixView
 from jaxlr.nodes import LowRank, Product
 
@@ -136,16 +136,12 @@ def _contract(layer: _Layer, kernel: jax.Array, x: jax.Array) -> jax.Array:
 
 def _explicit(x: Any) -> bool:
     """Whether ``x`` is typed on a mesh with ``Explicit`` axes (its sharding is in its type)."""
-    try:
-        mesh = jax.typeof(x).sharding.mesh
-    except (AttributeError, TypeError):
-        return False
-    return not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types)
+    return sharding.explicit_spec(x) is not None
 
 
 def _entries(x: jax.Array) -> tuple[Any, ...]:
     """``x``'s partition spec, one entry per axis (``x`` typed on an ``Explicit`` mesh)."""
-    spec = tuple(jax.typeof(x).sharding.spec)
+    spec = tuple(sharding.explicit_spec(x))
     return spec + (None,) * (x.ndim - len(spec))
 
 

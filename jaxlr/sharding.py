@@ -59,12 +59,12 @@ __all__ = [
     "RowLayout",
     "check_mesh",
     "constrain",
+    "explicit_spec",
     "factor_specs",
     "follow",
     "in_context",
     "is_explicit",
     "mesh_of",
-    "is_replicated",
     "like",
     "owners",
     "place_factors",
@@ -101,13 +101,18 @@ def _typed_sharding(x: Any) -> NamedSharding | None:
     return None
 
 
+def explicit_spec(x: Any) -> PartitionSpec | None:
+    """``x``'s partition spec when its type carries it: ``x`` (traced or concrete) lives on a mesh
+    with ``Explicit`` axes; ``None`` otherwise."""
+    sharding = _typed_sharding(x)
+    if sharding is None or AxisType.Explicit not in tuple(sharding.mesh.axis_types):
+        return None
+    return sharding.spec
+
+
 def is_explicit(x: Any) -> bool:
     """Whether ``x`` is traced on a mesh with ``Explicit`` axes (its sharding is in its type)."""
-    if not _is_tracer(x):
-        return False
-    sharding = _typed_sharding(x)
-    return sharding is not None and any(
-        t == AxisType.Explicit for t in sharding.mesh.axis_types)
+    return _is_tracer(x) and explicit_spec(x) is not None
 
 
 def spec_of(x: Any) -> PartitionSpec | None:
@@ -188,13 +193,6 @@ def split_rows(matrix: jax.Array, mesh: MeshLike, spec: PartitionSpec | None = N
         matrix = jax.lax.with_sharding_constraint(
             matrix, NamedSharding(mesh, PartitionSpec(own, None)))
     return matrix
-
-
-def is_replicated(x: Any) -> bool:
-    """Whether ``x`` is known to be whole on every device of its mesh (its spec is known and
-    names no mesh axis)."""
-    spec = spec_of(x)
-    return spec is not None and all(entry is None for entry in spec)
 
 
 def factor_specs(spec: PartitionSpec | None, view: MatrixView

@@ -300,7 +300,6 @@ def _top_triplets(
     return lax.cond(jnp.all(jnp.stack(accepted)), all_gram, each_its_own)
 
 
-
 def _r_factor(x: jax.Array) -> jax.Array:
     """A matrix with ``x``'s Gram matrix and at most ``cols`` rows: ``x`` if it has no more rows
     than columns, else the triangular factor of its QR decomposition."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-if "jax" not in os.sys.modules:  # the device count is fixed when jax starts
+if __name__ == "__main__" and "jax" not in os.sys.modules:  # fixed when jax starts
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
