@@ -562,6 +562,11 @@ def train(
 
     step = _make_step(task, dropout_key, state, where)
     bar = _progress_bar(config, steps_per_epoch, start_epoch, label)
+    # On the CPU, LRPET's decompositions inside the jitted step run with one LAPACK thread each
+    # (XLA runs them side by side; jaxlr.threads), for the length of the loop only.
+    threads = contextlib.ExitStack()
+    if jax.default_backend() == "cpu":
+        threads.enter_context(jaxlr.lapack_threads(1))
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             began = time.perf_counter()
@@ -610,6 +615,7 @@ def train(
             for callback in callbacks:
                 callback(epoch, record, state)
     finally:
+        threads.close()
         bar.close()
         if checkpoints is not None:
             checkpoints.close()

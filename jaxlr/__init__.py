@@ -16,6 +16,7 @@ The public API, re-exported from the modules that define it:
 * :mod:`jaxlr.train_state`: a Linen ``TrainState`` that forwards ``batch_stats`` to the optimizer.
 * :mod:`jaxlr.cost`: parameters and multiply-accumulates of a forward pass, per layer.
 * :mod:`jaxlr.export`: orbax checkpoints of trees with factor pairs and products.
+* :mod:`jaxlr.threads`: LAPACK threads of the CPU decompositions.
 """
 
 from jaxlr import (
@@ -31,6 +32,7 @@ from jaxlr import (
     projection,
     sharding,
     svd,
+    threads,
     train_state,
 )
 from jaxlr.batchnorm import bn_pairs_by_name, find_bn_pairs
@@ -57,6 +59,7 @@ from jaxlr.projection import (
     with_low_rank_projection,
 )
 from jaxlr.svd import project_matrix, singular_values, singular_values_tree, truncated_factors
+from jaxlr.threads import lapack_threads
 from jaxlr.train_state import TrainState
 
 __version__ = "0.2.0"
@@ -91,6 +94,7 @@ __all__ = [
     "is_kernel",
     "kernel_filter",
     "kernel_kinds",
+    "lapack_threads",
     "lorita",
     "low_rank_projection",
     "lsvt_ranks",
@@ -108,6 +112,7 @@ __all__ = [
     "singular_values_tree",
     "svd",
     "target_ranks",
+    "threads",
     "train_state",
     "truncated_factors",
     "with_low_rank_projection",

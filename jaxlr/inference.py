@@ -52,11 +52,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -66,11 +69,14 @@ from jaxlr.nodes import LowRank, Product
 
 __all__ = [
     "LowRankLayer",
+    "ProductLayer",
     "apply",
     "apply_fn",
     "intercept",
     "interceptor",
     "nnx_model",
+    "ordered",
+    "product_order",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -212,6 +218,78 @@ def _run(layer: _Layer, node: Any, bias: jax.Array | None, x: jax.Array,
     return _add_bias(y, bias)
 
 
+def product_order(rows: int, shapes: Sequence[tuple[int, int]]) -> int:
+    """How many leading factors of a LoRITa product to multiply into the kernel the input meets:
+    the rest are applied to the activations one after the other. Chosen by multiply-accumulates
+    of the forward pass (the backward pass scales with them): ``j`` costs the prefix product
+    ``W_1 ... W_j`` (the cheaper of left to right and right to left) plus ``rows * m * k_j``
+    for the layer plus ``rows * k_{i-1} * k_i`` for each later factor, where ``rows`` is the
+    number of input rows the kernel meets (the batch, times the output positions of a
+    convolution). Ties go to the larger ``j`` (fewer, larger products).
+
+    Example:
+      >>> product_order(128, [(1000, 1000)] * 3)  # a small batch: apply every factor
+      1
+      >>> product_order(100_000, [(1000, 1000)] * 3)  # a large one: multiply them out
+      3
+    """
+    m = shapes[0][0]
+    best, best_cost = len(shapes), None
+    for j in range(len(shapes), 0, -1):
+        left = sum(m * a * b for a, b in shapes[1:j])
+        right = sum(shapes[i][0] * shapes[i][1] * shapes[j - 1][1] for i in range(1, j - 1)) + (
+            m * shapes[0][1] * shapes[j - 1][1] if j > 1 else 0)
+        cost = min(left, right) + rows * m * shapes[j - 1][1] + sum(
+            rows * a * b for a, b in shapes[j:])
+        if best_cost is None or cost < best_cost:
+            best, best_cost = j, cost
+    return best
+
+
+def _chain(factors: Sequence[jax.Array]) -> jax.Array:
+    """``W_1 @ ... @ W_j``, in the cheaper of the two simple orders."""
+    if len(factors) == 1:
+        return factors[0]
+    mul = functools.partial(jnp.matmul, precision=_HIGHEST)
+    shapes = [f.shape for f in factors]
+    m, last = shapes[0][0], shapes[-1][1]
+    left = sum(m * a * b for a, b in shapes[1:])
+    right = sum(a * b * last for a, b in shapes[1:-1]) + m * shapes[0][1] * last
+    if left <= right:
+        return functools.reduce(mul, factors)
+    return mul(factors[0], functools.reduce(lambda acc, f: mul(f, acc), factors[-2:0:-1],
+                                            factors[-1]))
+
+
+def _rows_met(layer: _Layer, n_in: int, node: Product, x: jax.Array) -> int:
+    """Input rows the kernel meets: the batch (times a convolution's output positions)."""
+    contracted = int(np.prod(node.shape[:n_in])) if layer.kind == "dense" else node.shape[-2]
+    rows = x.size // max(contracted, 1)
+    if layer.kind == "conv":
+        strides = layer.strides if isinstance(layer.strides, tuple) else (layer.strides,) * (
+            len(node.shape) - 2)
+        rows //= max(int(np.prod(strides)), 1)
+    return max(rows, 1)
+
+
+def _run_product(layer: _Layer, node: Product, bias: jax.Array | None,
+                 x: jax.Array) -> jax.Array:
+    """The layer with a LoRITa :class:`~jaxlr.nodes.Product` kernel, its factors multiplied
+    into the kernel or applied to the activations one after the other, whichever costs fewer
+    multiply-accumulates (:func:`product_order`)."""
+    n_in = len(layer.axis) if layer.kind == "dense" else len(node.shape) - 1
+    x, bias, *factors = _promote(layer.dtype, x, bias,
+                                 *(nodes.value_of(f) for f in node.factors))
+    j = product_order(_rows_met(layer, n_in, node, x), [f.shape for f in factors])
+    head = _chain(factors[:j])
+    y = _contract(layer, head.reshape(node.shape[:n_in] + (head.shape[1],)), x)
+    for factor in factors[j:]:
+        y = jax.lax.dot_general(y, factor, (((y.ndim - 1,), (0,)), ((), ())), layer.precision)
+    if j < len(factors) or len(node.shape) - n_in != 1:
+        y = y.reshape(y.shape[:-1] + node.shape[n_in:])
+    return _add_bias(y, bias)
+
+
 def _check_fits(name: str, node: LowRank, layer: _Layer, kernel_shape: tuple[int, ...]) -> None:
     if node.shape != tuple(kernel_shape):
         raise ValueError(
@@ -296,16 +374,46 @@ def _lowrank_entries(module: nn.Module) -> dict[str, LowRank]:
     return {key: value for key, value in params.items() if isinstance(value, LowRank)}
 
 
+def _ordered_product(module: nn.Module, args: tuple, kwargs: dict, context: Any) -> Any:
+    """The module's output with its LoRITa product kernel run in the cheaper order, or None where
+    it is not a plain ``Dense``/``DenseGeneral``/``Conv`` call on a kernel seen the usual way
+    (those run the product multiplied out, as ``model.apply`` does)."""
+    if module.scope is None or context.method_name != "__call__" or len(args) != 1 or kwargs:
+        return None
+    params = module.variables.get("params", {})
+    node = params.get("kernel")
+    if not isinstance(node, Product) or any(
+            isinstance(v, LowRank | Product) for k, v in params.items() if k != "kernel"):
+        return None
+    name = "/".join(module.path) or type(module).__name__
+    try:
+        layer = _linen_layer(name, module)
+    except TypeError:
+        return None
+    (x,) = args
+    if any(_explicit(v) for v in (x, *(nodes.value_of(f) for f in node.factors))):
+        return None  # sharded on an Explicit mesh: the product multiplied out, as model.apply
+    n_in = len(layer.axis) if layer.kind == "dense" else len(node.shape) - 1
+    if (node.shape != _linen_kernel_shape(module, layer, x)
+            or node.view != MatrixView.split(len(node.shape), n_in)):
+        return None
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    return _run_product(layer, node, bias, x)
+
+
 def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     """The Flax Linen method interceptor behind :func:`intercept` and :func:`apply`.
 
     Runs a module's ``__call__`` in factored form when its ``kernel`` is a
-    :class:`~jaxlr.nodes.LowRank`; every other call goes through untouched.
+    :class:`~jaxlr.nodes.LowRank`, and a ``Dense``/``DenseGeneral``/``Conv`` whose kernel is a
+    LoRITa :class:`~jaxlr.nodes.Product` in the cheaper order (:func:`product_order`); every
+    other call goes through untouched.
     """
     module = context.module
     entries = _lowrank_entries(module)
     if not entries:
-        return next_fun(*args, **kwargs)
+        ordered = _ordered_product(module, args, kwargs, context)
+        return next_fun(*args, **kwargs) if ordered is None else ordered
     name = "/".join(module.path) or type(module).__name__
     extra = sorted(set(entries) - {"kernel"})
     if extra:
@@ -415,6 +523,87 @@ class LowRankLayer(nnx.Module):
         return _run(self.layer, self.kernel, bias, x, out_sharding)
 
 
+class ProductLayer(nnx.Module):
+    """An NNX layer that runs a LoRITa :class:`~jaxlr.nodes.Product` kernel in the cheaper order
+    (:func:`product_order`): its factors multiplied into the kernel, or applied to the
+    activations one after the other. Made by :func:`ordered` in place of a ``Linear``,
+    ``LinearGeneral`` or ``Conv``; it holds the same ``nnx.Param`` factors.
+
+    Attributes:
+      kernel: the :class:`~jaxlr.nodes.Product` of ``nnx.Param`` factors; ``layer.kernel[...]``
+        reads the dense kernel, as for the layer it replaced.
+      bias: ``nnx.Param`` holding the bias, or ``None``.
+    """
+
+    def __init__(self, kernel: Product, bias: Any, layer: _Layer):
+        self.kernel = nnx.data(kernel)
+        self.bias = bias
+        self.layer = layer
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The layer's output for ``x`` (as the layer replaced computes it, up to rounding)."""
+        bias = None if self.bias is None else self.bias[...]
+        if not isinstance(self.kernel, Product):  # a dense kernel written in (jaxlr.compress)
+            return _run(self.layer, self.kernel[...], bias, x)
+        factors = [nodes.value_of(f) for f in self.kernel.factors]
+        if any(_explicit(v) for v in (x, *factors)):  # sharded: multiplied out, as before
+            x, kernel, bias = _promote(self.layer.dtype, x, self.kernel[...], bias)
+            return _add_bias(_contract(self.layer, kernel, x), bias)
+        return _run_product(self.layer, self.kernel, bias, x)
+
+
+def ordered(model: nnx.Module) -> nnx.Module:
+    """A copy of a LoRITa-factorized NNX model whose product layers run in the cheaper order.
+
+    Each ``Linear``, ``LinearGeneral`` and ``Conv`` whose kernel is a
+    :class:`~jaxlr.nodes.Product` (seen the usual way: input axes first) becomes a
+    :class:`ProductLayer`: when the batch (times a convolution's output positions) is small
+    against the width, the factors are applied to the activations one after the other instead of
+    being multiplied into the kernel at every step; the outputs and gradients are the same up to
+    rounding. Other layers are left as they are. In Linen, :func:`apply` (and
+    :class:`jaxlr.TrainState`) do this for every call.
+
+    Args:
+      model: an NNX model from :func:`jaxlr.lorita.factorize`.
+
+    Returns:
+      The new model; build the optimizer on it (``nnx.Optimizer(model, tx, wrt=nnx.Param)``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxlr
+      >>> from flax import nnx
+      >>> model = jaxlr.lorita.factorize(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), 3,
+      ...                                jax.random.key(0))
+      >>> fast = ordered(model)
+      >>> type(fast).__name__
+      'ProductLayer'
+      >>> x = jnp.ones((2, 64))
+      >>> bool(jnp.allclose(fast(x), model(x), atol=1e-5))
+      True
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a Flax NNX module, got {type(model).__name__}.")
+    model = nnx.clone(model)
+    for path, node in _nnx.node_paths(model):
+        if not isinstance(node, Product) or path[-1] != "kernel":
+            continue
+        *_, parent, module, _ = (None, *_nnx.walk(model, path, "/".join(path)))
+        name = "/".join(path[:-1]) or type(module).__name__
+        try:
+            layer = _nnx_layer(name, module)
+        except TypeError:
+            continue
+        n_in = len(layer.axis) if layer.kind == "dense" else len(node.shape) - 1
+        if node.view != MatrixView.split(len(node.shape), n_in):
+            continue
+        replacement = ProductLayer(node, getattr(module, "bias", None), layer)
+        if parent is None:
+            model = replacement
+        else:
+            _nnx.set_child(parent, path[-2], replacement)
+    return model
+
+
 def _nnx_layer(name: str, module: nnx.Module) -> _Layer:
     if getattr(module, "preferred_element_type", None) is not None:
         raise _unsupported(name, module, "it sets preferred_element_type")
@@ -481,7 +670,7 @@ def nnx_model(model: nnx.Module, params: Any) -> nnx.Module:
             raise TypeError(f"{key!r}: only kernels can be LowRank.")
         *_, parent, module = (None, *_nnx.walk(model, path[:-1], key))
         name = "/".join(path[:-1]) or type(module).__name__
-        if isinstance(module, LowRankLayer):
+        if isinstance(module, LowRankLayer | ProductLayer):
             layer, kernel_shape = module.layer, module.kernel.shape
         else:
             layer = _nnx_layer(name, module)

@@ -62,6 +62,7 @@ import numpy as np
 import optax
 
 from jaxlr import _nnx, matrices, nodes, sharding, svd
+from jaxlr.inference import ordered
 from jaxlr.nodes import Product, collapse
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "coupled_adam",
     "factorize",
     "from_dense",
+    "ordered",
     "weight_decay_mask",
 ]
 

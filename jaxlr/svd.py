@@ -29,10 +29,13 @@ eigenvalues (the Davis-Kahan bound ``eps * s_1^2 / ((s_r - s_{r+1}) * ||W||_F)``
 ``jax.lax.cond``, falls back to the SVD for any matrix whose estimate exceeds ``2e-5`` relative
 Frobenius error, so the result is within ``1e-4`` of the full SVD's. (Under ``vmap`` with a
 batched predicate, ``cond`` becomes ``select`` and both paths run.) The decompositions of a tree
-run as a Python loop inside one ``jit`` (no ``vmap`` over ``eigh``, which has deadlocked on some
-CPU builds of jaxlib; ``tests/test_batched_decompositions.py`` soaks batched ``eigh`` and ``svd``
-on the installed one, under a timeout). On a mesh of several devices each matrix is decomposed
-by one device, one matrix after the other (:mod:`jaxlr.sharding`).
+run as a Python loop inside one ``jit``: no ``vmap`` over ``eigh``, which deadlocked jaxlib
+0.10.2's CPU runtime within 300 calls of a batched ResNet-56 projection under ``auto``'s
+``cond`` (batching only the Gram products and rebuilds was 0.6-0.9x as fast as the loop; see
+BENCHMARKS.md). ``tests/test_batched_decompositions.py`` soaks plain batched ``eigh`` and ``svd``
+on the installed jaxlib, under a timeout. Called eagerly on the CPU, whole-tree decompositions
+run with one LAPACK thread per call (:mod:`jaxlr.threads`). On a mesh of several devices each
+matrix is decomposed by one device, one matrix after the other (:mod:`jaxlr.sharding`).
 
 **Static and traced ranks.** Ranks are static Python ints on the fast path: only the top ``r``
 singular triplets are formed. A traced rank (a schedule of the kept fraction, or
@@ -57,7 +60,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxlr import matrices, nodes
+from jaxlr import matrices, nodes, threads
 from jaxlr.matrices import MatrixView
 
 __all__ = [
@@ -614,7 +617,9 @@ def spectra_of(leaves: Sequence[Any], views: Sequence[MatrixView]
                ) -> tuple[list[jax.Array], jax.Array]:
     """Singular values of each leaf's matrix and whether each was finite (stacked), in one jitted
     call."""
-    return _jit_spectra(tuple(leaves), tuple(views))
+    if is_traced(leaves):
+        return _jit_spectra(tuple(leaves), tuple(views))
+    return threads.run_limited(_jit_spectra, len(leaves), leaves, tuple(leaves), tuple(views))
 
 
 @partial(jax.jit, static_argnums=(1,))
@@ -656,7 +661,8 @@ def project_leaves(
         return _project_leaves(tuple(leaves), *args,
                                None if traced_ranks is None else tuple(traced_ranks), spread_over,
                                specs)
-    return _jit_project_leaves(tuple(leaves), *args, None, spread_over, specs)
+    return threads.run_limited(_jit_project_leaves, len(leaves), leaves, tuple(leaves), *args,
+                               None, spread_over, specs)
 
 
 def _project_leaves(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...],
@@ -763,7 +769,7 @@ def factor_leaves(
     args = (tuple(leaves), tuple(views), tuple(ranks), method, spread_over, specs)
     if is_traced(leaves):
         return _factor_leaves(*args)
-    return _jit_factor_leaves(*args)
+    return threads.run_limited(_jit_factor_leaves, len(leaves), args[0], *args)
 
 
 def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],

@@ -67,3 +67,26 @@ def test_predicted_macs_equal_the_count_of_the_factored_model():
         lambda p, x: jaxlr.apply(model, {**variables, "params": p}, x), compressed, x,
         xla=False)
     assert lowrank_inference.predicted_macs(dense, leaves, ranks) == factored.macs
+
+
+def test_projection_floor_is_the_stated_closed_form():
+    from experiments.benchmarks import svd_projection
+
+    # a 100 x 10 matrix at rank 2: Gram 2*100*10*10 + rebuild 4*100*10*2 flops, plus its eigh
+    floor = svd_projection.floor_seconds([(100, 10), (10, 30)], [2, 3], 1e9, {10: 0.5})
+    expected = (20_000 + 8_000) / 1e9 + 0.5 + (2 * 30 * 10 * 10 + 4 * 30 * 10 * 3) / 1e9 + 0.5
+    assert abs(floor - expected) < 1e-12
+
+
+def test_lorita_step_minimum_ratio_by_hand():
+    import jax
+
+    import jaxlr
+    from experiments.benchmarks import lorita_step
+
+    params = {"Dense_0": {"kernel": jax.numpy.ones((8, 8))}}
+    ftree = jaxlr.lorita.factorize(params, 3, jax.random.key(0))
+    # batch 2: applied, 3 * 2*8*8 = 384 MACs against 2*8*8 = 128 for the plain kernel
+    assert lorita_step.minimum_ratio(params, ftree, 2) == 3.0
+    # batch 1000: multiplied out, 2 * 8^3 + 1000*8*8 against 1000*8*8
+    assert lorita_step.minimum_ratio(params, ftree, 1000) == (1024 + 64_000) / 64_000
