@@ -76,6 +76,7 @@ __all__ = [
     "interceptor",
     "nnx_model",
     "ordered",
+    "product_cost",
     "product_order",
 ]
 
@@ -218,14 +219,33 @@ def _run(layer: _Layer, node: Any, bias: jax.Array | None, x: jax.Array,
     return _add_bias(y, bias)
 
 
+def _prefix_costs(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """Multiply-accumulates of ``W_1 @ ... @ W_j`` (matrices of ``shapes``) from the left and
+    from the right."""
+    m, last = shapes[0][0], shapes[-1][1]
+    if len(shapes) == 1:
+        return 0, 0
+    left = sum(m * a * b for a, b in shapes[1:])
+    right = sum(a * b * last for a, b in shapes[1:-1]) + m * shapes[0][1] * last
+    return left, right
+
+
+def product_cost(rows: int, shapes: Sequence[tuple[int, int]], j: int) -> int:
+    """Multiply-accumulates of a layer whose kernel is the product of matrices of ``shapes``,
+    run with its ``j`` leading factors multiplied into the kernel (the cheaper way round) and the
+    rest applied to the activations, for ``rows`` input rows."""
+    return (min(_prefix_costs(shapes[:j])) + rows * shapes[0][0] * shapes[j - 1][1]
+            + sum(rows * a * b for a, b in shapes[j:]))
+
+
 def product_order(rows: int, shapes: Sequence[tuple[int, int]]) -> int:
     """How many leading factors of a LoRITa product to multiply into the kernel the input meets:
     the rest are applied to the activations one after the other. Chosen by multiply-accumulates
-    of the forward pass (the backward pass scales with them): ``j`` costs the prefix product
-    ``W_1 ... W_j`` (the cheaper of left to right and right to left) plus ``rows * m * k_j``
-    for the layer plus ``rows * k_{i-1} * k_i`` for each later factor, where ``rows`` is the
-    number of input rows the kernel meets (the batch, times the output positions of a
-    convolution). Ties go to the larger ``j`` (fewer, larger products).
+    of the forward pass (:func:`product_cost`; the backward pass scales with them): ``j`` costs
+    the prefix product ``W_1 ... W_j`` (the cheaper of left to right and right to left) plus
+    ``rows * m * k_j`` for the layer plus ``rows * k_{i-1} * k_i`` for each later factor, where
+    ``rows`` is the number of input rows the kernel meets (the batch, times the output positions
+    of a convolution). Ties go to the larger ``j`` (fewer, larger products).
 
     Example:
       >>> product_order(128, [(1000, 1000)] * 3)  # a small batch: apply every factor
@@ -233,28 +253,13 @@ def product_order(rows: int, shapes: Sequence[tuple[int, int]]) -> int:
       >>> product_order(100_000, [(1000, 1000)] * 3)  # a large one: multiply them out
       3
     """
-    m = shapes[0][0]
-    best, best_cost = len(shapes), None
-    for j in range(len(shapes), 0, -1):
-        left = sum(m * a * b for a, b in shapes[1:j])
-        right = sum(shapes[i][0] * shapes[i][1] * shapes[j - 1][1] for i in range(1, j - 1)) + (
-            m * shapes[0][1] * shapes[j - 1][1] if j > 1 else 0)
-        cost = min(left, right) + rows * m * shapes[j - 1][1] + sum(
-            rows * a * b for a, b in shapes[j:])
-        if best_cost is None or cost < best_cost:
-            best, best_cost = j, cost
-    return best
+    return min(range(len(shapes), 0, -1), key=lambda j: product_cost(rows, shapes, j))
 
 
 def _chain(factors: Sequence[jax.Array]) -> jax.Array:
     """``W_1 @ ... @ W_j``, in the cheaper of the two simple orders."""
-    if len(factors) == 1:
-        return factors[0]
     mul = functools.partial(jnp.matmul, precision=_HIGHEST)
-    shapes = [f.shape for f in factors]
-    m, last = shapes[0][0], shapes[-1][1]
-    left = sum(m * a * b for a, b in shapes[1:])
-    right = sum(a * b * last for a, b in shapes[1:-1]) + m * shapes[0][1] * last
+    left, right = _prefix_costs([f.shape for f in factors])
     if left <= right:
         return functools.reduce(mul, factors)
     return mul(factors[0], functools.reduce(lambda acc, f: mul(f, acc), factors[-2:0:-1],

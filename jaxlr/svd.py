@@ -30,8 +30,8 @@ eigenvalues (the Davis-Kahan bound ``eps * s_1^2 / ((s_r - s_{r+1}) * ||W||_F)``
 Frobenius error, so the result is within ``1e-4`` of the full SVD's. (Under ``vmap`` with a
 batched predicate, ``cond`` becomes ``select`` and both paths run.) The decompositions of a tree
 run as a Python loop inside one ``jit``: no ``vmap`` over ``eigh``, which deadlocked jaxlib
-0.10.2's CPU runtime within 300 calls of a batched ResNet-56 projection under ``auto``'s
-``cond`` (batching only the Gram products and rebuilds was 0.6-0.9x as fast as the loop; see
+0.10.2's CPU runtime within a few hundred calls of a batched ResNet-56 projection under
+``auto``'s ``cond`` (batching only the Gram products and rebuilds was slower than the loop; see
 BENCHMARKS.md). ``tests/test_batched_decompositions.py`` soaks plain batched ``eigh`` and ``svd``
 on the installed jaxlib, under a timeout. Called eagerly on the CPU, whole-tree decompositions
 run with one LAPACK thread per call (:mod:`jaxlr.threads`). On a mesh of several devices each

@@ -42,7 +42,6 @@ __all__ = ["lapack_threads"]
 _lock = threading.RLock()
 _controller: Any = None
 _user_scopes = 0  # open lapack_threads blocks: jaxlr's automatic limit stays out of their way
-_auto_depth = 0  # nested automatic limits: the outermost sets, the last to close restores
 _open = 0  # scopes of either kind open in any thread
 _baseline: list[int] = []  # the thread counts before the first open scope
 
@@ -147,18 +146,15 @@ def one_per_call(count: int, leaves: Sequence[Any]) -> Iterator[bool]:
     decomposes ``count >= 2`` matrices on CPU devices and no :func:`lapack_threads` block is open.
     Yields whether it limits; if so, the block must wait for its results
     (``jax.block_until_ready``) before it ends."""
-    global _auto_depth
     with _lock:
-        active = _user_scopes == 0 and (_auto_depth > 0 or (count >= 2 and _on_cpu(leaves)))
+        active = _user_scopes == 0 and count >= 2 and _on_cpu(leaves)
         if active:
             previous = _enter(1)
-            _auto_depth += 1
     try:
         yield active
     finally:
         if active:
             with _lock:
-                _auto_depth -= 1
                 _exit(previous)
 
 

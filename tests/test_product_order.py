@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import jaxlr
-from jaxlr.inference import product_order
+from jaxlr.inference import product_cost, product_order
 
 
 def test_order_by_hand_worked_costs():
@@ -29,6 +29,15 @@ def test_order_by_hand_worked_costs():
     # rows 10: j=1 10*288*32 + 2*10*32*32 = 112,640; j=3 2*288*32*32 + 10*288*32 = 681,984.
     assert product_order(10, [(288, 32), (32, 32), (32, 32)]) == 1
     assert product_order(5, [(7, 3)]) == 1  # one factor: nothing to choose
+
+
+def test_cost_takes_the_cheaper_way_round_for_the_prefix():
+    shapes = [(100, 2), (2, 50), (50, 50)]
+    # left to right: 100*2*50 + 100*50*50 = 260,000; right to left: 2*50*50 + 100*2*50 = 15,000
+    assert product_cost(1, shapes, 3) == 15_000 + 1 * 100 * 50
+    # j = 1: the 100 x 2 kernel, then 2 x 50 and 50 x 50 on 1 row
+    assert product_cost(1, shapes, 1) == 200 + 100 + 2500
+    assert product_order(1, shapes) == 1
 
 
 class MLP(nn.Module):

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 import jaxlr
-from jaxlr.inference import product_order
+from jaxlr.inference import product_cost, product_order
 
 
 class FCN(nn.Module):
@@ -90,9 +90,7 @@ def minimum_ratio(params: Any, ftree: Any, rows: int) -> float:
         m, n = layer["kernel"].shape
         plain += rows * m * n
         shapes = [f.shape for f in ftree[name]["kernel"].factors]
-        j = product_order(rows, shapes)
-        left = sum(m * a * b for a, b in shapes[1:j])
-        factored += left + rows * m * shapes[j - 1][1] + sum(rows * a * b for a, b in shapes[j:])
+        factored += product_cost(rows, shapes, product_order(rows, shapes))
     return factored / plain
 
 
