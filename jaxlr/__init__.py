@@ -15,6 +15,7 @@ The public API, re-exported from the modules that define it:
 * :mod:`jaxlr.inference`: unchanged Linen and NNX models run on factor pairs.
 * :mod:`jaxlr.train_state`: a Linen ``TrainState`` that forwards ``batch_stats`` to the optimizer.
 * :mod:`jaxlr.cost`: parameters and multiply-accumulates of a forward pass, per layer.
+* :mod:`jaxlr.latency`: measured layer times, dense and factored; ranks that run faster.
 * :mod:`jaxlr.export`: orbax checkpoints of trees with factor pairs and products.
 * :mod:`jaxlr.threads`: LAPACK threads of the CPU decompositions.
 """
@@ -25,6 +26,7 @@ from jaxlr import (
     cost,
     export,
     inference,
+    latency,
     lorita,
     matrices,
     nodes,
@@ -39,6 +41,7 @@ from jaxlr.batchnorm import bn_pairs_by_name, find_bn_pairs
 from jaxlr.compression import CompressionReport, CompressionResult, compress
 from jaxlr.cost import ForwardCost, LayerCost, forward_cost
 from jaxlr.inference import apply, nnx_model
+from jaxlr.latency import LatencyTable, measure_latency
 from jaxlr.lorita import factorize
 from jaxlr.matrices import MatrixView, is_kernel, kernel_filter, kernel_kinds, matrix_leaves
 from jaxlr.nodes import LowRank, Product, collapse
@@ -68,6 +71,7 @@ __all__ = [
     "CompressionResult",
     "CompressionReport",
     "ForwardCost",
+    "LatencyTable",
     "LayerCost",
     "LowRank",
     "LowRankProjectionState",
@@ -95,11 +99,13 @@ __all__ = [
     "kernel_filter",
     "kernel_kinds",
     "lapack_threads",
+    "latency",
     "lorita",
     "low_rank_projection",
     "lsvt_ranks",
     "matrices",
     "matrix_leaves",
+    "measure_latency",
     "nnx_model",
     "nodes",
     "project",

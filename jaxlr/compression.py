@@ -7,7 +7,8 @@ ranks from any policy of :mod:`jaxlr.policies`, decomposes every ranked matrix o
 * ``compressed``: the input's kind (tree or NNX module) with each ranked kernel replaced by its
   :class:`~jaxlr.nodes.LowRank` factor pair ``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T`` where
   that saves (:func:`jaxlr.nodes.saves`, ``r (m + n) < m n``) and by its dense truncation
-  elsewhere. A Linen model runs it with :func:`jaxlr.apply` (the factor pairs as two thin layers);
+  elsewhere; a matrix kept at its full rank stays exactly as it was (no decomposition). A Linen
+  model runs it with :func:`jaxlr.apply` (the factor pairs as two thin layers);
   an NNX module comes back with those layers replaced (:mod:`jaxlr.inference`);
   :func:`jaxlr.collapse` gives the structure-preserving truncated tree; :mod:`jaxlr.export` saves
   it.
@@ -150,13 +151,19 @@ def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
     chosen, found = select(params, ranks, view=view)
     flat, treedef = matrices.flatten(params)
     leaves = [leaf for _, leaf in flat]
-    selected = [leaves[leaf.index] for leaf in found.values()]
-    pairs, finite = svd.factor_leaves(selected, [leaf.view for leaf in found.values()],
-                                      [chosen[key] for key in found], method=method, mesh=mesh)
-    if not svd.is_traced(selected):
-        svd.raise_if_nonfinite(list(found), finite)
+    # A matrix kept at full rank stays as it is: exact, and no decomposition to pay for.
+    cut = {key: leaf for key, leaf in found.items() if chosen[key] < leaf.full_rank}
+    selected = [leaves[leaf.index] for leaf in cut.values()]
+    pairs, finite = svd.factor_leaves(selected, [leaf.view for leaf in cut.values()],
+                                      [chosen[key] for key in cut], method=method,
+                                      mesh=mesh) if cut else ([], np.zeros(0, bool))
+    if not svd.is_traced([leaves[leaf.index] for leaf in found.values()]):
+        whole = [key for key in found if key not in cut]
+        svd.raise_if_nonfinite(list(cut) + whole, np.concatenate([
+            np.asarray(finite, bool).reshape(-1),
+            [bool(jnp.isfinite(leaves[found[key].index]).all()) for key in whole]]))
     layers = {}
-    for (key, leaf), (a, b) in zip(found.items(), pairs, strict=True):
+    for (key, leaf), (a, b) in zip(cut.items(), pairs, strict=True):
         node = nodes.LowRank(a, b, leaf.shape, leaf.view)
         m, n = leaf.matrix_shape
         if node.saves:
@@ -166,6 +173,11 @@ def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
             leaves[leaf.index] = sharding.like(dense, leaves[leaf.index])
         layers[key] = LayerReport((m, n), node.rank, leaf.full_rank, node.saves, m * n,
                                   node.param_count if node.saves else m * n)
+    for key, leaf in found.items():
+        if key not in cut:
+            m, n = leaf.matrix_shape
+            layers[key] = LayerReport((m, n), leaf.full_rank, leaf.full_rank, False, m * n, m * n)
+    layers = {key: layers[key] for key in found}
     before = sum(math.prod(np.shape(leaf)) for _, leaf in flat)
     after = before - sum(layer.params_before - layer.params_after for layer in layers.values())
     retained = retained_fraction(Ranks({k: layer.rank for k, layer in layers.items()},

@@ -38,7 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -232,27 +232,35 @@ def _subjaxprs(eqn: Any) -> list[Any]:
     return found
 
 
-def _count(jaxpr: Any, tags: dict[Any, str], totals: dict[str | None, list[int]], scale: int):
+def _product_macs(eqn: Any) -> tuple[int, int]:
+    """``(macs, macs_in_bounds)`` of one ``dot_general`` or ``conv_general_dilated``."""
+    if eqn.primitive.name == "dot_general":
+        macs = _dot_macs(eqn)
+        return macs, macs
+    return _conv_macs(eqn)
+
+
+def _products(jaxpr: Any, tags: dict[Any, str], scale: int
+              ) -> Iterator[tuple[Any, str | None, int]]:
+    """``(eqn, owner, times)`` for every matrix product and convolution of ``jaxpr``.
+
+    ``owner`` is the path of the parameter leaf the product's kernel (else its first operand)
+    comes from, ``None`` for a product of activations; ``times`` is how often it runs (``scan``
+    lengths multiplied). Nested jaxprs are followed; of a ``cond`` only the branch with the most
+    multiply-accumulates.
+    """
     def tag_of(var: Any) -> str | None:
         return tags.get(var) if not hasattr(var, "val") else None  # literals carry no tag
 
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name in ("dot_general", "conv_general_dilated"):
-            if name == "dot_general":
-                macs = in_bounds = _dot_macs(eqn)
-            else:
-                macs, in_bounds = _conv_macs(eqn)
             owner = tag_of(eqn.invars[1])
-            owner = tag_of(eqn.invars[0]) if owner is None else owner
-            entry = totals.setdefault(owner, [0, 0])
-            entry[0] += scale * macs
-            entry[1] += scale * in_bounds
+            yield eqn, tag_of(eqn.invars[0]) if owner is None else owner, scale
             continue
         if name == "while":
-            raise NotImplementedError(
-                "forward_cost cannot count a while loop: its number of iterations is unknown."
-            )
+            raise NotImplementedError("a while loop in the forward pass cannot be counted: its "
+                                      "number of iterations is unknown.")
         if name in _PASS_THROUGH:
             owners = {tag_of(v) for v in eqn.invars} - {None}
             if len(owners) == 1:
@@ -262,20 +270,25 @@ def _count(jaxpr: Any, tags: dict[Any, str], totals: dict[str | None, list[int]]
         if not inner:
             continue
         if name == "cond":  # the most expensive branch
-            branches = []
-            for branch in inner:
-                sub: dict[str | None, list[int]] = {}
-                _count(branch, _inner_tags(eqn.invars[1:], branch, tag_of), sub, scale)
-                branches.append(sub)
-            best = max(branches, key=lambda sub: sum(v[0] for v in sub.values()))
-            for owner, (macs, in_bounds) in best.items():
-                entry = totals.setdefault(owner, [0, 0])
-                entry[0] += macs
-                entry[1] += in_bounds
+            branches = [list(_products(branch, _inner_tags(eqn.invars[1:], branch, tag_of),
+                                       scale)) for branch in inner]
+            yield from max(branches, key=lambda found: sum(
+                times * _product_macs(e)[0] for e, _, times in found))
             continue
         length = int(eqn.params.get("length", 1)) if name == "scan" else 1
         for sub_jaxpr in inner:
-            _count(sub_jaxpr, _inner_tags(eqn.invars, sub_jaxpr, tag_of), totals, scale * length)
+            yield from _products(sub_jaxpr, _inner_tags(eqn.invars, sub_jaxpr, tag_of),
+                                 scale * length)
+
+
+def _tagged_jaxpr(fn: Callable[..., Any], params: Any, *inputs: Any
+                  ) -> tuple[Any, dict[Any, str], dict[str, int]]:
+    """``fn``'s jaxpr, its parameter inputs tagged with their kernel paths, and the sizes."""
+    closed = jax.make_jaxpr(fn)(params, *inputs)
+    names, sizes = _parameter_tags(params)
+    invars = closed.jaxpr.invars
+    tags = {var: name for var, name in zip(invars[: len(names)], names, strict=True)}
+    return closed.jaxpr, tags, sizes
 
 
 def _inner_tags(outer: list[Any], inner: Any, tag_of: Callable[[Any], str | None]) -> dict:
@@ -315,12 +328,13 @@ def forward_cost(
                         f"{type(fn).__name__}.")
     if not isinstance(xla, bool):
         raise TypeError(f"xla must be True or False, got {xla!r}.")
-    closed = jax.make_jaxpr(fn)(params, *inputs)
-    names, sizes = _parameter_tags(params)
-    invars = closed.jaxpr.invars
-    tags = {var: name for var, name in zip(invars[: len(names)], names, strict=True)}
+    jaxpr, tags, sizes = _tagged_jaxpr(fn, params, *inputs)
     totals: dict[str | None, list[int]] = {}
-    _count(closed.jaxpr, tags, totals, 1)
+    for eqn, owner, times in _products(jaxpr, tags, 1):
+        macs, in_bounds = _product_macs(eqn)
+        entry = totals.setdefault(owner, [0, 0])
+        entry[0] += times * macs
+        entry[1] += times * in_bounds
     layers = {
         name: LayerCost(sizes[name], *totals[name]) for name in sizes if name in totals
     }

@@ -41,6 +41,7 @@ from jaxlr.svd import check_rank
 
 if TYPE_CHECKING:
     from jaxlr.cost import ForwardCost
+    from jaxlr.latency import LatencyTable
 
 __all__ = [
     "Pools",
@@ -569,6 +570,7 @@ def target_ranks(
     filter: matrices.Filter | None = None,  # noqa: A002
     view: matrices.View = None,
     spectra: Mapping[Any, Any] | None = None,
+    latency: LatencyTable | None = None,
 ) -> Ranks:
     """The ranks of the largest GSVT or LSVT budget that cuts ``reduction`` of the cost.
 
@@ -577,6 +579,12 @@ def target_ranks(
     A matrix of rank ``r`` is counted as its factor pair where that saves
     (:func:`jaxlr.nodes.saves`, as :func:`jaxlr.compress` stores it) and dense otherwise;
     everything else keeps its cost. The budget is bisected, since cutting more never costs more.
+
+    Given ``latency`` (:func:`jaxlr.measure_latency` of the dense model on the device it will run
+    on), every rank the budget gives is rounded up to the next rank its layer runs faster at
+    (:meth:`jaxlr.latency.LatencyTable.snap`), or to the full rank, which leaves the layer whole,
+    where no factored rank is faster; the bisection then finds the largest budget whose rounded
+    ranks still meet the target. The target is met by the layers that gain time.
 
     Args:
       params: the parameter tree.
@@ -590,10 +598,13 @@ def target_ranks(
       filter: which matrices may be cut (leave the classifier out, as both papers do).
       view: how each leaf is seen as a matrix.
       spectra: singular values already computed (GSVT).
+      latency: measured layer times (:func:`jaxlr.measure_latency`); ``None``: ranks as the
+        budget gives them.
 
     Raises:
       ValueError: if even one singular value per matrix does not cut ``reduction`` (the message
-        says how much it cuts), or for a layer ``cost`` does not count.
+        says how much it cuts), for a layer ``cost`` does not count, or for one ``latency`` did
+        not time (or timed with another matrix shape).
 
     Example:
       >>> import jax
@@ -624,15 +635,27 @@ def target_ranks(
         unit = {key: cost.layers[key].macs / math.prod(leaf.matrix_shape)
                 for key, leaf in found.items()}
 
+    full = {key: leaf.full_rank for key, leaf in found.items()}
+    if latency is not None:
+        if not hasattr(latency, "snap"):
+            raise TypeError(f"latency must be a jaxlr.LatencyTable (jaxlr.measure_latency) or "
+                            f"None, got {type(latency).__name__}.")
+        latency.snap(Ranks(full, full))  # every layer timed, with the same matrix shape
+
     if policy == "gsvt":
         _, values = _spectra(params, filter, view, spectra)
         pool_of = _pool_of(found, params, pools)
 
-        def ranks_at(budget: float) -> dict[str, int]:
+        def budget_ranks(budget: float) -> dict[str, int]:
             return _gsvt(values, pool_of, budget, normalize)
     else:
-        def ranks_at(budget: float) -> dict[str, int]:
+        def budget_ranks(budget: float) -> dict[str, int]:
             return {key: _rank(budget, leaf.full_rank) for key, leaf in found.items()}
+    if latency is None:
+        ranks_at = budget_ranks
+    else:
+        def ranks_at(budget: float) -> dict[str, int]:
+            return dict(latency.snap(Ranks(budget_ranks(budget), full)))
 
     def cut(ranks: dict[str, int]) -> float:
         saved = 0.0
@@ -647,11 +670,12 @@ def target_ranks(
     if deepest < reduction:
         raise ValueError(f"no {policy.upper()} budget cuts {reduction:.1%} of the "
                          f"{'parameters' if cost is None else 'MACs'}: one singular value per "
-                         f"matrix cuts {deepest:.1%}.")
+                         f"matrix{'' if latency is None else ', rounded up by the latency table,'}"
+                         f" cuts {deepest:.1%}.")
     for _ in range(60):  # cut() falls as the budget grows: keep low good, high bad
         middle = (low + high) / 2
         if cut(ranks_at(middle)) >= reduction:
             low = middle
         else:
             high = middle
-    return Ranks(ranks_at(low), {key: leaf.full_rank for key, leaf in found.items()})
+    return Ranks(ranks_at(low), full)

@@ -90,3 +90,23 @@ def test_lorita_step_minimum_ratio_by_hand():
     assert lorita_step.minimum_ratio(params, ftree, 2) == 3.0
     # batch 1000: multiplied out, 2 * 8^3 + 1000*8*8 against 1000*8*8
     assert lorita_step.minimum_ratio(params, ftree, 1000) == (1024 + 64_000) / 64_000
+
+
+def test_lorita_step_rows_met_are_batch_times_output_positions():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.benchmarks import lorita_step
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3), name="same")(x)               # 5 x 5 outputs
+            x = nn.Conv(4, (3, 3), strides=2, name="strided")(x)  # 3 x 3 outputs
+            return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
+
+    model, x = Net(), jnp.ones((2, 5, 5, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    rows = lorita_step.rows_met(lambda p, v: model.apply({"params": p}, v), params, x)
+    assert rows == {"same/kernel": 50, "strided/kernel": 18, "head/kernel": 2}

@@ -11,6 +11,10 @@ process on the same batch:
 * ``N = 3, collapsed``: ``model.apply`` on ``jaxlr.collapse`` of the tree (every factor
   multiplied into its kernel at every step), what the step did before.
 
+``--model resnet20`` times the same three steps for the CIFAR ResNet-20 (batch 128 of 32 x 32 x 3,
+BatchNorm in training mode), every kernel a product of N matrices, as LoRITa's CNN experiments
+train it.
+
 The arithmetic minimum of the ratio is the multiply-accumulates of the cheaper order over those of
 the plain kernels, summed over the layers (the backward pass scales with the forward one). The
 step also runs Adam on three times the parameters, which no multiplication order removes, so the
@@ -19,12 +23,14 @@ gradients alone (``jax.value_and_grad``) are timed as well.
 Run::
 
     python -m experiments.benchmarks.lorita_step --repeats 20
+    python -m experiments.benchmarks.lorita_step --repeats 10 --model resnet20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from typing import Any
@@ -83,15 +89,51 @@ def _median_seconds(step: Any, params: Any, opt_state: Any, x: Any, y: Any, repe
     return float(np.median(times))
 
 
-def minimum_ratio(params: Any, ftree: Any, rows: int) -> float:
-    """MACs of the factorized layers in their cheaper order over those of the plain kernels."""
+def minimum_ratio(params: Any, ftree: Any, rows: int | dict[str, int]) -> float:
+    """MACs of the factorized layers in their cheaper order over those of the plain kernels.
+
+    ``rows``: the rows each layer's product meets (batch x output positions), one number for
+    every layer (the FCN) or ``{key: rows}``.
+    """
+    products = {jaxlr.matrices.path_key(path): node for path, node in
+                jax.tree_util.tree_flatten_with_path(ftree, is_leaf=jaxlr.nodes.is_node)[0]
+                if isinstance(node, jaxlr.Product)}
     plain = factored = 0
-    for name, layer in params.items():
-        m, n = layer["kernel"].shape
-        plain += rows * m * n
-        shapes = [f.shape for f in ftree[name]["kernel"].factors]
-        factored += product_cost(rows, shapes, product_order(rows, shapes))
+    for key, leaf in jaxlr.matrix_leaves(params).items():
+        m, n = leaf.matrix_shape
+        met = rows if isinstance(rows, int) else rows[key]
+        plain += met * m * n
+        shapes = [f.shape for f in products[key].factors]
+        factored += product_cost(met, shapes, product_order(met, shapes))
     return factored / plain
+
+
+def rows_met(fn: Any, params: Any, x: jax.Array) -> dict[str, int]:
+    """``{key: rows}`` each kernel's product meets in ``fn(params, x)`` (its MACs over ``m n``)."""
+    cost = jaxlr.forward_cost(fn, params, x, xla=False)
+    return {key: cost.layers[key].macs // math.prod(leaf.matrix_shape)
+            for key, leaf in jaxlr.matrix_leaves(params).items()}
+
+
+def _network(name: str, width: int, batch: int) -> tuple[Any, jax.Array, jax.Array, Any]:
+    """``(model, x, y, variables)``: the FCN or ResNet-20 with a batch of random data."""
+    from experiments.models import CifarResNet  # noqa: PLC0415
+
+    model = FCN(width) if name == "fcn" else CifarResNet(depth=20)
+    shape = (batch, 784) if name == "fcn" else (batch, 32, 32, 3)
+    x = jax.random.normal(jax.random.key(0), shape)
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+    return model, x, y, model.init(jax.random.key(2), x[:1])
+
+
+def _forward(model: Any, variables: Any, runner: Any) -> Any:
+    """``(params, x) -> logits`` with ``runner`` (``model.apply`` or ``jaxlr.apply``); BatchNorm
+    models run in training mode, their updated statistics dropped."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    if not rest:
+        return lambda p, v: runner(model, {"params": p}, v)
+    return lambda p, v: runner(model, {**rest, "params": p}, v, train=True,
+                               mutable=list(rest))[0]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -100,21 +142,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--depth", type=int, default=3, help="LoRITa's N")
+    parser.add_argument("--model", choices=("fcn", "resnet20"), default="fcn")
     args = parser.parse_args(argv)
 
-    model = FCN(args.width)
-    x = jax.random.normal(jax.random.key(0), (args.batch, 784))
-    y = jax.random.randint(jax.random.key(1), (args.batch,), 0, 10)
-    params = model.init(jax.random.key(2), x)["params"]
+    model, x, y, variables = _network(args.model, args.width, args.batch)
+    params = variables["params"]
     ftree = jaxlr.lorita.factorize(params, args.depth, jax.random.key(3))
     tx = optax.adam(1e-3)
 
-    plain = _step(lambda p, v: model.apply({"params": p}, v), tx)
-    ordered = _step(lambda p, v: jaxlr.apply(model, {"params": p}, v), tx)
-    collapsed = _step(lambda p, v: model.apply({"params": jaxlr.collapse(p)}, v), tx)
-    grads = {label: _step(apply, None) for label, apply in (
-        ("plain", lambda p, v: model.apply({"params": p}, v)),
-        ("ordered", lambda p, v: jaxlr.apply(model, {"params": p}, v)))}
+    def plain_apply(m: Any, *a: Any, **k: Any) -> Any:
+        return m.apply(*a, **k)
+
+    def collapsed_apply(m: Any, variables: Any, *a: Any, **k: Any) -> Any:
+        return m.apply({**variables, "params": jaxlr.collapse(variables["params"])}, *a, **k)
+
+    plain_fn = _forward(model, variables, plain_apply)
+    ordered_fn = _forward(model, variables, jaxlr.apply)
+    plain = _step(plain_fn, tx)
+    ordered = _step(ordered_fn, tx)
+    collapsed = _step(_forward(model, variables, collapsed_apply), tx)
+    grads = {"plain": _step(plain_fn, None), "ordered": _step(ordered_fn, None)}
     times = {}
     for _ in range(2):  # alternate, keep the better median of each
         for label, step, tree in (("plain", plain, params), ("ordered", ordered, ftree),
@@ -124,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seconds = _median_seconds(step, tree, tx.init(tree), x, y, args.repeats)
             times[label] = min(times.get(label, np.inf), seconds)
     row = {
-        "width": args.width, "batch": args.batch, "depth": args.depth,
+        "model": args.model, "width": args.width, "batch": args.batch, "depth": args.depth,
         "plain_ms": times["plain"] * 1e3, "ordered_ms": times["ordered"] * 1e3,
         "collapsed_ms": times["collapsed"] * 1e3,
         "ordered_ratio": times["ordered"] / times["plain"],
@@ -132,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plain_grad_ms": times["plain_grad"] * 1e3,
         "ordered_grad_ms": times["ordered_grad"] * 1e3,
         "ordered_grad_ratio": times["ordered_grad"] / times["plain_grad"],
-        "minimum_ratio": minimum_ratio(params, ftree, args.batch),
+        "minimum_ratio": minimum_ratio(params, ftree, rows_met(plain_fn, params, x)),
         "parameters": [sum(int(np.size(v)) for v in jax.tree.leaves(t)) for t in (params, ftree)],
     }
     row["ordered_over_minimum"] = row["ordered_ratio"] / row["minimum_ratio"]
