@@ -12,6 +12,9 @@ Run modules from the root of the checkout: ``python -m experiments`` (the main j
 * :mod:`experiments.lorita_study`: the steps every LoRITa experiment takes.
 * :mod:`experiments.results`, :mod:`experiments.plots`, :mod:`experiments.presets`: tables,
   figures, presets and the shared command line.
+* :mod:`experiments.stats`: mean, spread, Student-t intervals and paired verdicts over seeds.
+* :mod:`experiments.evidence`: the papers' central claims on real MNIST over seeds, with a
+  verdict each (``smoke`` / ``default`` / ``full`` presets; the README's evidence section).
 * :mod:`experiments.figures`: regenerates every figure of the README and docs from the current
   code (``python -m experiments.figures``).
 * The papers' tables: :mod:`experiments.lorita_fcn`, :mod:`experiments.lorita_vit`,

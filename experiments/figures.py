@@ -13,12 +13,18 @@
   (time and findings of each, in words computed from its results) and
   ``docs/lorita_fcn_default.png``.
 
+* with ``--part evidence``: :mod:`experiments.evidence`'s ``default`` preset (real MNIST, 5 seeds),
+  and writes the README's block ``evidence`` (summaries, verdicts, worded from them, and the
+  figures ``docs/evidence_*.png``) and docs/reproducing.md's block ``evidence-runs`` (the tuning
+  and per-seed tables).
+
 No number in these blocks is typed by hand. ``tests/test_readme.py`` runs seed 0 of the main job
-again and checks the README against it. Options: ``--part readme|docs|all`` (default all; the
-README part takes about 2 minutes on a 2-core CPU, the docs part about 10), ``--seeds N``
-(default 3), ``--output-dir DIR`` (keep the runs there instead of a temporary directory; runs found
-there are reused, so a directory holding runs of older code gives their numbers), ``--check``
-(compare only, exit status 1 on a difference), ``--no-progress``.
+again and checks the README against it. Options: ``--part readme|docs|evidence|all`` (default
+all; on a 2-core CPU the README part takes about 2 minutes, the docs part about 10, the evidence
+part about 25), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs there instead of
+a temporary directory; runs found there are reused, so a directory holding runs of older code
+gives their numbers), ``--check`` (compare only, exit status 1 on a difference),
+``--no-progress``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments import evidence
 from experiments import main as main_job
 from experiments.results import Column, Results, markdown_table
 
@@ -43,6 +50,7 @@ __all__ = [
     "MODULES",
     "POLICY_BUDGET",
     "block",
+    "evidence_blocks",
     "fcn_figure_name",
     "findings",
     "headline",
@@ -60,6 +68,9 @@ README = ROOT / "README.md"
 REPRODUCING = ROOT / "docs" / "reproducing.md"
 FIGURE = ROOT / "docs" / "accuracy_drop.png"
 FCN_FIGURE = ROOT / "docs" / "lorita_fcn_default.png"
+# The evidence module's figures, as docs/ holds them.
+EVIDENCE_FIGURES = {name: ROOT / "docs" / f"evidence_{name}"
+                    for name in ("accuracy_drop.png", "spectra.png", "lrpet.png")}
 # The paper modules whose default presets docs/reproducing.md describes, in its order.
 MODULES = ("lorita_fcn", "lorita_vit", "lorita_cnn", "lrpet_cifar", "rank_search")
 # The GSVT budget at which the main job's N values are compared over seeds (LoRITa's claim is
@@ -401,10 +412,148 @@ def presets_block(done: Mapping[str, tuple[float, str]], main_seconds: float, wh
     ])
 
 
+# ------------------------------------------------------------------------------------------------
+# The evidence (experiments.evidence's default preset).
+
+
+def _worded(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per claim, where it held, did not hold and was not separable."""
+    lines = []
+    for what in dict.fromkeys(r["what"] for r in verdicts):
+        parts = []
+        for verdict in ("holds", "does not hold", "not separable"):
+            where = [r["where"] for r in verdicts if r["what"] == what and r["verdict"] == verdict]
+            if where:
+                parts.append(f"**{verdict}** for {', '.join(where)}")
+        lines.append(f"* {what}: {'; '.join(parts)}.")
+    return lines
+
+
+def _pivot(rows: Sequence[Mapping[str, Any]], ratios: Sequence[float],
+           confidence: float) -> tuple[list[dict[str, Any]], list[Column]]:
+    from experiments import stats
+
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["ratio"] is not None))
+    dense = stats.summarize([r["test"] for r in rows if r["ratio"] is None], confidence)
+    table = []
+    for ratio in ratios:
+        row: dict[str, Any] = {"p": f"{ratio:g}", "dense": f"{dense.mean:.4f} ± {dense.std:.4f}"}
+        for method in methods:
+            s = stats.summarize([r["test"] for r in rows
+                                 if r["ratio"] == ratio and r["method"] == method], confidence)
+            row[method] = f"{s.mean:.4f} ± {s.std:.4f}"
+        row["ranks"] = next(r["ranks"] for r in rows if r["ratio"] == ratio)
+        table.append(row)
+    return table, [Column("p"), Column("ranks", "conv ranks"),
+                   Column("dense", "dense (no projection)"), *[Column(m) for m in methods]]
+
+
+def evidence_blocks(out: Mapping[str, Any], config: evidence.Config, where: str
+                    ) -> tuple[str, str]:
+    """The README's ``evidence`` block and docs/reproducing.md's ``evidence-runs`` block from a
+    run of :func:`experiments.evidence.run`."""
+    from experiments import stats
+
+    verdict_columns = [c for c in evidence.VERDICT_COLUMNS if c.key not in ("rule",)]
+    summary = []
+    for model in dict.fromkeys(r["model"] for r in out["lorita"]):
+        for n in config.depths:
+            members = [r for r in out["lorita"] if r["model"] == model and r["N"] == n]
+            row: dict[str, Any] = {"model": model, "N": n}
+            for key in ("test", "budget", "drop", "energy"):
+                s = stats.summarize([m[key] for m in members], config.confidence)
+                row[key] = f"{s.mean:.4f} ± {s.std:.4f} {s.interval('.4f')}"
+            summary.append(row)
+    lrpet_table, lrpet_columns = _pivot(out["lrpet"], config.ratios, config.confidence)
+    command = "python -m experiments.evidence"
+    readme = "\n".join([
+        f"`{command}` on {where}, {out['seconds'] / 60:.0f} minutes; {out['where']}. Each "
+        f"number is the mean ± standard deviation over the seeds, with the "
+        f"{config.confidence:.0%} Student-t interval in brackets.",
+        "",
+        f"**LoRITa** (FCNs of width {config.width}, {config.lorita_epochs} epochs of Adam, the "
+        f"learning rate and decay chosen per N{'' if config.tune_on else ' and FCN'} on the "
+        f"first seed's validation split{f' with FCN-{config.tune_on}' if config.tune_on else ''}"
+        f"; GSVT over the hidden matrices). "
+        f"Budget: the fewest retained singular values from which on the test accuracy stays "
+        f"within {100 * config.tolerance:g} points of the untruncated model's; drop: the test "
+        f"accuracy drop averaged over {len(config.budgets)} GSVT budgets from "
+        f"{max(config.budgets):.0%} to {min(config.budgets):.0%}; energy: the fraction of "
+        f"singular values holding 90% of a hidden matrix's energy.",
+        "",
+        markdown_table(summary, [Column("model"), Column("N"), Column("test", "test acc"),
+                                 Column("budget", "GSVT budget"),
+                                 Column("drop", "mean GSVT drop"),
+                                 Column("energy", "SVs for 90% energy")]),
+        "",
+        f"**LRPET** ablation ({config.model}, {config.lrpet_epochs} epochs of SGD, projection "
+        f"once per epoch; test accuracy of the compressed model running its factor pairs):",
+        "",
+        markdown_table(lrpet_table, lrpet_columns),
+        "",
+        "Verdicts, each from the paired differences over seeds (first minus second): a claim "
+        "**holds** when the interval of the mean difference lies on its side of 0 (inside "
+        f"±{config.margin:g} for \"as accurate\"), **does not hold** when it lies on the "
+        "other, and is **not separable** when it contains 0:",
+        "",
+        markdown_table(list(out["lorita_verdicts"]) + list(out["lrpet_verdicts"]),
+                       verdict_columns),
+        "",
+        "In words:",
+        "",
+        *_worded(out["lorita_verdicts"]),
+        *_worded(out["lrpet_verdicts"]),
+        "",
+        "![LoRITa: test accuracy drop against retained singular values, with 95% bands]"
+        "(docs/evidence_accuracy_drop.png)",
+        "",
+        "![LoRITa: singular values of the first two hidden matrices, with 95% bands]"
+        "(docs/evidence_spectra.png)",
+        "",
+        "![LRPET ablation: test accuracy per seed with 95% intervals](docs/evidence_lrpet.png)",
+    ])
+    docs = "\n".join([
+        f"`{command}` on {where}; {out['where']}.",
+        "",
+        f"Learning rate and decay, chosen per N{'' if config.tune_on else ' and FCN'} on the "
+        f"first seed's validation split{f' with FCN-{config.tune_on}' if config.tune_on else ''}"
+        " (every seed and FCN trains with the choice):",
+        "",
+        markdown_table(out["lorita_tuning"], [
+            Column("model"), Column("N"), Column("learning_rate", "learning rate", "g"),
+            Column("weight_decay", "decay", "g"), Column("best_epoch", "best epoch"),
+            Column("validation", "val acc", ".4f"), Column("chosen")]),
+        "",
+        "LoRITa per seed:",
+        "",
+        markdown_table(out["lorita"], [
+            Column("model"), Column("N"), Column("seed"), Column("test", "test acc", ".4f"),
+            Column("budget", "GSVT budget (test)", ".3f"),
+            Column("budget_validation", "GSVT budget (val)", ".3f"),
+            Column("lsvt_budget", "LSVT budget (test)", ".3f"),
+            Column("drop", "mean GSVT drop", ".4f"),
+            Column("energy", "SVs for 90% energy", ".3f")]),
+        "",
+        "LRPET per seed (test accuracy):",
+        "",
+        markdown_table(out["lrpet"], [
+            Column("seed"), Column("ratio", "p", "g"), Column("method"), Column("ranks"),
+            Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")]),
+    ])
+    return readme, docs
+
+
+def run_evidence(output: Path, progress: bool) -> tuple[str, str]:
+    """Runs the evidence module's default preset under ``output``; returns its two blocks."""
+    config = evidence.PRESETS["default"]
+    out = evidence.run(config, Results(output), progress)
+    return evidence_blocks(out, config, machine())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.figures",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["readme", "docs", "all"], default="all",
+    parser.add_argument("--part", choices=["readme", "docs", "evidence", "all"], default="all",
                         help="which figures (default: all)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
     parser.add_argument("--output-dir", type=Path, default=None,
@@ -420,18 +569,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures: dict[Path, Path] = {}
     with tempfile.TemporaryDirectory() as scratch:
         output = args.output_dir or Path(scratch)
-        first, seeds, _, seconds, examples = run(args.seeds if args.part != "docs" else 1,
-                                                 output / "main", progress)
-        if args.part != "docs":
+        if args.part in ("readme", "docs", "all"):
+            first, seeds, _, seconds, examples = run(args.seeds if args.part != "docs" else 1,
+                                                     output / "main", progress)
+        if args.part in ("readme", "all"):
             updates[README] = replace_block(replace_block(README.read_text(), "main-job", first),
                                             "main-job-seeds", seeds)
             figures[FIGURE] = output / "main" / "seed0" / "accuracy_drop.png"
-        if args.part != "readme":
+        if args.part in ("docs", "all"):
             done = run_modules(output, progress)
             updates[REPRODUCING] = replace_block(REPRODUCING.read_text(), "default-presets",
                                                  presets_block(done, seconds[0], machine(),
                                                                examples))
             figures[FCN_FIGURE] = output / "lorita_fcn" / fcn_figure_name()
+        if args.part in ("evidence", "all"):
+            readme_block, docs_block = run_evidence(output / "evidence", progress)
+            updates[README] = replace_block(updates.get(README, README.read_text()), "evidence",
+                                            readme_block)
+            updates[REPRODUCING] = replace_block(updates.get(REPRODUCING,
+                                                             REPRODUCING.read_text()),
+                                                 "evidence-runs", docs_block)
+            for name, path in EVIDENCE_FIGURES.items():
+                figures[path] = output / "evidence" / name
         stale = [path for path, text in updates.items() if path.read_text() != text]
         stale += [path for path, source in figures.items()
                   if not path.exists() or path.read_bytes() != source.read_bytes()]

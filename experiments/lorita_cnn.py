@@ -42,7 +42,7 @@ import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, presets, truncation
 from experiments.results import Column, Results, run_settings
-from experiments.train import TrainConfig, cross_entropy, evaluate
+from experiments.train import TrainConfig, cross_entropy, evaluate, step_decay_sgd
 
 __all__ = ["PRESETS", "Config", "compress_to_macs", "main", "run"]
 
@@ -155,13 +155,10 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     results.json("config", config)
     note = lorita_study.preset_note(data, ["cifar10", "cifar100"])
     steps = config.epochs * (len(data.train) // config.batch_size)
-    schedule = optax.piecewise_constant_schedule(
-        config.learning_rate, {steps // 2: 0.1, (3 * steps) // 4: 0.1})
 
     def optimizer(decay: float) -> optax.GradientTransformation:
-        mask = jaxlr.lorita.weight_decay_mask
-        return optax.chain(optax.add_decayed_weights(decay, mask),
-                           optax.sgd(schedule, momentum=0.9))
+        return step_decay_sgd(config.learning_rate, decay, steps,
+                              mask=jaxlr.lorita.weight_decay_mask)
 
     train_config = TrainConfig(config.epochs, config.batch_size, config.seed,
                                checkpoint_every=config.checkpoint_every, progress=progress,

@@ -44,13 +44,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, plots, presets, truncation
 from experiments.results import Column, Results, run_settings
-from experiments.train import Task, TrainConfig, TrainResult, evaluate, train
+from experiments.train import Task, TrainConfig, TrainResult, evaluate, step_decay_sgd, train
 
 __all__ = ["PRESETS", "Config", "main", "run"]
 
@@ -117,15 +116,6 @@ PRESETS = {
                     epochs=400, pretrained_epochs=200, batch_size=128, learning_rate=0.1,
                     pad=4, flip=True, timing_epochs=5, checkpoint_every=10),
 }
-
-
-def _optimizer(config: Config, epochs: int, steps_per_epoch: int,
-               projection: optax.GradientTransformation | None) -> optax.GradientTransformation:
-    total = epochs * steps_per_epoch
-    schedule = optax.piecewise_constant_schedule(
-        config.learning_rate, {total // 2: 0.1, (3 * total) // 4: 0.1})
-    parts = [optax.add_decayed_weights(config.weight_decay), optax.sgd(schedule, momentum=0.9)]
-    return optax.chain(*parts, *([projection] if projection is not None else []))
 
 
 def _first_convs(variables: dict[str, Any]) -> tuple[str, ...]:
@@ -205,7 +195,9 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample) if bnr else None)
         projection = None if ranks is None else jaxlr.low_rank_projection(
             ranks=ranks, every=every, options=options)
-        task = Task(model, _optimizer(config, epochs, steps_per_epoch, projection),
+        task = Task(model, step_decay_sgd(config.learning_rate, config.weight_decay,
+                                           epochs * steps_per_epoch,
+                                           *([projection] if projection else [])),
                     grad_norms=_first_convs(shapes))
         train_config = TrainConfig(epochs, config.batch_size, config.seed, augmentation,
                                    checkpoint_every=config.checkpoint_every, progress=progress,

@@ -36,13 +36,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import optax
 
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, plots, presets, truncation
 from experiments.results import Column, Results, run_settings
-from experiments.train import Task, TrainConfig, evaluate, train
+from experiments.train import Task, TrainConfig, evaluate, step_decay_sgd, train
 from jaxlr import lorita
 
 __all__ = ["PRESETS", "Config", "main", "run"]
@@ -158,9 +157,6 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
     """Trains the CNN without projection, with LRP and with LRPET; compares at the same ranks."""
     model = models.VGG(config=config.cnn, num_classes=data.num_classes)
     steps_per_epoch = len(data.train) // config.batch_size
-    total = config.lrpet_epochs * steps_per_epoch
-    schedule = optax.piecewise_constant_schedule(
-        config.sgd_learning_rate, {total // 2: 0.1, (3 * total) // 4: 0.1})
     sample = data.normalize(data.test.images[:1])
     shapes = jax.eval_shape(model.init, jax.random.key(0), sample)
     lrp = jaxlr.ProjectionOptions(energy_transfer=False)
@@ -172,9 +168,9 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
     }
     rows, histories = [], {}
     for name, projection in variants.items():
-        optimizer = optax.chain(optax.add_decayed_weights(config.sgd_weight_decay),
-                                optax.sgd(schedule, momentum=0.9),
-                                *([projection] if projection is not None else []))
+        optimizer = step_decay_sgd(config.sgd_learning_rate, config.sgd_weight_decay,
+                                   config.lrpet_epochs * steps_per_epoch,
+                                   *([projection] if projection is not None else []))
         slug = name.lower().replace(" ", "_")
         settings = run_settings(config, exclude=_NOT_LRPET, variant=name)
         result = train(Task(model, optimizer), data, TrainConfig(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy_drop", "singular_value_decay", "training_curves"]
+__all__ = ["accuracy_drop", "bands", "intervals", "singular_value_decay", "training_curves"]
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib's module
@@ -99,6 +99,78 @@ def training_curves(
     ax.set_ylabel(key.replace("_", " "))
     ax.grid(True, alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bands(
+    panels: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xlog: bool = False,
+    ylog: bool = False,
+) -> None:
+    """One panel per ``{panel: {line: {"x", "y", "low", "high", "style"}}}``: each line its mean
+    ``y`` against ``x``, with the band ``[low, high]`` (e.g. a confidence interval over seeds)
+    shaded in its colour; ``style`` holds matplotlib keywords (optional)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), sharey=True,
+                             squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], panels.items(), strict=True):
+        for label, line in lines.items():
+            style = {"marker": "o", "markersize": 3, **line.get("style", {})}
+            order = np.argsort(np.asarray(line["x"]))
+            x = np.asarray(line["x"])[order]
+            (drawn,) = ax.plot(x, np.asarray(line["y"])[order], label=label, **style)
+            ax.fill_between(x, np.asarray(line["low"])[order], np.asarray(line["high"])[order],
+                            color=drawn.get_color(), alpha=0.18, linewidth=0)
+        if xlog:
+            ax.set_xscale("log")
+        if ylog:
+            ax.set_yscale("log")
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def intervals(
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    ylabel: str,
+    confidence: float = 0.95,
+) -> None:
+    """One panel per ``{panel: {method: per-seed values}}``: each method's values as dots, their
+    mean as a bar end and its Student-t ``confidence`` interval as an error bar."""
+    from experiments import stats
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True,
+                             squeeze=False)
+    for ax, (panel, methods) in zip(axes[0], panels.items(), strict=True):
+        for index, values in enumerate(methods.values()):
+            s = stats.summarize(values, confidence)
+            ax.errorbar(index, s.mean, yerr=[[s.mean - s.low], [s.high - s.mean]], fmt="s",
+                        color=f"C{index}", capsize=4)
+            ax.scatter(np.full(len(values), index) + 0.15, values, color=f"C{index}", s=10,
+                       alpha=0.6)
+        ax.set_xticks(range(len(methods)), list(methods), rotation=30, ha="right",
+                      fontsize="small")
+        ax.set_title(panel)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

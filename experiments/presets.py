@@ -205,8 +205,12 @@ RULES: dict[str, Rule] = {
         "baseline_epochs", "batch_size", "checkpoint_every", "compress_depth", "epochs",
         "fcn_depth", "fcn_width", "lorita_epochs", "lrpet_epochs", "random_trials",
         "trial_epochs", "trials", "width")},
-    **{name: _NONNEGATIVE for name in ("seed", "pad", "pretrained_epochs", "timing_epochs")},
+    **{name: _NONNEGATIVE for name in ("seed", "pad", "pretrained_epochs", "timing_epochs",
+                                        "tune_on")},
     "depths": _tuple_of(_POSITIVE, "ints >= 1 (LoRITa's N)"),
+    "seeds": Rule("a tuple of at least two distinct ints >= 0 (a spread needs two)",
+                  lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
+                  lambda v: len(v) >= 2 and len(set(v)) == len(v) and min(v) >= 0),
     "fcn_depths": _tuple_of(_POSITIVE, "ints >= 1"),
     # Switches.
     "ablation": _BOOL,
@@ -217,6 +221,7 @@ RULES: dict[str, Rule] = {
     "weight_decay": _DECAY,
     "sgd_weight_decay": _DECAY,
     "weight_decays": _tuple_of(_DECAY, "numbers >= 0"),
+    "learning_rates": _tuple_of(_RATE, "numbers > 0"),
     "label_smoothing": _PRUNE,
     "lam": _DECAY,
     # Compression.
@@ -227,6 +232,10 @@ RULES: dict[str, Rule] = {
                          "numbers in (0, 1]"),
     "flop_drops": _tuple_of(_number(0, 1, open_low=True), "numbers in (0, 1)"),
     "tolerance": _PRUNE,
+    "ratios": _tuple_of(_number(0, 1, open_low=True), "pruning ratios in (0, 1)"),
+    "confidence": _number(0, 1, open_low=True, words="a number in (0, 1)"),
+    "margin": _number(0, 1, open_low=True, words="a number in (0, 1) (accuracy, 0.01 is a "
+                      "point)"),
     "ranks_file": _OPTIONAL_STR,
     # Data.
     "data": Rule("a data set: 'digits', 'idx:DIR', 'mnist', 'cifar10' or 'cifar100'", _is_str,
@@ -271,14 +280,15 @@ def check(config: Any, rules: Mapping[str, Rule] | None = None) -> None:
         rules[field.name].check(field.name, getattr(config, field.name))
 
 
-def load_data(config: Any) -> Any:
-    """``experiments.data.load(config.data, config.data_dir, config.seed)``, its errors (a
-    missing directory or file, an unprepared tfds data set) raised as :class:`SettingsError`
-    naming the setting."""
+def load_data(config: Any, seed: int | None = None) -> Any:
+    """``experiments.data.load(config.data, config.data_dir, seed)`` (``seed`` defaults to
+    ``config.seed``), its errors (a missing directory or file, an unprepared tfds data set)
+    raised as :class:`SettingsError` naming the setting."""
     from experiments import data as data_lib
 
     try:
-        return data_lib.load(config.data, config.data_dir, config.seed)
+        return data_lib.load(config.data, config.data_dir,
+                             config.seed if seed is None else seed)
     except (FileNotFoundError, NotADirectoryError, data_lib.DatasetNotPreparedError,
             ValueError) as error:
         raise SettingsError(f"data={config.data!r} cannot be loaded: {error}") from error

@@ -63,6 +63,7 @@ __all__ = [
     "evaluate",
     "lorita_task",
     "placement",
+    "step_decay_sgd",
     "train",
 ]
 
@@ -126,6 +127,39 @@ def lorita_task(
         return lorita.factorize(params, depth, key, **factorize_options)
 
     return Task(model, optimizer, reparameterize, lorita.collapse, label_smoothing)
+
+
+def step_decay_sgd(
+    learning_rate: float,
+    weight_decay: float,
+    total_steps: int,
+    *after: optax.GradientTransformation,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """The papers' SGD: coupled weight decay, momentum 0.9, the learning rate divided by 10 at
+    50% and 75% of ``total_steps``; then ``after`` (e.g. LRPET's projection, which must come after
+    the update).
+
+    Args:
+      learning_rate: the initial learning rate.
+      weight_decay: coupled L2 decay (added to the gradient before momentum).
+      total_steps: the steps of the whole run.
+      *after: transformations chained after SGD.
+      mask: which leaves decay (``optax.add_decayed_weights``' mask), e.g.
+        :func:`jaxlr.lorita.weight_decay_mask`; ``None``: all.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> opt = step_decay_sgd(0.1, 0.0, 4)
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = opt.init(params)
+      >>> [float(opt.update({"w": jnp.ones(2)}, state, params)[0]["w"][0]) for _ in range(1)]
+      [-0.1]
+    """
+    schedule = optax.piecewise_constant_schedule(
+        learning_rate, {total_steps // 2: 0.1, (3 * total_steps) // 4: 0.1})
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                       optax.sgd(schedule, momentum=0.9), *after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +477,13 @@ class _Checkpoints:
             best=ocp.args.StandardRestore(abstract(variables)), meta=ocp.args.JsonRestore()))
         return last.state, last.best, last.meta
 
+    def discard_best_after(self, epoch: int) -> None:
+        """Deletes best checkpoints of epochs after ``epoch``: an interrupted run saved them
+        after its last resumable checkpoint, and the resumed run trains those epochs again."""
+        for step in self.best.all_steps():
+            if step > epoch:
+                self.best.delete(step)
+
     def close(self) -> None:
         self.last.close()
         self.best.close()
@@ -557,6 +598,7 @@ def train(
             state, best, meta = restored
             start_epoch, best_epoch, best_accuracy = (
                 meta["epoch"], meta["best_epoch"], meta["best_accuracy"])
+        checkpoints.discard_best_after(start_epoch)
         history = _read_history(metrics_file, start_epoch)
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
 

@@ -54,7 +54,8 @@ def test_bad_command_line_exits_with_usage(capsys):
 # ------------------------------------------------------------------------------------------------
 # The experiments' settings: checked when built, before anything trains; one-line CLI errors.
 
-MODULES = ["main", "lorita_fcn", "lorita_vit", "lorita_cnn", "lrpet_cifar", "rank_search"]
+MODULES = ["main", "lorita_fcn", "lorita_vit", "lorita_cnn", "lrpet_cifar", "rank_search",
+           "evidence"]
 PROGS = {"main": "python -m experiments"}
 
 
@@ -102,6 +103,10 @@ BAD = [
     ("rank_search", "min_prune", 0.95, "min_prune"),
     ("rank_search", "random_trials", 30, "random_trials"), ("rank_search", "model", "", "model"),
     ("main", "parallel", "gpu", "parallel"), ("lorita_fcn", "parallel", None, "parallel"),
+    ("evidence", "seeds", (0,), "at least two"), ("evidence", "seeds", (0, -1), "seeds"),
+    ("evidence", "ratios", (0.0,), "ratios"), ("evidence", "learning_rates", (0.0,), "> 0"),
+    ("evidence", "confidence", 0.0, "confidence"), ("evidence", "margin", 1.0, "margin"),
+    ("evidence", "depths", (1,), "N > 1"),
 ]
 
 

@@ -86,6 +86,23 @@ def test_resumed_run_ends_as_a_straight_run(tmp_path, digits, method):
         assert isinstance(resumed.state.params["fc0"]["kernel"], jaxlr.Product)
 
 
+def test_run_interrupted_before_its_first_resumable_checkpoint_starts_again(tmp_path, digits):
+    # Best checkpoints of epochs 1-2 are written, the last (resumable) one never: the next call
+    # trains from scratch, and the stale best steps must not stop it or be taken as its own.
+    config = TrainConfig(epochs=3, batch_size=128, checkpoint_every=3, progress=False)
+    task = Task(models.FCN(2, 16), optax.adam(1e-2))
+    straight = train(task, digits, config, workdir=tmp_path / "straight")
+    with pytest.raises(Interrupt):
+        train(task, digits, config, workdir=tmp_path / "resumed", callbacks=[interrupt_after(2)])
+    assert list((tmp_path / "resumed" / "checkpoints" / "best").iterdir())
+    resumed = train(task, digits, config, workdir=tmp_path / "resumed")
+    assert_trees_equal(resumed.state, straight.state)
+    assert_trees_equal(resumed.best, straight.best)
+    steps = sorted(int(p.name) for p in (tmp_path / "resumed" / "checkpoints" / "best").iterdir()
+                   if p.name.isdigit())
+    assert steps == [straight.best_epoch]
+
+
 def test_runs_are_deterministic(digits):
     config = TrainConfig(epochs=2, batch_size=100, seed=3, progress=False)
     task = Task(models.FCN(2, 16), optax.adam(1e-2))
