@@ -69,7 +69,7 @@ import numpy as np
 import jaxlr
 from experiments import data as data_lib
 from experiments import models, plots, presets, stats, truncation
-from experiments.results import Column, Results, markdown_table
+from experiments.results import Column, Results
 from experiments.train import Task, TrainConfig, evaluate, lorita_task, step_decay_sgd, train
 from jaxlr import lorita
 
@@ -78,9 +78,9 @@ __all__ = [
     "PRESETS",
     "Config",
     "energy_fraction",
+    "summaries",
     "main",
     "run",
-    "verdict_table",
 ]
 
 # LRPET's ablation: method -> (energy transfer, BN rectification).
@@ -265,13 +265,11 @@ def lorita_part(config: Config, datasets: Mapping[int, data_lib.Dataset], result
     return {"tuning": tuning, "runs": measured}
 
 
-LORITA_CLAIMS = (
-    # (key, what, claim, how it reads)
-    ("budget", "GSVT budget within the tolerance", "less", "needs fewer singular values"),
-    ("drop", "mean GSVT accuracy drop (Figure 2)", "less", "degrades more slowly"),
-    ("energy", "singular values holding 90% of the energy (Figure 3)", "less",
-     "has faster-decaying spectra"),
-    ("test", "test accuracy before truncation (Table 1)", "equal", "is as accurate"),
+LORITA_CLAIMS = (  # (key of the measured quantity, what it is, the claim about N > 1)
+    ("budget", "GSVT budget within the tolerance", "less"),
+    ("drop", "mean GSVT accuracy drop (Figure 2)", "less"),
+    ("energy", "singular values holding 90% of the energy (Figure 3)", "less"),
+    ("test", "test accuracy before truncation (Table 1)", "equal"),
 )
 
 
@@ -287,13 +285,9 @@ def lorita_verdicts(config: Config, runs: Sequence[Mapping[str, Any]]) -> list[d
             by_seed = {r["seed"]: r[key] for r in runs if r["model"] == model and r["N"] == depth}
             return [by_seed[s] for s in config.seeds]
 
-        for key, what, claim, _ in LORITA_CLAIMS:
-            comparison = stats.compare(values(n, key), values(1, key), claim,
-                                       margin=config.margin if claim == "equal" else 0.0,
-                                       confidence=config.confidence)
-            rows.append(_verdict_row(f"{model}: N = {n} against N = 1", what, comparison,
-                                     statistics_of=(values(n, key), values(1, key)),
-                                     config=config))
+        for key, what, claim in LORITA_CLAIMS:
+            rows.append(_verdict(f"{model}: N = {n} against N = 1", what, values(n, key),
+                                 values(1, key), claim, config))
     return rows
 
 
@@ -371,11 +365,8 @@ def lrpet_verdicts(config: Config, rows: Sequence[Mapping[str, Any]]) -> list[di
             return [by_seed[s] for s in config.seeds]
 
         for better, worse in LRPET_CLAIMS:
-            comparison = stats.compare(values(better), values(worse), "greater",
-                                       confidence=config.confidence)
-            out.append(_verdict_row(f"p = {ratio:g}", f"test accuracy: {better} > {worse}",
-                                    comparison, statistics_of=(values(better), values(worse)),
-                                    config=config))
+            out.append(_verdict(f"p = {ratio:g}", f"test accuracy: {better} > {worse}",
+                                values(better), values(worse), "greater", config))
     return out
 
 
@@ -383,15 +374,15 @@ def lrpet_verdicts(config: Config, rows: Sequence[Mapping[str, Any]]) -> list[di
 # Tables, figures, report.
 
 
-def _verdict_row(where: str, what: str, comparison: stats.Comparison, *,
-                 statistics_of: tuple[Sequence[float], Sequence[float]],
-                 config: Config) -> dict[str, Any]:
-    a = stats.summarize(statistics_of[0], config.confidence)
-    b = stats.summarize(statistics_of[1], config.confidence)
+def _verdict(where: str, what: str, a: Sequence[float], b: Sequence[float], claim: stats.Claim,
+             config: Config) -> dict[str, Any]:
+    """The verdict row of ``claim`` about ``a`` against ``b`` (one number per seed each)."""
+    margin = config.margin if claim == "equal" else 0.0
+    comparison = stats.compare(a, b, claim, margin=margin, confidence=config.confidence)
     d = comparison.difference
-    sign = {"greater": ">", "less": "<", "equal": "="}[comparison.claim]
-    rule = f"within ±{comparison.margin:g}" if comparison.claim == "equal" else f"{sign} 0"
-    return {"where": where, "what": what, "a": a.mean, "b": b.mean, "difference": d.mean,
+    rule = f"within ±{margin:g}" if claim == "equal" else f"{'>' if claim == 'greater' else '<'} 0"
+    return {"where": where, "what": what, "a": float(np.mean(a)), "b": float(np.mean(b)),
+            "difference": d.mean,
             "interval": d.interval(".4f"), "rule": f"interval {rule}",
             "agree": f"{comparison.agree}/{d.n}", "verdict": comparison.verdict}
 
@@ -403,8 +394,10 @@ VERDICT_COLUMNS = [
     Column("agree", "seeds agreeing"), Column("verdict")]
 
 
-def _summaries(rows: Sequence[Mapping[str, Any]], group: Sequence[str], keys: Sequence[str],
-               confidence: float) -> list[dict[str, Any]]:
+def summaries(rows: Sequence[Mapping[str, Any]], group: Sequence[str], keys: Sequence[str],
+              confidence: float) -> list[dict[str, Any]]:
+    """One row per value of the ``group`` keys (in order of appearance): each of ``keys`` over
+    its members as ``"mean ± std [low, high]"``, and ``seeds``, the number of members."""
     out = []
     groups: dict[tuple, list] = {}
     for r in rows:
@@ -507,7 +500,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         f"validation) split, the test accuracy drop averaged over the GSVT budgets, and the "
         f"fraction of singular values holding 90% of each hidden matrix's energy.")
     keys = ("test", "budget", "budget_validation", "lsvt_budget", "drop", "energy")
-    table("lorita_summary", _summaries(runs, ("model", "N"), keys, config.confidence),
+    table("lorita_summary", summaries(runs, ("model", "N"), keys, config.confidence),
           [Column("model"), Column("N"), Column("test", "test acc"),
            Column("budget", "GSVT budget (test)"),
            Column("budget_validation", "GSVT budget (val)"),
@@ -522,7 +515,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         Column("seed"), Column("ratio", "p", "g"), Column("method"), Column("ranks"),
         Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")],
         f"LRPET ablation per seed ({config.model}); compressed models run their factor pairs.")
-    table("lrpet_summary", _summaries(lrpet_rows, ("ratio", "method"), ("test",),
+    table("lrpet_summary", summaries(lrpet_rows, ("ratio", "method"), ("test",),
                                       config.confidence),
           [Column("ratio", "p", "g"), Column("method"), Column("test", "test acc"),
            Column("seeds")],
@@ -557,11 +550,6 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     return {"tables": tables, "lorita": runs, "lorita_tuning": lorita_out["tuning"],
             "lorita_verdicts": lorita_rows, "lrpet": lrpet_rows,
             "lrpet_verdicts": lrpet_rows_verdicts, "seconds": seconds, "where": where}
-
-
-def verdict_table(verdicts: Sequence[Mapping[str, Any]]) -> str:
-    """The verdict rows as one markdown table."""
-    return markdown_table(verdicts, VERDICT_COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

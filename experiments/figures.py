@@ -452,18 +452,10 @@ def evidence_blocks(out: Mapping[str, Any], config: evidence.Config, where: str
                     ) -> tuple[str, str]:
     """The README's ``evidence`` block and docs/reproducing.md's ``evidence-runs`` block from a
     run of :func:`experiments.evidence.run`."""
-    from experiments import stats
 
     verdict_columns = [c for c in evidence.VERDICT_COLUMNS if c.key not in ("rule",)]
-    summary = []
-    for model in dict.fromkeys(r["model"] for r in out["lorita"]):
-        for n in config.depths:
-            members = [r for r in out["lorita"] if r["model"] == model and r["N"] == n]
-            row: dict[str, Any] = {"model": model, "N": n}
-            for key in ("test", "budget", "drop", "energy"):
-                s = stats.summarize([m[key] for m in members], config.confidence)
-                row[key] = f"{s.mean:.4f} ± {s.std:.4f} {s.interval('.4f')}"
-            summary.append(row)
+    summary = evidence.summaries(out["lorita"], ("model", "N"), ("test", "budget", "drop",
+                                                                  "energy"), config.confidence)
     lrpet_table, lrpet_columns = _pivot(out["lrpet"], config.ratios, config.confidence)
     command = "python -m experiments.evidence"
     readme = "\n".join([
