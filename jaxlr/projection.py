@@ -71,6 +71,7 @@ References:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -311,6 +312,56 @@ def _plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
     return _Plan(tuple(found), tuple(found.values()), tuple(chosen.values()), False)
 
 
+_PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
+_PLANS_KEPT = 32
+
+
+def _by_structure(choice: Any) -> bool:
+    """Whether a filter or view decides from the tree's structure and shapes alone: given by name,
+    as kind names or as one :class:`jaxlr.MatrixView` (a function might read the values)."""
+    return choice is None or isinstance(choice, str | matrices.MatrixView) or (
+        isinstance(choice, tuple) and all(isinstance(kind, str) for kind in choice))
+
+
+def _plan_key(params: Any, spec: _Spec, options: ProjectionOptions) -> Any:
+    """What the plan of an eager :func:`project` depends on, or ``None`` where that is not only
+    the tree's structure, shapes and dtypes (a function of the params for ``ranks``, a filter or
+    view function), or is not hashable."""
+    if spec.traced or not (_by_structure(options.filter) and _by_structure(options.view)):
+        return None
+    if spec.ranks is None:
+        rank_key = (spec.name, spec.fraction)
+    elif isinstance(spec.ranks, Mapping):
+        rank_key = tuple(spec.ranks.items())
+    else:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    shapes = tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
+    key = (treedef, shapes, rank_key, options)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _cached_plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
+    """:func:`_plan`, reused for calls on trees of the same structure, shapes and dtypes with the
+    same ranks and options (an eager call's planning costs about as much as decomposing a small
+    network's matrices); recomputed where the plan could depend on the values."""
+    key = _plan_key(params, spec, options)
+    if key is None:
+        return _plan(params, spec, options)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(params, spec, options)
+        while len(_PLANS) > _PLANS_KEPT:  # the least recently used go first
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
 def _traced_ranks(plan: _Plan, spec: _Spec, count: jax.Array) -> list[jax.Array] | None:
     if not plan.traced:
         return None
@@ -448,7 +499,10 @@ def project(
     """The projection of :func:`low_rank_projection`, applied once to ``params``.
 
     Use it in a loop of your own, or after the last step so that the final weights are exactly of
-    rank ``<= r``.
+    rank ``<= r``. Repeated calls on trees of the same structure, shapes and dtypes, with the same
+    ranks and options, reuse the selection of the matrices and their ranks (and the compiled
+    decompositions); the selection is made again on every call where a ``ranks``, ``filter`` or
+    ``view`` function could read the values.
 
     Args:
       params: the parameter tree (a Linen variable dict, whose ``batch_stats`` are then used, or
@@ -489,7 +543,7 @@ def project(
         tree = project(_nnx.parameters(params), ranks, prune=prune, keep=keep,
                        batch_stats=batch_stats, options=options)
         return inference.nnx_model(params, tree)
-    plan = _plan(params, spec, options)
+    plan = _cached_plan(params, spec, options)
     out, flags = _project(params, _stats_from(params, batch_stats), plan, None, options)
     if not svd.is_traced(out):
         svd.raise_if_nonfinite(plan.keys, flags)

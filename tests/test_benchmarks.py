@@ -1,6 +1,7 @@
 """Smoke test of the benchmark module on a tiny network (its figures live in BENCHMARKS.md)."""
 
 import numpy as np
+import pytest
 
 from experiments.benchmarks import svd_projection
 
@@ -34,12 +35,29 @@ def test_lowrank_inference_bench_hits_its_flop_target_and_its_prediction(monkeyp
     from experiments.models import CifarResNet
 
     monkeypatch.setitem(lowrank_inference.MODELS, "tiny", (lambda: CifarResNet(depth=8), 0.5))
-    row = lowrank_inference.bench("tiny", batch=2, repeats=1, align=8)
+    row, table = lowrank_inference.bench("tiny", batch=2, repeats=1, align=8)
+    assert table is None  # the uniform choice measures nothing
     assert row["mac_reduction"] >= 0.5  # the largest ratio that still reaches the target
     assert row["factored_layers"] == row["ranked_layers"] == 7
     assert row["max_rel_output_error"] < 1e-4
     assert row["params_after"] < row["params_before"]
     assert row["goal"] == round(0.7 / (1 - row["mac_reduction"]), 3)
+
+
+def test_lowrank_inference_fastest_at_target_stays_in_its_band_over_micro_batches(monkeypatch):
+    from experiments.benchmarks import lowrank_inference
+    from experiments.models import CifarResNet
+
+    monkeypatch.setitem(lowrank_inference.MODELS, "tiny", (lambda: CifarResNet(depth=8), 0.5))
+    row, table = lowrank_inference.bench("tiny", batch=4, repeats=1, choice="fastest-at-target",
+                                         band=0.05, chunk=2, latency_repeats=1)
+    assert 0.5 - 1e-3 <= row["mac_reduction"] <= 0.55 + 1e-3
+    assert row["max_rel_output_error"] < 1e-4  # the micro-batched passes agree
+    assert sum(entry["layers"] for entry in row["table"].values()) == len(table.layers) == 7
+    again, same = lowrank_inference.bench("tiny", batch=4, repeats=1, choice="fastest", table=table)
+    assert same is table and again["measure_latency_s"] is None  # the table is shared
+    with pytest.raises(ValueError, match="chunk must divide the batch"):
+        lowrank_inference.bench("tiny", batch=4, repeats=1, chunk=3)
 
 
 def test_predicted_macs_equal_the_count_of_the_factored_model():

@@ -242,18 +242,24 @@ def test_fastest_ranks_against_brute_force():
         "a/kernel": LayerLatency((64, 64), 1.0, {4: 0.3, 16: 0.2}),
         "b/kernel": LayerLatency((64, 64), 2.0, {4: 1.5, 16: 1.0}),
     }, "test")
-    leaves = jaxlr.matrix_leaves({"a": {"kernel": jnp.ones((64, 64))},
-                                  "b": {"kernel": jnp.ones((64, 64))}})
     cost = jaxlr.ForwardCost({"a/kernel": jaxlr.LayerCost(4096, 4096, 4096),
                               "b/kernel": jaxlr.LayerCost(4096, 8192, 8192)}, 0, 0, 8192, None)
-    for target, optimum in ((0.1, 1.2), (0.6, 1.3), (0.8, 1.8)):  # hand-worked optima
-        ranks = fastest_ranks(table, cost, leaves, target)
-        best = None
-        for ra, rb in itertools.product((64, 4, 16), (64, 4, 16)):
-            macs = sum(cost.layers[k].macs * (r * 128 / 4096 if r < 64 else 1)
-                       for k, r in (("a/kernel", ra), ("b/kernel", rb)))
-            if 1 - macs / cost.macs >= target:
-                seconds = table.seconds({"a/kernel": ra, "b/kernel": rb})
-                best = min(best or (np.inf,), (seconds, ra, rb))
+    options = (64, 4, 16)
+
+    def reduction(ra, rb):
+        macs = sum(cost.layers[k].macs * (r * 128 / 4096 if r < 64 else 1)
+                   for k, r in (("a/kernel", ra), ("b/kernel", rb)))
+        return 1 - macs / cost.macs
+
+    # hand-worked optima, without and with an upper limit on the reduction
+    for target, band, optimum in ((0.1, None, 1.2), (0.6, None, 1.3), (0.8, None, 1.8),
+                                  (0.1, 0.2, 2.2), (0.3, 0.1, 2.0), (0.6, 0.3, 1.3)):
+        ranks = fastest_ranks(table, cost, target, band)
+        best = min((table.seconds({"a/kernel": ra, "b/kernel": rb}), ra, rb)
+                   for ra, rb in itertools.product(options, options)
+                   if target <= reduction(ra, rb) <= target + (band or 1))
         assert best[0] == pytest.approx(optimum)
         assert table.seconds(ranks) == pytest.approx(optimum)
+        assert target <= reduction(ranks["a/kernel"], ranks["b/kernel"]) <= target + (band or 1)
+    with pytest.raises(ValueError, match="no combination"):
+        fastest_ranks(table, cost, 0.99)

@@ -567,3 +567,46 @@ def test_weights_a_step_projected_are_final_and_a_plain_projection_keeps_them():
     for name in ("conv1", "conv2", "shortcut_conv"):
         np.testing.assert_allclose(np.asarray(again[name]["kernel"]),
                                    np.asarray(final[name]["kernel"]), rtol=1e-4, atol=1e-6)
+
+
+def test_repeated_eager_projections_of_one_structure_follow_the_values_and_shapes():
+    """An eager ``project`` reuses its plan for trees of the same structure, shapes and dtypes;
+    every result must still be the projection of the values passed, and a change of shape, rank
+    or a filter that reads the values must not reuse a stale plan."""
+    rng = np.random.default_rng(3)
+
+    def tree(rows):
+        return {"a": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, rows)), jnp.float32)},
+                "b": {"kernel": jnp.asarray(rng.standard_normal((rows, 6)), jnp.float32)}}
+
+    for rows, ranks in ((5, {"a/kernel": 2, "b/kernel": 3}), (5, {"a/kernel": 4, "b/kernel": 1}),
+                        (7, {"a/kernel": 2, "b/kernel": 3}), (5, {"a/kernel": 2, "b/kernel": 3})):
+        for _ in range(2):
+            params = tree(rows)
+            out = project(params, ranks, options=ProjectionOptions(filter=None))
+            for name, view in (("a", (18, rows)), ("b", (rows, 6))):
+                matrix = np.asarray(params[name]["kernel"]).reshape(view)
+                want = np_project(matrix, ranks[f"{name}/kernel"], energy_transfer=True)
+                got = np.asarray(out[name]["kernel"]).reshape(view)
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # prune= over one structure: LSVT ranks floor(n - 0.5 n) of each call's shapes and values
+    for rows, rank in ((5, 2), (5, 2), (7, 3), (5, 2)):
+        params = tree(rows)
+        out = project(params, prune=0.5)  # the default filter: the convolution only
+        matrix = np.asarray(params["a"]["kernel"]).reshape(18, rows)
+        np.testing.assert_allclose(np.asarray(out["a"]["kernel"]).reshape(18, rows),
+                                   np_project(matrix, rank, True), rtol=1e-4, atol=1e-4)
+        assert out["b"]["kernel"] is params["b"]["kernel"]
+
+    def positive_mean(path, leaf):  # a filter that reads the values: planned on every call
+        return leaf.ndim >= 2 and float(jnp.mean(leaf)) > 0
+
+    for sign in (1.0, -1.0, 1.0):
+        magnitudes = jnp.abs(jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32))
+        params = {"v": {"kernel": magnitudes[0]}, "w": {"kernel": sign * magnitudes[1]}}
+        out = project(params, prune=0.5, options=ProjectionOptions(filter=positive_mean))
+        assert numerical_rank(out["v"]["kernel"]) == 3
+        if sign > 0:
+            assert numerical_rank(out["w"]["kernel"]) == 3
+        else:
+            assert out["w"]["kernel"] is params["w"]["kernel"]

@@ -18,8 +18,9 @@ SVD). Errors are relative Frobenius errors against a float64 numpy reference, th
 tree's matrices.
 
 The arithmetic floor is measured here too: the Gram products and rank-``r`` rebuilds at this
-machine's float32 GEMM rate (a jitted 2048-cubed product) plus, per matrix, the fastest ``eigh``
-of its size alone (one LAPACK thread or the default). jaxlr's eager call runs its decompositions
+machine's float32 GEMM rate (a jitted 2048-cubed product) plus, per matrix, the time of an
+``eigh`` of its size without the cost of a call (:func:`eigh_seconds`: batched below 256, one
+LAPACK thread or the default). jaxlr's eager call runs its decompositions
 with one LAPACK thread each (:mod:`jaxlr.threads`); the same call with LAPACK's own thread count
 is timed as well.
 
@@ -132,17 +133,22 @@ def gemm_rate(repeats: int, size: int = 2048) -> float:
 
 
 def eigh_seconds(size: int, repeats: int) -> float:
-    """The fastest time of one ``eigh`` of a ``size`` x ``size`` Gram matrix, alone, with one
-    LAPACK thread or with the library's default (the better of the two medians)."""
+    """The time of one ``eigh`` of a ``size`` x ``size`` Gram matrix with as little as can be
+    measured around it: the least of the medians of one call on one matrix and, below size 256,
+    of one call on ``copies = 256 // size`` of them divided by ``copies`` (jaxlib's CPU ``eigh``
+    runs LAPACK once per matrix of a batch, so this takes the cost of a call away where it
+    counts), each with one LAPACK thread and with the library's default."""
     w = np.random.default_rng(size).standard_normal((9 * size, size))
-    gram = jnp.asarray(w.T @ w, jnp.float32)
     eigh = jax.jit(jnp.linalg.eigh)
-    jax.block_until_ready(eigh(gram))
     times = []
-    for threads in (1, None):
-        with jaxlr.lapack_threads(threads):
-            jax.block_until_ready(eigh(gram))
-            times.append(_median_seconds(lambda: jax.block_until_ready(eigh(gram)), repeats))
+    for copies in sorted({1, max(1, 256 // size)}):
+        gram = jnp.asarray(np.broadcast_to(w.T @ w, (copies, size, size)), jnp.float32)
+        jax.block_until_ready(eigh(gram))
+        for threads in (1, None):
+            with jaxlr.lapack_threads(threads):
+                jax.block_until_ready(eigh(gram))
+                run = lambda gram=gram: jax.block_until_ready(eigh(gram))  # noqa: E731
+                times.append(_median_seconds(run, repeats) / copies)
     return min(times)
 
 
@@ -150,7 +156,7 @@ def floor_seconds(shapes: list[tuple[int, int]], ranks: list[int], rate: float,
                   eigh_s: dict[int, float]) -> float:
     """The arithmetic floor of a whole-tree projection on the Gram path: per matrix, the Gram
     product (``2 m n^2`` flops for ``m >= n``), ``W V_r`` and the rank-``r`` rebuild (``4 m n r``)
-    at ``rate``, plus the fastest ``eigh`` of its ``n`` (``eigh_s``)."""
+    at ``rate``, plus one ``eigh`` of its ``n`` (``eigh_s``, :func:`eigh_seconds`)."""
     total = 0.0
     for (rows, cols), rank in zip(shapes, ranks, strict=True):
         m, n = max(rows, cols), min(rows, cols)
