@@ -74,6 +74,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -314,6 +315,7 @@ def _plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
 
 _PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
 _PLANS_KEPT = 32
+_PLANS_LOCK = threading.Lock()
 
 
 def _by_structure(choice: Any) -> bool:
@@ -352,13 +354,16 @@ def _cached_plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
     key = _plan_key(params, spec, options)
     if key is None:
         return _plan(params, spec, options)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _plan(params, spec, options)
+    with _PLANS_LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+            return plan
+    plan = _plan(params, spec, options)  # raises for bad input: nothing is kept then
+    with _PLANS_LOCK:
+        _PLANS[key] = plan
         while len(_PLANS) > _PLANS_KEPT:  # the least recently used go first
             _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
     return plan
 
 

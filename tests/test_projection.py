@@ -598,6 +598,10 @@ def test_repeated_eager_projections_of_one_structure_follow_the_values_and_shape
                                    np_project(matrix, rank, True), rtol=1e-4, atol=1e-4)
         assert out["b"]["kernel"] is params["b"]["kernel"]
 
+    for _ in range(2):  # bad ranks raise on every call, none is kept
+        with pytest.raises(ValueError, match="rank"):
+            project(tree(5), {"a/kernel": 6, "b/kernel": 3}, options=ProjectionOptions(filter=None))
+
     def positive_mean(path, leaf):  # a filter that reads the values: planned on every call
         return leaf.ndim >= 2 and float(jnp.mean(leaf)) > 0
 
