@@ -53,7 +53,7 @@ def test_lowrank_inference_fastest_at_target_stays_in_its_band_over_micro_batche
                                          band=0.05, chunk=2, latency_repeats=1)
     assert 0.5 - 1e-3 <= row["mac_reduction"] <= 0.55 + 1e-3
     assert row["max_rel_output_error"] < 1e-4  # the micro-batched passes agree
-    assert sum(entry["layers"] for entry in row["table"].values()) == len(table.layers) == 7
+    assert sum(entry["layers"] for entry in row["table"]) == len(table.layers) == 7
     again, same = lowrank_inference.bench("tiny", batch=4, repeats=1, choice="fastest", table=table)
     assert same is table and again["measure_latency_s"] is None  # the table is shared
     with pytest.raises(ValueError, match="chunk must divide the batch"):

@@ -22,11 +22,11 @@ Layers where factoring does not save stay dense. The weights are He-normal, trun
 warmed up, then timed alternately in this process; the speed-up is the ratio of medians, compared
 with the goal ``0.7 x`` the FLOP-reduction factor ``1 / (1 - reduction)``.
 
-The choices of one model share one measured table (``jaxlr.measure_latency``), printed per matrix
-shape. Each row also gives the table's prediction of the whole pass: the dense pass's measured
-time with the table's layer times replaced by those of the chosen ranks, the rest of the pass
-(normalisation, activations, residual adds) unchanged. ``--chunk`` runs both passes over
-micro-batches (``jax.lax.map``) and measures the table on one.
+The choices of one model share one measured table (``jaxlr.measure_latency``), printed per layer
+product (matrix shape and input). Each row also gives the table's prediction of the whole pass:
+the dense pass's measured time with the table's layer times replaced by those of the chosen
+ranks, the rest of the pass (normalisation, activations, residual adds) unchanged. ``--chunk``
+runs both passes over micro-batches (``jax.lax.map``) and measures the table on one.
 
 Run::
 
@@ -256,18 +256,21 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
     return row, table
 
 
-def by_shape(table: jaxlr.LatencyTable) -> dict[str, Any]:
-    """The measured table per matrix shape (layers of one shape share their times): the number of
-    layers, the dense time and the time per timed rank, in milliseconds."""
-    shapes = {}
+def by_shape(table: jaxlr.LatencyTable) -> list[dict[str, Any]]:
+    """The measured table, one entry per distinct measurement (layers with the same product, the
+    same matrix shape on the same input, are timed once): the matrix shape, the number of layers,
+    the dense time and the time per timed rank, in milliseconds, in tree order."""
+    entries: dict[Any, dict[str, Any]] = {}
     for layer in table.layers.values():
-        key = "{} x {}".format(*layer.matrix_shape)
-        if key in shapes:
-            shapes[key]["layers"] += 1
+        key = (layer.matrix_shape, layer.dense, tuple(sorted(layer.factored.items())))
+        if key in entries:
+            entries[key]["layers"] += 1
         else:
-            shapes[key] = {"layers": 1, "dense_ms": round(layer.dense * 1e3, 3), "factored_ms": {
-                r: round(seconds * 1e3, 3) for r, seconds in sorted(layer.factored.items())}}
-    return shapes
+            entries[key] = {
+                "shape": "{} x {}".format(*layer.matrix_shape), "layers": 1,
+                "dense_ms": round(layer.dense * 1e3, 3),
+                "factored_ms": {r: round(t * 1e3, 3) for r, t in sorted(layer.factored.items())}}
+    return list(entries.values())
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -316,11 +319,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for row in rows:  # the measured table, once per model
         if "table" in row and row is next(r for r in rows if r["model"] == row["model"]
                                           and "table" in r):
-            print(f"\n{row['model']}: measured layer times (ms), per matrix shape")
+            print(f"\n{row['model']}: measured layer times (ms), per layer product")
             print("| m x n | layers | dense | factored, per rank |\n|---|---|---|---|")
-            for shape, entry in row["table"].items():
+            for entry in row["table"]:
                 ranks = ", ".join(f"{r}: {ms:.2f}" for r, ms in entry["factored_ms"].items())
-                print(f"| {shape} | {entry['layers']} | {entry['dense_ms']:.2f} | {ranks} |")
+                print(f"| {entry['shape']} | {entry['layers']} | {entry['dense_ms']:.2f} | "
+                      f"{ranks} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": str(device), "rows": rows}, handle, indent=1)
