@@ -230,10 +230,44 @@ def _prefix_costs(shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     return left, right
 
 
+def _check_chain(rows: Any, shapes: Any) -> list[tuple[int, int]]:
+    """``shapes`` as a list of ``(k_{i-1}, k_i)`` pairs, checked: a chain of at least one matrix
+    whose sizes are positive integers, and ``rows`` an integer >= 0."""
+    if isinstance(rows, bool) or not isinstance(rows, int | np.integer) or rows < 0:
+        raise ValueError(f"rows must be an integer >= 0 (the input rows the kernel meets), got "
+                         f"{rows!r}.")
+    chain = [tuple(shape) for shape in shapes]
+    if not chain or any(len(shape) != 2 or any(
+            isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1 for k in shape)
+            for shape in chain):
+        raise ValueError(f"shapes must be one or more (rows, columns) pairs of positive "
+                         f"integers, got {shapes!r}.")
+    for (_, inner), (following, _) in zip(chain, chain[1:], strict=False):
+        if inner != following:
+            raise ValueError(f"shapes must chain (each matrix's columns the next one's rows), got "
+                             f"{shapes!r}.")
+    return chain
+
+
 def product_cost(rows: int, shapes: Sequence[tuple[int, int]], j: int) -> int:
     """Multiply-accumulates of a layer whose kernel is the product of matrices of ``shapes``,
     run with its ``j`` leading factors multiplied into the kernel (the cheaper way round) and the
-    rest applied to the activations, for ``rows`` input rows."""
+    rest applied to the activations, for ``rows`` input rows.
+
+    Raises:
+      ValueError: for ``rows`` below 0, shapes that do not chain, or ``j`` outside
+        ``[1, len(shapes)]``.
+
+    Example:
+      >>> product_cost(10, [(4, 3), (3, 2)], 2)  # 4 x 3 x 2 for the product, 10 x 4 x 2 to run
+      104
+      >>> product_cost(10, [(4, 3), (3, 2)], 1)  # 10 x 4 x 3, then 10 x 3 x 2
+      180
+    """
+    shapes = _check_chain(rows, shapes)
+    if isinstance(j, bool) or not isinstance(j, int | np.integer) or not 1 <= j <= len(shapes):
+        raise ValueError(f"j must be an integer in [1, {len(shapes)}] (the leading factors "
+                         f"multiplied into the kernel), got {j!r}.")
     return (min(_prefix_costs(shapes[:j])) + rows * shapes[0][0] * shapes[j - 1][1]
             + sum(rows * a * b for a, b in shapes[j:]))
 
@@ -247,12 +281,16 @@ def product_order(rows: int, shapes: Sequence[tuple[int, int]]) -> int:
     ``rows`` is the number of input rows the kernel meets (the batch, times the output positions
     of a convolution). Ties go to the larger ``j`` (fewer, larger products).
 
+    Raises:
+      ValueError: for ``rows`` below 0 or shapes that do not chain.
+
     Example:
       >>> product_order(128, [(1000, 1000)] * 3)  # a small batch: apply every factor
       1
       >>> product_order(100_000, [(1000, 1000)] * 3)  # a large one: multiply them out
       3
     """
+    shapes = _check_chain(rows, shapes)
     return min(range(len(shapes), 0, -1), key=lambda j: product_cost(rows, shapes, j))
 
 

@@ -327,7 +327,7 @@ def measure_latency(
       dense only, so :meth:`LatencyTable.snap` keeps them dense.
 
     Raises:
-      ValueError: for ``repeats`` or ``margin`` out of range, or a rank below 1.
+      ValueError: for ``repeats`` or ``margin`` out of range, a rank below 1, or no rank.
       NotImplementedError: for a ``while`` loop in ``fn``.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -336,9 +336,9 @@ def measure_latency(
         raise ValueError(f"margin must be a number in [0, 1), got {margin!r}.")
     if ranks is not None and not callable(ranks):
         fixed = tuple(ranks)
-        if any(isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1
-               for r in fixed):
-            raise ValueError(f"ranks must be positive integers, got {fixed!r}.")
+        if not fixed or any(isinstance(r, bool) or not isinstance(r, int | np.integer) or r < 1
+                            for r in fixed):
+            raise ValueError(f"ranks must be positive integers, at least one, got {fixed!r}.")
         ranks = lambda m, n, fixed=fixed: fixed  # noqa: E731
     choose = ranks or candidate_ranks
     params = nodes.collapse(params)

@@ -148,6 +148,7 @@ def test_measure_latency_times_every_matrix_at_the_ranks_that_save():
     ({"repeats": 0}, "repeats must be an integer >= 1"),
     ({"margin": 1.0}, r"margin must be a number in \[0, 1\)"),
     ({"ranks": [0, 2]}, "ranks must be positive integers"),
+    ({"ranks": []}, "ranks must be positive integers, at least one"),
     ({"ranks": lambda m, n: [-1]}, "ranks must be positive integers"),
 ])
 def test_measure_latency_rejects_bad_arguments(bad, match):

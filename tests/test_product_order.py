@@ -31,6 +31,25 @@ def test_order_by_hand_worked_costs():
     assert product_order(5, [(7, 3)]) == 1  # one factor: nothing to choose
 
 
+@pytest.mark.parametrize("rows, shapes, j, match", [
+    (-1, [(4, 4)], 1, "rows must be an integer >= 0"),
+    (8, [], 1, "shapes must be one or more"),
+    (8, [(4, 0)], 1, "shapes must be one or more"),
+    (8, [(4, 5), (4, 4)], 1, "shapes must chain"),
+    (8, [(4, 4), (4, 4)], 3, r"j must be an integer in \[1, 2\]"),
+    (8, [(4, 4), (4, 4)], 0, r"j must be an integer in \[1, 2\]"),
+])
+def test_costs_and_orders_reject_what_is_not_a_chain(rows, shapes, j, match):
+    with pytest.raises(ValueError, match=match):
+        product_cost(rows, shapes, j)
+    if "j must" not in match:
+        with pytest.raises(ValueError, match=match):
+            product_order(rows, shapes)
+    # an empty batch is allowed: applying factors to no rows costs nothing, the product 4 x 4 x 4
+    assert (product_cost(0, [(4, 4), (4, 4)], 1), product_cost(0, [(4, 4), (4, 4)], 2)) == (0, 64)
+    assert product_order(0, [(4, 4), (4, 4)]) == 1
+
+
 def test_cost_takes_the_cheaper_way_round_for_the_prefix():
     shapes = [(100, 2), (2, 50), (50, 50)]
     # left to right: 100*2*50 + 100*50*50 = 260,000; right to left: 2*50*50 + 100*2*50 = 15,000
