@@ -22,12 +22,32 @@ def test_bench_tree_runs_and_every_method_is_accurate():
     for method in ("auto", "gram", "svd"):
         assert row[f"jaxlr_{method}_max_rel_error"] < 1e-4
     assert row["numpy_max_rel_error"] < 1e-5
+    for key in ("jaxlr_auto_s", "jaxlr_gram_s", "jaxlr_svd_s", "jaxlr_auto_free_threads_s",
+                "numpy_s"):
+        assert row[key] > 0
     if "torch_reference_s" in row:
         assert row["torch_reference_max_rel_error"] < 1e-4
+        assert row["torch_reference_s"] > 0 and row["torch_tuned_s"] > 0
     # The "projected" weights are rank r plus 5% noise, as documented.
     kernel = np.asarray(tree["block"]["conv1"]["kernel"]).reshape(72, 16)
     s = np.linalg.svd(kernel, compute_uv=False)
     assert s[8] < 0.2 * s[7]
+
+
+def test_block_medians_time_each_run_in_its_own_sized_block():
+    calls = []
+    runs = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    # instant runs: one sizing call, then as many calls as allowed, one run after the other
+    medians = svd_projection.block_medians(runs, repeats=3, max_calls=7, pause=0)
+    assert calls == ["a"] * 8 + ["b"] * 8 and set(medians) == {"a", "b"}
+    calls.clear()
+    svd_projection.block_medians(runs, repeats=10, max_calls=7, pause=0)  # repeats come first
+    assert calls == ["a"] * 11 + ["b"] * 11
+    calls.clear()
+    svd_projection.block_medians(runs, repeats=2, min_seconds=0.0, pause=0)  # no time to fill
+    assert calls == ["a"] * 3 + ["b"] * 3
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        svd_projection.block_medians(runs, repeats=0)
 
 
 def test_lowrank_inference_bench_hits_its_flop_target_and_its_prediction(monkeypatch):

@@ -15,7 +15,8 @@ He-normal matrix projected to the rank at hand plus 5% He-normal noise: what LRP
 projection after the first, a clear gap at the cut) or "decayed" (singular values ``s_i = 0.97^i``
 with no gap anywhere: the worst case for the Gram path, where ``auto`` mostly falls back to the
 SVD). Errors are relative Frobenius errors against a float64 numpy reference, the largest over the
-tree's matrices.
+tree's matrices. Times are medians of at least ``--repeats`` calls, and of more for short calls,
+until 0.2 s of them (:func:`block_medians`: each method in a block of its own).
 
 The arithmetic floor is measured here too: the Gram products and rank-``r`` rebuilds at this
 machine's float32 GEMM rate (a jitted 2048-cubed product) plus, per matrix, the time of an
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -107,6 +109,27 @@ def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def block_medians(runs: dict[str, Callable[[], Any]], repeats: int, min_seconds: float = 0.2,
+                  max_calls: int = 200, pause: float = 0.5) -> dict[str, float]:
+    """The median time of each of ``runs``, each timed in a block of its own after one call that
+    sizes it: ``repeats`` calls, or more (up to ``max_calls``) until the block has taken
+    ``min_seconds``, so the few-millisecond calls of a small network are not judged on five
+    samples. Blocks, not alternated calls: libraries with thread pools of their own slow each
+    other down when alternated (torch's OpenMP threads keep spinning after a call; alternated
+    with jaxlr's calls, ResNet-56's torch loop took 3 to 5 times as long), and each block starts
+    after a ``pause`` of that many seconds, for the threads of the previous one to go idle. The
+    runs must be warm (compiled) already."""
+    if repeats < 1 or not runs:
+        raise ValueError(f"need repeats >= 1 and at least one run, got {repeats} and {list(runs)}.")
+    medians = {}
+    for name, run in runs.items():
+        time.sleep(pause)
+        first = _seconds(run)
+        calls = max(repeats, min(max_calls, math.ceil(min_seconds / max(first, 1e-9))))
+        medians[name] = float(np.median([_seconds(run) for _ in range(calls)]))
+    return medians
 
 
 def _reference(matrix: np.ndarray, rank: int) -> np.ndarray:
@@ -194,6 +217,7 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
         float(estimate(jnp.asarray(tall[p]), ranks[p])[1]) <= tolerance for p in kernels
     )
 
+    runs: dict[str, Callable[[], Any]] = {}  # timed at the end, each in a block of its own
     for method in ("auto", "gram", "svd"):
 
         def run(method: str = method) -> Any:
@@ -204,16 +228,18 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
         start = time.perf_counter()
         out = run()
         row[f"jaxlr_{method}_first_call_s"] = time.perf_counter() - start
-        row[f"jaxlr_{method}_s"] = _median_seconds(run, repeats)
+        runs[f"jaxlr_{method}_s"] = run
         flat_out = jax.tree_util.tree_leaves(out)
         results = [
             np.asarray(flat_out[leaf.index]).reshape(tall[p].shape) for p, leaf in leaves.items()
         ]
         row[f"jaxlr_{method}_max_rel_error"] = _max_error(results, references)
 
-    with jaxlr.lapack_threads(None):  # the same call with LAPACK's own thread count
-        row["jaxlr_auto_free_threads_s"] = _median_seconds(
-            lambda: jax.block_until_ready(jaxlr.project(tree, ranks)), repeats)
+    def free_threads() -> Any:  # the same call with LAPACK's own thread count
+        with jaxlr.lapack_threads(None):
+            return jax.block_until_ready(jaxlr.project(tree, ranks))
+
+    runs["jaxlr_auto_free_threads_s"] = free_threads
 
     def numpy_loop() -> list[np.ndarray]:
         out = []
@@ -224,13 +250,14 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
             out.append((u[:, :rank] * kept) @ vt[:rank])
         return out
 
-    row["numpy_s"] = _median_seconds(numpy_loop, repeats)
+    runs["numpy_s"] = numpy_loop
     row["numpy_max_rel_error"] = _max_error(numpy_loop(), references)
 
     try:
         import torch
     except ImportError:
         row["torch"] = "not installed (pip install -e '.[compare]')"
+        row.update(block_medians(runs, repeats))
         return row
 
     torch_wide = {  # torch's (cout, cin, kh, kw) layout, viewed as cout x (cin*kh*kw)
@@ -258,8 +285,7 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
             out.append((u[:, :rank] * kept) @ vh[:rank])
         return out
 
-    row["torch_reference_s"] = _median_seconds(torch_reference, repeats)
-    row["torch_tuned_s"] = _median_seconds(torch_tuned, repeats)
+    runs["torch_reference_s"], runs["torch_tuned_s"] = torch_reference, torch_tuned
     wide_results = [  # back from (cout, cin, kh, kw) to the tall (kh*kw*cin, cout) matrix
         r.numpy()
         .reshape(k.shape[3], k.shape[2], k.shape[0], k.shape[1])
@@ -271,6 +297,7 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
     row["torch_tuned_max_rel_error"] = _max_error([r.numpy() for r in torch_tuned()], references)
     row["torch_threads"] = torch.get_num_threads()
     row["torch_version"] = torch.__version__
+    row.update(block_medians(runs, repeats))
     return row
 
 
