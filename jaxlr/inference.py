@@ -268,6 +268,11 @@ def product_cost(rows: int, shapes: Sequence[tuple[int, int]], j: int) -> int:
     if isinstance(j, bool) or not isinstance(j, int | np.integer) or not 1 <= j <= len(shapes):
         raise ValueError(f"j must be an integer in [1, {len(shapes)}] (the leading factors "
                          f"multiplied into the kernel), got {j!r}.")
+    return _cost(rows, shapes, j)
+
+
+def _cost(rows: int, shapes: list[tuple[int, int]], j: int) -> int:
+    """:func:`product_cost` of checked arguments."""
     return (min(_prefix_costs(shapes[:j])) + rows * shapes[0][0] * shapes[j - 1][1]
             + sum(rows * a * b for a, b in shapes[j:]))
 
@@ -291,7 +296,7 @@ def product_order(rows: int, shapes: Sequence[tuple[int, int]]) -> int:
       3
     """
     shapes = _check_chain(rows, shapes)
-    return min(range(len(shapes), 0, -1), key=lambda j: product_cost(rows, shapes, j))
+    return min(range(len(shapes), 0, -1), key=lambda j: _cost(rows, shapes, j))
 
 
 def _chain(factors: Sequence[jax.Array]) -> jax.Array:
