@@ -62,6 +62,7 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "lorita_task",
+    "make_step",
     "placement",
     "step_decay_sgd",
     "train",
@@ -332,9 +333,32 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def _make_step(task: Task, dropout_key: jax.Array, state: TrainState | None = None,
-               where: Placement | None = None) -> Callable[..., Any]:
-    """The jitted step; with a mesh, its outputs keep ``state``'s placement."""
+def make_step(task: Task, dropout_key: jax.Array, state: TrainState | None = None,
+              where: Placement | None = None) -> Callable[..., Any]:
+    """The jitted training step :func:`train` runs, for benchmarks and tests.
+
+    ``step(state, images, labels)`` returns ``(state, loss, correct, grad_norms)``: the
+    :class:`TrainState` after one update (the model in training mode, its new BatchNorm
+    statistics passed to the optimizer as ``batch_stats``), the batch's mean loss, its number of
+    correct predictions, and the norms of the gradients ``task.grad_norms`` names.
+
+    Args:
+      task: the model, optimizer and reparameterisation.
+      dropout_key: dropout's key, folded with the step number.
+      state: with ``where``'s mesh: the state whose placement the outputs keep.
+      where: the :class:`Placement` of the run (default: the default device).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from experiments import models
+      >>> task = Task(models.FCN(depth=1, width=8), optax.sgd(0.1))
+      >>> x, y = jnp.ones((4, 8, 8, 1)), jnp.zeros(4, jnp.int32)
+      >>> params = task.model.init(jax.random.key(0), x, train=False)["params"]
+      >>> state = TrainState(jnp.zeros([], jnp.int32), params, {}, task.optimizer.init(params))
+      >>> state, loss, correct, _ = make_step(task, jax.random.key(1))(state, x, y)
+      >>> int(state.step), loss.shape
+      (1, ())
+    """
     optimizer = optax.with_extra_args_support(task.optimizer)
     if where is None or where.mesh is None or state is None:
         jit = jax.jit
@@ -602,7 +626,7 @@ def train(
         history = _read_history(metrics_file, start_epoch)
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    step = _make_step(task, dropout_key, state, where)
+    step = make_step(task, dropout_key, state, where)
     bar = _progress_bar(config, steps_per_epoch, start_epoch, label)
     # On the CPU, LRPET's decompositions inside the jitted step run with one LAPACK thread each
     # (XLA runs them side by side; jaxlr.threads), for the length of the loop only.

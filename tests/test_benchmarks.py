@@ -148,3 +148,105 @@ def test_lorita_step_rows_met_are_batch_times_output_positions():
     params = model.init(jax.random.key(0), x)["params"]
     rows = lorita_step.rows_met(lambda p, v: model.apply({"params": p}, v), params, x)
     assert rows == {"same/kernel": 50, "strided/kernel": 18, "head/kernel": 2}
+
+
+def test_lrpet_overhead_formula_by_hand():
+    from experiments.benchmarks import lrpet_overhead
+
+    # An epoch of 10 SGD steps of 2 s. LRPET's updates: 8 of 3 ms against SGD's 1 ms, one
+    # projecting of 50 ms, one checking of 5 ms: 8 x 2 + 49 + 4 = 69 ms more than 20 s.
+    assert lrpet_overhead.epoch_overhead(2.0, 0.001, 0.003, 0.05, 0.005, 10) == pytest.approx(
+        0.069 / 20)
+    # The projection alone: the LRPET step that does not project as the baseline, 47 + 2 ms.
+    assert lrpet_overhead.epoch_overhead(2.0, 0.003, 0.003, 0.05, 0.005, 10) == pytest.approx(
+        0.049 / 20)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        lrpet_overhead.epoch_overhead(1.0, 1.0, 1.0, 1.0, 1.0, 1)
+    with pytest.raises(ValueError, match="sgd_step_s must be > 0"):
+        lrpet_overhead.epoch_overhead(0.0, 1.0, 1.0, 1.0, 1.0, 5)
+
+
+def test_lrpet_overhead_times_the_states_an_epoch_goes_through():
+    """The state ``at_count`` makes for the projecting step projects every conv kernel to its
+    rank (checked with numpy), the one of an ordinary step does not, and the step after a
+    projection is counted as checking it."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxlr
+    from experiments import models
+    from experiments.benchmarks import lrpet_overhead
+    from experiments.train import TrainState, make_step
+
+    model = models.create("vgg:config=8/M/16")
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    y = jnp.arange(4) % 10
+    variables = model.init(jax.random.key(1), x, train=False)
+    params, stats = variables["params"], variables["batch_stats"]
+    ranks = jaxlr.lsvt_ranks(params, prune=0.6, filter="conv")
+    pairs = jaxlr.find_bn_pairs(model, variables, x, train=True)
+    tasks = lrpet_overhead._tasks(model, ranks, pairs, every=5)
+    task = tasks["lrpet"]
+    state = TrainState(jnp.zeros([], jnp.int32), params, stats, task.optimizer.init(params))
+    step = make_step(task, jax.random.key(2))
+
+    def conv_ranks(tree):  # each kernel (kh, kw, cin, cout) as a (kh kw cin) x cout matrix
+        kernels = {jaxlr.matrices.path_key(path): np.asarray(leaf) for path, leaf in
+                   jax.tree_util.tree_flatten_with_path(tree)[0]}
+        return {key: int(np.linalg.matrix_rank(kernels[key].reshape(-1, kernels[key].shape[-1]),
+                                               tol=1e-4)) for key in ranks}
+
+    off, *_ = step(state, x, y)
+    projected, *_ = step(state._replace(opt_state=lrpet_overhead.at_count(state.opt_state, 4,
+                                                                          False)), x, y)
+    full = conv_ranks(params)
+    assert conv_ranks(off.params) == full
+    assert conv_ranks(projected.params) == dict(ranks) != full
+    moved = lrpet_overhead.at_count(state.opt_state, 5, True)
+    flags = [(int(n.count), bool(n.pending)) for n in jax.tree.leaves(
+        moved, is_leaf=lrpet_overhead._is_state) if lrpet_overhead._is_state(n)]
+    assert flags == [(5, True)]
+    with pytest.raises(ValueError, match="no LowRankProjectionState"):
+        lrpet_overhead.at_count(tasks["sgd"].optimizer.init(params), 1, False)
+
+
+def test_lrpet_overhead_bench_runs_a_tiny_model(monkeypatch):
+    from experiments import models
+    from experiments.benchmarks import lrpet_overhead
+
+    row = lrpet_overhead.bench("tiny", batch=4, repeats=1, steps_per_epoch=3, direct=True,
+                               model=models.create("vgg:config=8/M/16"), image_shape=(8, 8, 3))
+    assert row["steps_per_epoch"] == 3 and row["projected"] == 2
+    assert set(row["step_s"]) == set(row["update_s"]) == {"sgd", "off", "project", "check",
+                                                          "every_step"}
+    s, u = row["step_s"], row["update_s"]
+    assert row["projection_overhead"] == pytest.approx(
+        (u["project"] + u["check"] - 2 * u["off"]) / (3 * s["sgd"]))
+    assert row["overhead"] == pytest.approx(
+        (u["off"] + u["project"] + u["check"] - 3 * u["sgd"]) / (3 * s["sgd"]))
+    assert row["every_step_overhead"] == pytest.approx((u["every_step"] - u["sgd"]) / s["sgd"])
+    assert row["epoch_ratio"] == pytest.approx(row["epoch_s"]["lrpet"] / row["epoch_s"]["sgd"])
+
+
+def test_alternating_medians_call_every_run_once_per_round_in_shuffled_orders(monkeypatch):
+    from experiments.benchmarks import lrpet_overhead
+
+    clock = [0.0]
+    calls = []
+    seconds = {"a": [1.0, 5.0, 2.0, 3.0, 4.0], "b": [0.5, 0.1, 0.3, 0.2, 0.4],
+               "c": [7.0, 9.0, 8.0, 6.0, 10.0]}
+
+    def run(name):
+        def call():
+            calls.append(name)
+            clock[0] += seconds[name].pop(0)
+        return call
+
+    monkeypatch.setattr(lrpet_overhead.time, "perf_counter", lambda: clock[0])
+    medians = lrpet_overhead.alternating_medians({n: run(n) for n in "abc"}, repeats=5)
+    rounds = [calls[i:i + 3] for i in range(0, 15, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
+    assert medians == pytest.approx({"a": 3.0, "b": 0.3, "c": 8.0})
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        lrpet_overhead.alternating_medians({"a": lambda: None}, repeats=0)

@@ -9,7 +9,7 @@ import pytest
 
 import jaxlr
 from experiments import models
-from experiments.train import Task, TrainState, _make_step
+from experiments.train import Task, TrainState, make_step
 
 CIFAR = jnp.zeros((1, 32, 32, 3))
 
@@ -131,7 +131,7 @@ def test_one_training_step_of_each_model(name):
                                 rngs={"dropout": jax.random.key(0)})
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    new, step_loss, correct, _ = _make_step(task, jax.random.key(2))(state, images, labels)
+    new, step_loss, correct, _ = make_step(task, jax.random.key(2))(state, images, labels)
     assert int(new.step) == 1 and 0 <= int(correct) <= 4
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new))
     if name.startswith("ViT"):  # with dropout the loss is of a random sub-network

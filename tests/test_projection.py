@@ -140,6 +140,49 @@ def test_other_steps_are_bit_identical_to_the_inner_optimizer_and_compile_once()
     assert traces == 1
 
 
+def test_steps_that_do_not_project_put_no_conditional_around_the_update_tree():
+    """The compiled update runs the projection in a loop that keeps its carry in place; no
+    ``conditional`` (whose branches write the whole update tree to buffers of their own on every
+    step) returns a kernel. Read from the compiled HLO of the step, with BN rectification."""
+    import re
+
+    variables = block_variables()
+    params, stats = variables["params"], variables["batch_stats"]
+    pairs = {"conv1/kernel": "bn1", "conv2/kernel": "bn2", "shortcut_conv/kernel": "shortcut_bn"}
+    tx = optax.with_extra_args_support(optax.chain(
+        optax.sgd(0.1, momentum=0.9),
+        low_rank_projection(prune=0.5, every=4, options=ProjectionOptions(bn_pairs=pairs))))
+    state = tx.init(params)
+    hlo = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch_stats=b)).lower(
+        params, state, params, stats).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    kernel = re.compile(r"f32\[3,3,(3|8),8\]")
+    results = [line.split("=", 1)[1].split(" conditional(")[0] for line in entry.splitlines()
+               if " conditional(" in line]
+    assert not [r for r in results if kernel.search(r)], results
+    assert re.search(r" while\(", entry)  # the projection, in the entry computation
+
+
+def test_a_batched_counter_projects_only_the_members_that_are_due():
+    params = block_variables()["params"]
+    tx = optax.chain(optax.sgd(0.1), low_rank_projection(prune=0.5, every=3))
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    # Two copies of the run: one at its first update (not due), one at its third (due).
+    counts = jnp.asarray([0, 2], jnp.int32)
+    bgrads, bstate, bparams = jax.tree.map(lambda x: jnp.stack([x, x]), (grads, state, params))
+    bstate = (bstate[0], bstate[1]._replace(count=counts))
+    out, _ = jax.vmap(tx.update)(bgrads, bstate, bparams)
+    for member, count in enumerate([0, 2]):
+        one = state[1]._replace(count=jnp.asarray(count, jnp.int32))
+        expected, _ = jax.jit(tx.update)(grads, (state[0], one), params)
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(np.asarray(got[member]), np.asarray(want), atol=1e-6)
+    kernel = np.asarray(params["conv1"]["kernel"] + out["conv1"]["kernel"][1]).reshape(-1, 8)
+    assert numerical_rank(kernel) == 4  # the member that was due, projected
+    np.testing.assert_array_equal(np.asarray(out["conv1"]["kernel"][0]), np.float32(-0.1))  # not
+
+
 def test_start_and_end_bound_the_projection_steps():
     params = {"conv": {"kernel": jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 2, 4)),
                                              jnp.float32)}}

@@ -15,9 +15,9 @@ from experiments.train import (
     Task,
     TrainConfig,
     TrainState,
-    _make_step,
     evaluate,
     lorita_task,
+    make_step,
     train,
 )
 from jaxlr import lorita
@@ -135,7 +135,7 @@ def test_lorita_step_updates_the_factors_by_the_chain_rule():
     task = lorita_task(model, optax.sgd(0.1), depth=2)
     fparams = task.reparameterize(params, jax.random.key(2))
     state = TrainState(jnp.zeros([], jnp.int32), fparams, {}, task.optimizer.init(fparams))
-    new, _, _, _ = _make_step(task, jax.random.key(3))(state, x, y)
+    new, _, _, _ = make_step(task, jax.random.key(3))(state, x, y)
 
     def dense_loss(p):
         logits = model.apply({"params": p}, x)

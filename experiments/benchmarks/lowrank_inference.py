@@ -42,7 +42,6 @@ import argparse
 import collections
 import json
 import math
-import platform
 import statistics
 import time
 from typing import Any
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlr
+from experiments.benchmarks import machine_line, write_rows
 from experiments.models import VGG, CifarResNet
 
 MODELS = {
@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error(f"--chunk must divide --batch ({args.batch}), got {args.chunk}")
     if not 0 < args.band < 1:
         parser.error(f"--band must be in (0, 1), got {args.band}")
-    device = jax.devices()[0]
-    print(f"# {platform.processor() or platform.machine()}, {device.platform} "
-          f"({device.device_kind}), jax {jax.__version__}")
+    print(machine_line())
     rows = []
     for name in args.model or sorted(MODELS):
         table = None  # measured by the first choice that needs it, shared by the others
@@ -325,9 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 ranks = ", ".join(f"{r}: {ms:.2f}" for r, ms in entry["factored_ms"].items())
                 print(f"| {entry['shape']} | {entry['layers']} | {entry['dense_ms']:.2f} | "
                       f"{ranks} |")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": str(device), "rows": rows}, handle, indent=1)
+    write_rows(args.json, rows)
     return rows
 
 
