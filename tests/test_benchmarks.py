@@ -203,8 +203,7 @@ def test_lrpet_overhead_times_the_states_an_epoch_goes_through():
     assert conv_ranks(off.params) == full
     assert conv_ranks(projected.params) == dict(ranks) != full
     moved = lrpet_overhead.at_count(state.opt_state, 5, True)
-    flags = [(int(n.count), bool(n.pending)) for n in jax.tree.leaves(
-        moved, is_leaf=lrpet_overhead._is_state) if lrpet_overhead._is_state(n)]
+    flags = [(int(n.count), bool(n.pending)) for n in lrpet_overhead.projection_states(moved)]
     assert flags == [(5, True)]
     with pytest.raises(ValueError, match="no LowRankProjectionState"):
         lrpet_overhead.at_count(tasks["sgd"].optimizer.init(params), 1, False)

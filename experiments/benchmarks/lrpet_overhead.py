@@ -88,16 +88,19 @@ def at_count(opt_state: Any, count: int, pending: bool) -> Any:
     """``opt_state`` with every :class:`jaxlr.LowRankProjectionState` in it at update ``count``,
     its ``pending`` flag (a projection to check at the next update) set to ``pending``."""
     def move(node: Any) -> Any:
-        if isinstance(node, jaxlr.LowRankProjectionState):
+        if _is_state(node):
             return node._replace(count=jnp.asarray(count, node.count.dtype),
                                  pending=jnp.asarray(pending))
         return node
 
-    found = [n for n in jax.tree.leaves(opt_state, is_leaf=_is_state)
-             if isinstance(n, jaxlr.LowRankProjectionState)]
-    if not found:
+    if not projection_states(opt_state):
         raise ValueError("opt_state holds no LowRankProjectionState.")
     return jax.tree.map(move, opt_state, is_leaf=_is_state)
+
+
+def projection_states(opt_state: Any) -> list[jaxlr.LowRankProjectionState]:
+    """Every :class:`jaxlr.LowRankProjectionState` in ``opt_state``."""
+    return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(n)]
 
 
 def _is_state(node: Any) -> bool:
@@ -242,9 +245,7 @@ def _direct(steps: dict[str, Any], fresh: dict[str, TrainState], x: jax.Array, y
         jax.block_until_ready(state)
         seconds[key] = time.perf_counter() - start
         if key == "lrpet":  # the epoch's last update projected: every kernel is at its rank
-            opt = [n for n in jax.tree.leaves(state.opt_state, is_leaf=_is_state)
-                   if _is_state(n)][0]
-            if not bool(opt.pending):
+            if not bool(projection_states(state.opt_state)[0].pending):
                 raise RuntimeError("the LRPET epoch ended without a projection.")
     return seconds
 
