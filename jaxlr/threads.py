@@ -1,11 +1,13 @@
 """Threads of the LAPACK library behind JAX's CPU decompositions.
 
 On the CPU, ``jnp.linalg.eigh``, ``svd`` and ``qr`` run LAPACK (jaxlib calls the BLAS/LAPACK
-library SciPy ships, OpenBLAS by default), which starts its own threads for every call. XLA already
-runs independent decompositions at the same time, one per core, and the Gram products on its own
-threads, so a projection of a whole tree ends up with twice as many busy threads as cores: on
-2 cores the 13 decompositions of VGG-16 took 1.8x as long with 2 LAPACK threads as with 1
-(``experiments/benchmarks/svd_projection.py``, BENCHMARKS.md).
+library SciPy ships, OpenBLAS by default), which starts its own threads for every call. XLA runs
+the Gram products on its own threads, on every core, and overlaps some decompositions with them,
+so a projection of a whole tree ends up with more busy threads than cores: on 2 cores the 13
+decompositions of VGG-16 took 1.8x as long with 2 LAPACK threads as with 1
+(``experiments/benchmarks/svd_projection.py``, BENCHMARKS.md). (The LAPACK calls of one jitted
+program mostly run one after the other: four QR reductions in one program took as long as four
+calls in a row, where four Python threads took 0.56x that; ``svd_projection --parts``.)
 
 jaxlr's eager entry points (:func:`jaxlr.project`, :func:`jaxlr.project_tree`,
 :func:`jaxlr.compress`, :func:`jaxlr.lsvt`, ...) therefore run their decompositions with one

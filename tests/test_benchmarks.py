@@ -64,6 +64,19 @@ def test_lowrank_inference_bench_hits_its_flop_target_and_its_prediction(monkeyp
     assert row["goal"] == round(0.7 / (1 - row["mac_reduction"]), 3)
 
 
+def test_lowrank_inference_bench_computes_in_bfloat16(monkeypatch):
+    from experiments.benchmarks import lowrank_inference
+    from experiments.models import CifarResNet
+
+    monkeypatch.setitem(lowrank_inference.MODELS, "tiny", (lambda: CifarResNet(depth=8), 0.5))
+    row, _ = lowrank_inference.bench("tiny", batch=2, repeats=1, align=8, dtype="bfloat16")
+    assert row["dtype"] == "bfloat16" and row["mac_reduction"] >= 0.5
+    # bfloat16 keeps 8 bits: the two passes round differently (float32 passes agree to 1e-6).
+    assert 1e-4 < row["max_rel_output_error"] < 3e-2
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        lowrank_inference.bench("tiny", batch=2, repeats=1, dtype="float16")
+
+
 def test_lowrank_inference_fastest_at_target_stays_in_its_band_over_micro_batches(monkeypatch):
     from experiments.benchmarks import lowrank_inference
     from experiments.models import CifarResNet
@@ -249,3 +262,68 @@ def test_alternating_medians_call_every_run_once_per_round_in_shuffled_orders(mo
     assert medians == pytest.approx({"a": 3.0, "b": 0.3, "c": 8.0})
     with pytest.raises(ValueError, match="repeats >= 1"):
         lrpet_overhead.alternating_medians({"a": lambda: None}, repeats=0)
+
+
+class _Parsed(Exception):
+    """Raised by the patched parser once a benchmark's arguments have parsed."""
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_every_suite_job_is_a_command_line_its_benchmark_accepts(monkeypatch, preset):
+    import argparse
+    import importlib
+
+    from experiments.benchmarks import suite
+
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    labels = [job.label for job in suite.PRESETS[preset]]
+    assert len(set(labels)) == len(labels)
+    for job in suite.PRESETS[preset]:
+        argv = suite.command(job, "rows.json")
+        assert argv[1:3] == ["-m", f"experiments.benchmarks.{job.module}"]
+        module = importlib.import_module(f"experiments.benchmarks.{job.module}")
+        with pytest.raises(_Parsed) as parsed:
+            module.main(argv[3:])
+        assert parsed.value.args[0].json == "rows.json"  # every benchmark writes its rows
+    bad = suite.Job("bad", "lowrank_inference", ("--dtype", "float16"))
+    with pytest.raises(SystemExit):  # the check fails on a command its benchmark refuses
+        importlib.import_module("experiments.benchmarks.lowrank_inference").main(
+            suite.command(bad, "x.json")[3:])
+
+
+def test_suite_runs_each_job_in_its_own_process_and_records_how_it_ended(monkeypatch, tmp_path):
+    import json
+    import sys
+
+    from experiments.benchmarks import suite
+
+    scripts = {"ok": "print('figures')", "fails": "raise SystemExit(3)",
+               "slow": "import time; time.sleep(30)"}
+    monkeypatch.setattr(suite, "command",
+                        lambda job, path: [sys.executable, "-c", scripts[job.label]])
+    jobs = [suite.Job(label, "unused") for label in scripts]
+    summary = suite.run(jobs, tmp_path / "out", timeout=3)
+    assert [(e["label"], e["returncode"]) for e in summary] == [
+        ("ok", 0), ("fails", 3), ("slow", None)]
+    assert 2.5 < summary[2]["seconds"] < 25  # stopped at its timeout
+    assert (tmp_path / "out" / "ok.log").read_text() == "figures\n"
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        suite.run(jobs, tmp_path, timeout=0)
+    with pytest.raises(SystemExit):
+        suite.main(["--preset", "gpu", "--only", "no-such-job"])
+
+
+def test_decomposition_parts_times_every_step_of_one_matrix():
+    from experiments.benchmarks import svd_projection
+
+    row = svd_projection.decomposition_parts(rows=64, cols=16, ratio=0.6, repeats=1)
+    assert row["shape"] == "64 x 16" and row["rank"] == 6  # floor(16 - 0.6 * 16)
+    steps = ("gram_product", "eigh", "qr", "square_svd", "project_svd", "project_auto",
+             "project_gram", "4_qr_one_program", "4_qr_four_threads")
+    assert all(row[f"jaxlr_{step}_s"] > 0 for step in steps)

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 import jaxlr
+from experiments.benchmarks import write_rows
 from jaxlr.inference import product_cost, product_order
 
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--depth", type=int, default=3, help="LoRITa's N")
     parser.add_argument("--model", choices=("fcn", "resnet20"), default="fcn")
+    parser.add_argument("--json", help="also write the row to this file")
     args = parser.parse_args(argv)
 
     model, x, y, variables = _network(args.model, args.width, args.batch)
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"| {args.depth} | {args.batch} | gradients only | {row['plain_grad_ms']:.2f} | "
           f"{row['ordered_grad_ms']:.2f} | {row['ordered_grad_ratio']:.2f}x | | | "
           f"{row['minimum_ratio']:.2f}x | {row['ordered_grad_over_minimum']:.2f} |")
+    write_rows(args.json, [row])
     return row
 
 

@@ -26,7 +26,8 @@ The choices of one model share one measured table (``jaxlr.measure_latency``), p
 product (matrix shape and input). Each row also gives the table's prediction of the whole pass:
 the dense pass's measured time with the table's layer times replaced by those of the chosen
 ranks, the rest of the pass (normalisation, activations, residual adds) unchanged. ``--chunk``
-runs both passes over micro-batches (``jax.lax.map``) and measures the table on one.
+runs both passes over micro-batches (``jax.lax.map``) and measures the table on one; ``--dtype
+bfloat16`` runs both in bfloat16 (parameters and images).
 
 Run::
 
@@ -34,6 +35,7 @@ Run::
     python -m experiments.benchmarks.lowrank_inference --model vgg16 --batch 128 --align 8
     python -m experiments.benchmarks.lowrank_inference --choice latency --choice fastest-at-target
     python -m experiments.benchmarks.lowrank_inference --model resnet56 --chunk 16 --choice latency
+    python -m experiments.benchmarks.lowrank_inference --batch 1024 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import jaxlr
 from experiments.benchmarks import machine_line, write_rows
 from experiments.models import VGG, CifarResNet
 
+DTYPES = ("float32", "bfloat16")
 MODELS = {
     "vgg16": (lambda: VGG(depth=16), 0.74),
     "resnet56": (lambda: CifarResNet(depth=56), 0.55),
@@ -147,19 +150,22 @@ def _time(fn, *args) -> float:
 
 def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
           choice: str = "uniform", latency_repeats: int = 10, band: float = 0.01,
-          table: jaxlr.LatencyTable | None = None, chunk: int | None = None
-          ) -> tuple[dict[str, Any], jaxlr.LatencyTable | None]:
+          table: jaxlr.LatencyTable | None = None, chunk: int | None = None,
+          dtype: str = "float32") -> tuple[dict[str, Any], jaxlr.LatencyTable | None]:
     """Builds, compresses and times one network; returns a row of figures and the latency table.
 
     ``table`` (measured here when a choice needs one and none is given) lets the choices of one
     model share one measurement. With ``chunk``, both passes run over the batch in micro-batches
     of ``chunk`` images, one after the other (``jax.lax.map``), and the table is measured on one
-    micro-batch."""
+    micro-batch. ``dtype`` (``"float32"`` or ``"bfloat16"``) is that of the parameters and the
+    images, so both passes compute in it (the BatchNorm statistics stay in float32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
     if chunk is not None and (chunk < 1 or batch % chunk):
         raise ValueError(f"chunk must divide the batch ({batch}), got {chunk}.")
     make, target = MODELS[name]
     model = make()
-    one = jnp.ones((1, 32, 32, 3))
+    one = jnp.ones((1, 32, 32, 3), dtype)
     variables = model.init(jax.random.key(seed), one)
     others = {k: v for k, v in variables.items() if k != "params"}
 
@@ -175,8 +181,8 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
             return jax.lax.map(lambda b: fn(params, b), batches).reshape(x.shape[0], -1)
         return fn if chunk is None else run
 
-    params = variables["params"]
-    x = jax.random.normal(jax.random.key(seed + 1), (batch, 32, 32, 3))
+    params = jax.tree.map(lambda p: p.astype(dtype), variables["params"])
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, 32, 32, 3), dtype)
     dense_cost = jaxlr.forward_cost(dense_fn, params, one, xla=False)
     leaves = jaxlr.matrix_leaves(params)
     ratio, measure_s = None, None
@@ -201,10 +207,9 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
     reduction = 1 - factored_cost.macs / dense_cost.macs
 
     dense_jit, factored_jit = jax.jit(chunked(dense_fn)), jax.jit(chunked(factored_fn))
-    error = float(
-        jnp.linalg.norm(factored_jit(factored_params, x) - dense_jit(truncated, x))
-        / jnp.linalg.norm(dense_jit(truncated, x))
-    )
+    reference = dense_jit(truncated, x).astype(jnp.float32)
+    error = float(jnp.linalg.norm(factored_jit(factored_params, x).astype(jnp.float32) - reference)
+                  / jnp.linalg.norm(reference))
     for _ in range(2):  # warm-up
         _time(dense_jit, truncated, x)
         _time(factored_jit, factored_params, x)
@@ -217,6 +222,7 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
     row = {
         "model": name,
         "batch": batch,
+        "dtype": dtype,
         "chunk": chunk,
         "choice": choice,
         "ratio": None if ratio is None else round(ratio, 4),
@@ -286,6 +292,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="fastest-at-target: the most the reduction may exceed the target")
     parser.add_argument("--chunk", type=int,
                         help="run both passes over micro-batches of this many images")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="of the parameters and images, so of both passes")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.align < 1:
@@ -300,7 +308,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         table = None  # measured by the first choice that needs it, shared by the others
         for choice in args.choice or ["uniform"]:
             row, table = bench(name, args.batch, args.repeats, args.align, choice=choice,
-                               band=args.band, table=table, chunk=args.chunk)
+                               band=args.band, table=table, chunk=args.chunk,
+                               dtype=args.dtype)
             rows.append(row)
             print(json.dumps(row))
     header = ("model", "ranks", "retained", "MACs before", "after", "drop", "dense s",

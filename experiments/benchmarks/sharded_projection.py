@@ -35,6 +35,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxlr  # noqa: E402
+from experiments.benchmarks import write_rows  # noqa: E402
 from experiments.benchmarks.svd_projection import make_tree, vgg16_conv_shapes  # noqa: E402
 
 LAYOUTS = {"replicated": None, "FSDP (output channels)": -1, "FSDP (input channels)": -2}
@@ -100,6 +101,7 @@ def run(repeats: int = 3, ratio: float = 0.6) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     rows = run(args.repeats)
     print(f"# {jax.device_count()} x {jax.devices()[0].platform} devices, jax {jax.__version__}, "
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"| {layout} | {name} | {row['temp_mib']:.1f} | "
                   f"{row['temp_mib'] / old['temp_mib']:.2f} | {row['whole_gathers']} | "
                   f"{row['decompositions']} | {row['seconds']:.3f} |")
+    write_rows(args.json, rows)
     return rows
 
 

@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import platform
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlr
+from experiments.benchmarks import write_rows
 from jaxlr import svd as jaxlr_svd
 
 VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
@@ -301,14 +303,93 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
     return row
 
 
+def decomposition_parts(rows: int = 4608, cols: int = 512, ratio: float = 0.6,
+                        repeats: int = 5) -> dict[str, Any]:
+    """Where one ``rows x cols`` matrix with ``decayed`` spectrum (``0.97^i``, the worst case of
+    the Gram path) spends its time: jaxlr's steps (the Gram product, its ``eigh``, the QR
+    reduction and the SVD of its ``cols x cols`` factor that the SVD path runs) against torch's
+    (``torch.linalg.qr``, the SVD of that factor, the SVD of the whole matrix), and the whole
+    projection by each; and four QR reductions of it in one jitted program against one call each
+    from four Python threads (XLA runs the LAPACK calls of one program one after the other).
+    Medians in seconds (:func:`block_medians`), the decompositions with one LAPACK thread on
+    both sides, matrix products with each library's own threads."""
+    rank = max(1, math.floor(cols - ratio * cols))
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, cols)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
+    matrix = (u * 0.97 ** np.arange(cols)) @ v.T
+    a = jnp.asarray(matrix, jnp.float32)
+    gram = jax.jit(lambda x: jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST))
+    eigh = jax.jit(jnp.linalg.eigh)
+    qr = jax.jit(lambda x: jnp.linalg.qr(x, mode="r"))
+    square_svd = jax.jit(lambda r: jaxlr_svd.thin_svd(r))
+    project = {method: jax.jit(lambda x, method=method: jaxlr.project_matrix(x, rank,
+                                                                             method=method))
+               for method in ("svd", "auto", "gram")}
+    g, r = gram(a), qr(a)
+    calls = {"jaxlr_gram_product_s": lambda: gram(a), "jaxlr_eigh_s": lambda: eigh(g),
+             "jaxlr_qr_s": lambda: qr(a), "jaxlr_square_svd_s": lambda: square_svd(r),
+             **{f"jaxlr_project_{m}_s": lambda fn=fn: fn(a) for m, fn in project.items()}}
+    runs = {name: lambda call=call: jax.block_until_ready(call()) for name, call in calls.items()}
+    # Four QR reductions: in one jitted program, and one call each from four Python threads.
+    four = jax.jit(lambda *xs: [jnp.linalg.qr(x, mode="r") for x in xs])
+    copies = [a + i for i in range(4)]
+
+    def four_threads() -> None:
+        workers = [threading.Thread(target=lambda x=x: jax.block_until_ready(qr(x)))
+                   for x in copies]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    runs["jaxlr_4_qr_one_program_s"] = lambda: jax.block_until_ready(four(*copies))
+    runs["jaxlr_4_qr_four_threads_s"] = four_threads
+    for run in runs.values():
+        run()  # compile
+    with jaxlr.lapack_threads(1):
+        medians = block_medians(runs, repeats)
+    out = {"shape": f"{rows} x {cols}", "rank": rank, **medians}
+    try:
+        import torch
+    except ImportError:
+        return out
+    t = torch.from_numpy(np.asarray(matrix, np.float32))
+    t_r, t_gram = torch.linalg.qr(t, mode="r")[1], t.T @ t
+
+    def torch_project() -> Any:
+        tu, ts, tvh = torch.linalg.svd(t, full_matrices=False)
+        kept = ts[:rank] * torch.sqrt(ts.pow(2).sum() / ts[:rank].pow(2).sum())
+        return (tu[:, :rank] * kept) @ tvh[:rank]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out.update(block_medians({
+            "torch_qr_s": lambda: torch.linalg.qr(t, mode="r"),
+            "torch_square_svd_s": lambda: torch.linalg.svd(t_r, full_matrices=False),
+            "torch_eigh_s": lambda: torch.linalg.eigh(t_gram),
+            "torch_tuned_project_s": torch_project}, repeats))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (median)")
     parser.add_argument("--ratio", type=float, default=0.6, help="LRPET pruning ratio p")
     parser.add_argument("--weights", nargs="+", default=["he", "projected", "decayed"],
                         choices=["he", "projected", "decayed"])
+    parser.add_argument("--parts", action="store_true",
+                        help="only time the steps of one 4608 x 512 matrix (decomposition_parts)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
+    if args.parts:
+        row = decomposition_parts(ratio=args.ratio, repeats=args.repeats)
+        print(json.dumps(row, indent=1))
+        write_rows(args.json, [row])
+        return [row]
 
     rate = gemm_rate(args.repeats)
     print(f"float32 GEMM rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
@@ -340,9 +421,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             + f"{r['numpy_s']:.3f} | {r['numpy_s'] / auto:.1f}x | "
             f"{r['jaxlr_auto_max_rel_error']:.1e} |"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(args.json, rows)
     return rows
 
 
