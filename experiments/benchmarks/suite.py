@@ -3,8 +3,8 @@
 A preset names jobs: a benchmark module of :mod:`experiments.benchmarks` and its arguments.
 ``cpu`` holds the commands BENCHMARKS.md quotes for its CPU figures; ``gpu`` the rows the GPU
 tables need (projection, factored inference at batch 128 and 1024 in float32 and bfloat16, LRPET's
-epoch measured directly, LoRITa's step), sized so that the whole preset fits a few device calls
-of ten minutes (``--only`` picks jobs by label, to split it). Each job runs in a fresh Python
+epoch measured directly, LoRITa's step); ``--only`` picks jobs by label, to split a preset over
+calls of limited length. Each job runs in a fresh Python
 process (a benchmark that sets ``XLA_FLAGS`` or thread limits affects no other) under
 ``--timeout`` seconds; its output goes to ``DIR/<label>.log``, its rows to ``DIR/<label>.json``,
 and ``DIR/summary.json`` lists every job's command, exit status and wall time.
