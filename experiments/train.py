@@ -629,7 +629,7 @@ def train(
     step = make_step(task, dropout_key, state, where)
     bar = _progress_bar(config, steps_per_epoch, start_epoch, label)
     # On the CPU, LRPET's decompositions inside the jitted step run with one LAPACK thread each
-    # (XLA runs them side by side; jaxlr.threads), for the length of the loop only.
+    # (XLA's matrix products already use every core; jaxlr.threads), for the loop only.
     threads = contextlib.ExitStack()
     if jax.default_backend() == "cpu":
         threads.enter_context(jaxlr.lapack_threads(1))

@@ -33,9 +33,16 @@ run as a Python loop inside one ``jit``: no ``vmap`` over ``eigh``, which deadlo
 0.10.2's CPU runtime within a few hundred calls of a batched ResNet-56 projection under
 ``auto``'s ``cond`` (batching only the Gram products and rebuilds was slower than the loop; see
 BENCHMARKS.md). ``tests/test_batched_decompositions.py`` soaks plain batched ``eigh`` and ``svd``
-on the installed jaxlib, under a timeout. Called eagerly on the CPU, whole-tree decompositions
-run with one LAPACK thread per call (:mod:`jaxlr.threads`). On a mesh of several devices each
-matrix is decomposed by one device, one matrix after the other (:mod:`jaxlr.sharding`).
+on the installed jaxlib, under a timeout, and decompositions run from several Python threads at
+once. Called eagerly on the CPU, whole-tree decompositions run with one LAPACK thread per call
+(:mod:`jaxlr.threads`), and their SVDs side by side: XLA runs the decompositions of one program
+one after the other, so an eager ``"svd"`` call splits the tree into one program per core (groups
+of about equal cost), and an eager ``"auto"`` call runs the Gram path of every matrix in one
+program, then the SVDs of the large matrices it rejects as programs of their own, from a pool
+of threads (on 2 cores VGG-16 took 0.57-0.62x the time of the one program with ``"svd"``,
+0.73-0.81x with ``"auto"`` on steep spectra; BENCHMARKS.md). The results are those of the one
+program. On a mesh of several devices
+each matrix is decomposed by one device, one matrix after the other (:mod:`jaxlr.sharding`).
 
 **Static and traced ranks.** Ranks are static Python ints on the fast path: only the top ``r``
 singular triplets are formed. A traced rank (a schedule of the kept fraction, or
@@ -268,39 +275,58 @@ def _top_triplets(
     cuts: list[jax.Array] | None = None,
     spread: Spread | None = None,
 ) -> list[Triplets]:
-    """The top-``rank`` singular triplets of every matrix (error estimated at ``cuts``, if given).
-
-    Under ``auto``, the Gram eigendecompositions come first and one ``cond`` on "every estimate
-    is under the tolerance" guards the per-matrix choices, so in the common case the SVD fallbacks
-    cost nothing at run time, and a matrix that falls back does not pay for the Gram projection.
-    """
+    """The top-``rank`` singular triplets of every matrix (error estimated at ``cuts``, if
+    given)."""
     if spread is not None and mats:
         return _spread_triplets(mats, ranks, method, cuts, spread)
     if method == "svd":
         return [_thin_svd(m, r) for m, r in zip(mats, ranks, strict=True)]
+    fallbacks = [_thin_svd] * len(mats) if method == "auto" else None
+    return _gram_triplets(mats, ranks, cuts, fallbacks)[0]
+
+
+def _zero_triplets(matrix: jax.Array, rank: int) -> Triplets:
+    """Zeros of the shapes of ``_thin_svd(matrix, rank)``: a placeholder (:func:`_side_by_side`)."""
+    (m, n), dtype = matrix.shape, matrix.dtype
+    return jnp.zeros((m, rank), dtype), jnp.zeros((rank,), dtype), jnp.zeros((rank, n), dtype)
+
+
+def _gram_triplets(
+    mats: list[jax.Array], ranks: list[int], cuts: list[jax.Array] | None,
+    fallbacks: Sequence[Any] | None,
+) -> tuple[list[Triplets], list[jax.Array]]:
+    """The triplets of the Gram path of every matrix, and whether each error estimate is under
+    the tolerance; with ``fallbacks`` (``auto``), ``fallbacks[i](matrix, rank)`` replaces the
+    triplets of matrix ``i`` where its estimate is not.
+
+    The Gram eigendecompositions come first and one ``cond`` on "every estimate is under the
+    tolerance" guards the per-matrix choices, so in the common case the fallbacks cost nothing at
+    run time, and a matrix that falls back does not pay for the Gram projection.
+    """
     cuts = cuts if cuts is not None else [None] * len(mats)
     subspaces = [_gram_subspace(m, r, c) for m, r, c in zip(mats, ranks, cuts, strict=True)]
+    # A NaN estimate (a zero gap over a zero norm) compares False and takes the fallback as well.
+    accepted = [estimate <= _GRAM_TOLERANCE for _, estimate in subspaces]
 
     def all_gram() -> list[Triplets]:
         return [_triplets_from_subspace(m, top) for m, (top, _) in zip(mats, subspaces,
                                                                         strict=True)]
 
-    if method == "gram" or not subspaces:
-        return all_gram()
-    # A NaN estimate (a zero gap over a zero norm) compares False and takes the SVD as well.
-    accepted = [estimate <= _GRAM_TOLERANCE for _, estimate in subspaces]
+    if fallbacks is None or not subspaces:
+        return all_gram(), accepted
 
     def each_its_own() -> list[Triplets]:
         return [
             lax.cond(
                 ok,
                 lambda m=m, top=top: _triplets_from_subspace(m, top),
-                lambda m=m, r=r: _thin_svd(m, r),
+                lambda m=m, r=r, fallback=fallback: fallback(m, r),
             )
-            for ok, m, r, (top, _) in zip(accepted, mats, ranks, subspaces, strict=True)
+            for ok, m, r, (top, _), fallback in zip(accepted, mats, ranks, subspaces, fallbacks,
+                                                    strict=True)
         ]
 
-    return lax.cond(jnp.all(jnp.stack(accepted)), all_gram, each_its_own)
+    return lax.cond(jnp.all(jnp.stack(accepted)), all_gram, each_its_own), accepted
 
 
 def _r_factor(x: jax.Array) -> jax.Array:
@@ -443,49 +469,76 @@ def _project_many(
     method: str,
     traced_ranks: list[jax.Array] | None = None,
     spread: Spread | None = None,
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Projections of every matrix and whether each was finite.
+    defer: Sequence[bool] | None = None,
+) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array]]:
+    """Projections of every matrix, whether each was finite, and whether each result is final.
 
     With ``traced_ranks``, ``ranks`` are the static upper bounds of the traced ones: every triplet
     up to the bound is formed and the values beyond the traced rank are masked. With ``spread``,
-    the matrices are tall and decomposed over its mesh.
-    """
+    the matrices are tall and decomposed over its mesh. With ``defer`` (one flag per matrix;
+    ``auto``, static ranks, no spread) a deferred matrix whose estimate is not accepted is not
+    decomposed by the SVD: its result is a placeholder for :func:`_side_by_side` to replace, and
+    it is not final. (The rebuild of the placeholder's zero
+    triplets costs less than keeping the rebuilds inside ``cond`` branches: a VGG-16 tree whose
+    matrices were all accepted took 1.1x as long that way.)"""
     out = list(mats)
     flags = [jnp.all(jnp.isfinite(m)) for m in mats]
+    accepted = [jnp.ones((), bool)] * len(mats)
     if traced_ranks is None:
         cut = [i for i, (m, r) in enumerate(zip(mats, ranks, strict=True)) if r < min(m.shape)]
     else:
         cut = list(range(len(mats)))
     if not cut:
-        return out, flags
+        return out, flags, accepted
     sanitized = [_sanitize(mats[i]) for i in cut]
     cuts = None if traced_ranks is None else [traced_ranks[i] for i in cut]
-    if spread is not None:
-        spread = spread.pick(cut)
-    triplets = _top_triplets([w for w, _ in sanitized], [ranks[i] for i in cut], method, cuts,
-                             spread)
-    for j, i in enumerate(cut):
-        (work, finite), parts = sanitized[j], triplets[j]
+
+    def finish(j: int, parts: Triplets) -> jax.Array:
+        i, (work, finite) = cut[j], sanitized[j]
         mask = None if cuts is None else jnp.arange(ranks[i]) < cuts[j]
         projected = _truncate(work, parts, mask, energy_transfer, tail_scale)
         if cuts is not None:  # nothing cut: the matrix itself, not its rounded reconstruction
             projected = jnp.where(cuts[j] >= min(mats[i].shape), work, projected)
-        out[i] = jnp.where(finite, projected.astype(mats[i].dtype), mats[i])
-    return out, flags
+        return jnp.where(finite, projected.astype(mats[i].dtype), mats[i])
+
+    works, cut_ranks = [w for w, _ in sanitized], [ranks[i] for i in cut]
+    if defer is not None:
+        triplets, verdicts = _gram_triplets(
+            works, cut_ranks, None, [_zero_triplets if defer[i] else _thin_svd for i in cut])
+        for j, i in enumerate(cut):
+            accepted[i] = verdicts[j] | (not defer[i])
+    else:
+        triplets = _top_triplets(works, cut_ranks, method, cuts,
+                                 None if spread is None else spread.pick(cut))
+    for j, i in enumerate(cut):
+        out[i] = finish(j, triplets[j])
+    return out, flags, accepted
 
 
 def _factors_many(
-    mats: list[jax.Array], ranks: list[int], method: str, spread: Spread | None = None
-) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
+    mats: list[jax.Array], ranks: list[int], method: str, spread: Spread | None = None,
+    defer: Sequence[bool] | None = None,
+) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array], list[jax.Array]]:
+    """Balanced factors of every matrix, whether each was finite, and whether each result is
+    final (``defer``: as :func:`_project_many`)."""
     sanitized = [_sanitize(m) for m in mats]
-    triplets = _top_triplets([w for w, _ in sanitized], ranks, method, None, spread)
-    out = []
-    for matrix, (_, finite), (u, s, vt) in zip(mats, sanitized, triplets, strict=True):
+
+    def finish(j: int, parts: Triplets) -> tuple[jax.Array, jax.Array]:
+        (u, s, vt), finite, dtype = parts, sanitized[j][1], mats[j].dtype
         root = jnp.sqrt(s)
-        a = jnp.where(finite, u * root, jnp.nan).astype(matrix.dtype)
-        b = jnp.where(finite, root[:, None] * vt, jnp.nan).astype(matrix.dtype)
-        out.append((a, b))
-    return out, [finite for _, finite in sanitized]
+        return (jnp.where(finite, u * root, jnp.nan).astype(dtype),
+                jnp.where(finite, root[:, None] * vt, jnp.nan).astype(dtype))
+
+    works = [w for w, _ in sanitized]
+    if defer is not None:
+        triplets, verdicts = _gram_triplets(
+            works, ranks, None, [_zero_triplets if d else _thin_svd for d in defer])
+        accepted = [ok | (not d) for ok, d in zip(verdicts, defer, strict=True)]
+    else:
+        triplets = _top_triplets(works, ranks, method, None, spread)
+        accepted = [jnp.ones((), bool)] * len(mats)
+    return ([finish(j, t) for j, t in enumerate(triplets)], [finite for _, finite in sanitized],
+            accepted)
 
 
 def _spectrum(matrix: jax.Array) -> jax.Array:
@@ -615,11 +668,17 @@ def leaf_matrix(leaf: Any, view: MatrixView) -> jax.Array:
 
 def spectra_of(leaves: Sequence[Any], views: Sequence[MatrixView]
                ) -> tuple[list[jax.Array], jax.Array]:
-    """Singular values of each leaf's matrix and whether each was finite (stacked), in one jitted
-    call."""
+    """Singular values of each leaf's matrix and whether each was finite (stacked): in the
+    caller's trace, or eagerly as jitted programs side by side (:func:`_side_by_side`)."""
+    leaves, views = tuple(leaves), tuple(views)
     if is_traced(leaves):
-        return _jit_spectra(tuple(leaves), tuple(views))
-    return threads.run_limited(_jit_spectra, len(leaves), leaves, tuple(leaves), tuple(views))
+        return _jit_spectra(leaves, views)
+
+    def group(indices: list[int], _: str) -> tuple[list[jax.Array], jax.Array]:
+        return _jit_spectra(*_pick(indices, leaves, views))
+
+    return threads.run_limited(_side_by_side, len(leaves), leaves, leaves, views, "svd", group,
+                               None)
 
 
 @partial(jax.jit, static_argnums=(1,))
@@ -631,6 +690,70 @@ def _jit_spectra(leaves: tuple[Any, ...], views: tuple[MatrixView, ...]
 
 def _stacked(flags: list[jax.Array]) -> jax.Array:
     return jnp.stack(flags) if flags else jnp.zeros((0,), bool)
+
+
+# An SVD of an m x n matrix with m n min(m, n) under this is not worth a program of its own: on
+# one core of the 2-core benchmark machine 576 x 64 took 0.5 ms, 576 x 128 1.7 ms, 4608 x 512 70
+# ms, where a program's dispatch costs about 0.05 ms and a host sync more.
+_OWN_PROGRAM_COST = float(1 << 23)
+
+
+def _pick(indices: Sequence[int], *sequences: Sequence[Any]) -> tuple[tuple[Any, ...], ...]:
+    return tuple(tuple(sequence[i] for i in indices) for sequence in sequences)
+
+
+def _side_by_side(leaves: tuple[Any, ...], views: tuple[MatrixView, ...], method: str,
+                  group: Any, first: Any) -> tuple[list[Any], jax.Array]:
+    """An eager whole-tree call without a mesh, its LAPACK calls side by side on the CPU.
+
+    XLA's CPU runtime runs the decompositions of one program one after the other, each on the
+    LAPACK threads of one call (one, under :func:`jaxlr.threads.one_per_call`); programs
+    dispatched from several Python threads run at the same time (:func:`threads.concurrently`).
+    So, where the CPU has room for two LAPACK calls or more (:func:`threads.workers`):
+
+    * ``"svd"``: the matrices are split into that many groups of about equal SVD cost, one
+      program each, all at once;
+    * ``"auto"``: one program runs the Gram path of every matrix and keeps the results whose
+      error estimates are accepted, with the SVD fallbacks of the small matrices
+      (``m n min(m, n) < _OWN_PROGRAM_COST``) inline (``first(deferred)``); then the SVDs of the
+      large matrices it rejected, one program per matrix (the set changes from call to call;
+      each shape compiles once), run at the same time. The result is the one program's: the SVD
+      where it falls back, the Gram path elsewhere.
+
+    ``group(indices, method)`` runs the call on the leaves at ``indices`` (one jitted program)
+    and returns ``(per-leaf results, finite flags)``; ``first(deferred)`` returns ``(per-leaf
+    results, finite flags, whether each result is final)``. Otherwise (``"gram"``, whose
+    products already fill the cores; one matrix; one worker; not on the CPU; no large matrix
+    for ``auto``, less than twice that cost in all for ``svd``) it is one program, as before.
+    """
+    everything = list(range(len(leaves)))
+    lanes = threads.workers() if len(leaves) >= 2 and threads.on_cpu(leaves) else 1
+    if lanes < 2 or method == "gram":
+        return group(everything, method)
+    costs = [float(m) * n * min(m, n) for m, n in
+             (view.matrix_shape(tuple(leaf.shape)) for leaf, view in zip(leaves, views,
+                                                                          strict=True))]
+    if method == "auto":
+        deferred = tuple(cost >= _OWN_PROGRAM_COST for cost in costs)
+        if not any(deferred):
+            return group(everything, method)
+        values, finite, final = first(deferred)  # the finite flags hold for every matrix
+        redo = sorted(np.flatnonzero(~np.asarray(final)).tolist(), key=lambda i: (-costs[i], i))
+        values = list(values)
+        for i, (results, _) in zip(redo, threads.concurrently(
+                [partial(group, [i], "svd") for i in redo], lanes), strict=True):
+            values[i] = results[0]
+        return values, finite
+    if sum(costs) < 2 * _OWN_PROGRAM_COST:
+        return group(everything, method)
+    groups = threads.balanced(costs, lanes)
+    values, finite = [None] * len(leaves), np.zeros(len(leaves), bool)
+    for g, (results, flags) in zip(groups, threads.concurrently(
+            [partial(group, g, "svd") for g in groups], lanes), strict=True):
+        finite[g] = np.asarray(flags)
+        for j, i in enumerate(g):
+            values[i] = results[j]
+    return values, jnp.asarray(finite)
 
 
 def project_leaves(
@@ -648,9 +771,9 @@ def project_leaves(
     finite (one stacked array).
 
     ``ranks`` are static; with ``traced_ranks`` they are the static bounds of traced ranks (masked
-    path). Runs inline when traced (inside the caller's ``jit``), else as one jitted call. The
-    decompositions are spread over ``mesh`` (:func:`jaxlr.sharding.mesh_of`), and each leaf keeps
-    its sharding.
+    path). Runs inline when traced (inside the caller's ``jit``), else as jitted calls
+    (:func:`_side_by_side`). The decompositions are spread over ``mesh``
+    (:func:`jaxlr.sharding.mesh_of`), and each leaf keeps its sharding.
     """
     from jaxlr import sharding  # noqa: PLC0415
 
@@ -661,8 +784,21 @@ def project_leaves(
         return _project_leaves(tuple(leaves), *args,
                                None if traced_ranks is None else tuple(traced_ranks), spread_over,
                                specs)
-    return threads.run_limited(_jit_project_leaves, len(leaves), leaves, tuple(leaves), *args,
-                               None, spread_over, specs)
+    if spread_over is not None:
+        return threads.run_limited(_jit_project_leaves, len(leaves), leaves, tuple(leaves), *args,
+                                   None, spread_over, specs)
+    leaves, views, ranks = tuple(leaves), tuple(views), tuple(ranks)
+
+    def group(indices: list[int], method: str) -> tuple[list[jax.Array], jax.Array]:
+        return _jit_project_leaves(*_pick(indices, leaves, views, ranks), energy_transfer,
+                                   tail_scale, method, None)
+
+    def first(deferred: tuple[bool, ...]) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+        return _jit_first_projections(leaves, views, ranks, energy_transfer, tail_scale,
+                                      deferred)
+
+    return threads.run_limited(_side_by_side, len(leaves), leaves, leaves, views, method, group,
+                               first)
 
 
 def _project_leaves(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...],
@@ -679,11 +815,28 @@ def _project_leaves(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...]
 
         return _on_mesh(run, leaves, traced_ranks, mesh, (list(specs), P()))
     mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, views, strict=True)]
-    projected, flags = _project_many(mats, list(ranks), energy_transfer, tail_scale, method,
+    projected, flags, _ = _project_many(mats, list(ranks), energy_transfer, tail_scale, method,
                                      None if traced_ranks is None else list(traced_ranks))
     out = [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(projected, leaves, views,
                                                                 strict=True)]
     return out, _stacked(flags)
+
+
+def _first_projections(leaves: tuple[jax.Array, ...], views: tuple[MatrixView, ...],
+                       ranks: tuple[int, ...], energy_transfer: bool, tail_scale: float,
+                       deferred: tuple[bool, ...]) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """The first phase of an eager ``auto`` projection (:func:`_side_by_side`): each leaf
+    projected as ``auto`` does, except a ``deferred`` one whose estimate is not accepted (a
+    placeholder); finite flags and whether each result is final."""
+    mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, views, strict=True)]
+    projected, flags, accepted = _project_many(mats, list(ranks), energy_transfer, tail_scale,
+                                               "auto", defer=deferred)
+    out = [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(projected, leaves, views,
+                                                                strict=True)]
+    return out, _stacked(flags), _stacked(accepted)
+
+
+_jit_first_projections = jax.jit(_first_projections, static_argnums=(1, 2, 3, 4, 5))
 
 
 def _on_mesh(fn: Any, leaves: Any, traced: Any, mesh: Any, out_specs: Any) -> Any:
@@ -709,7 +862,7 @@ def _project_spread(leaves: tuple[jax.Array, ...], layouts: list[Any], spread: S
     for i, (leaf, layout) in enumerate(zip(leaves, layouts, strict=True)):
         if previous is not None:  # one matrix after the other: the temporaries of one at a time
             leaf = _after(leaf, previous)
-        projected, finite = _project_many(
+        projected, finite, _ = _project_many(
             [layout.to_rows(leaf)], [ranks[i]], energy_transfer, tail_scale, method,
             None if traced_ranks is None else [traced_ranks[i]], spread.pick([i]))
         p = projected[0]
@@ -769,7 +922,20 @@ def factor_leaves(
     args = (tuple(leaves), tuple(views), tuple(ranks), method, spread_over, specs)
     if is_traced(leaves):
         return _factor_leaves(*args)
-    return threads.run_limited(_jit_factor_leaves, len(leaves), args[0], *args)
+    if spread_over is not None:
+        return threads.run_limited(_jit_factor_leaves, len(leaves), args[0], *args)
+    leaves, views, ranks = args[:3]
+
+    def group(indices: list[int], method: str) -> tuple[list[tuple[jax.Array, jax.Array]],
+                                                         jax.Array]:
+        return _jit_factor_leaves(*_pick(indices, leaves, views, ranks), method, None)
+
+    def first(deferred: tuple[bool, ...]
+              ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array, jax.Array]:
+        return _jit_first_factors(leaves, views, ranks, deferred)
+
+    return threads.run_limited(_side_by_side, len(leaves), leaves, leaves, views, method, group,
+                               first)
 
 
 def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
@@ -777,7 +943,7 @@ def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
                    ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     if mesh is None:
         mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
-        pairs, finite = _factors_many(mats, list(ranks), method)
+        pairs, finite, _ = _factors_many(mats, list(ranks), method)
         return pairs, _stacked(finite)
     from jaxlr import sharding  # noqa: PLC0415
 
@@ -794,7 +960,7 @@ def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
             kernel = leaf[...] if nodes.is_node(leaf) else leaf
             if pairs:  # one matrix after the other (:func:`_after`)
                 kernel = _after(kernel, pairs[-1][0])
-            (a, b), finite = (x[0] for x in _factors_many(
+            (a, b), finite, _ = (x[0] for x in _factors_many(
                 [layout.to_rows(kernel)], [ranks[i]], method, spread.pick([i])))
             a = layout.to_view(a, shapes[i], view)
             a, b = (b.T, a.T) if layout.transposed else (a, b)
@@ -812,6 +978,17 @@ def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
 
 
 _jit_factor_leaves = jax.jit(_factor_leaves, static_argnums=(1, 2, 3, 4, 5))
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _jit_first_factors(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
+                       ranks: tuple[int, ...], deferred: tuple[bool, ...]
+                       ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array, jax.Array]:
+    """The first phase of an eager ``auto`` factorization (:func:`_side_by_side`), as
+    :func:`_first_projections`."""
+    mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
+    pairs, finite, accepted = _factors_many(mats, list(ranks), "auto", defer=deferred)
+    return pairs, _stacked(finite), _stacked(accepted)
 
 
 def singular_values_tree(

@@ -34,7 +34,8 @@ def three_threads():
 def seen(monkeypatch):
     """The BLAS thread counts in force while jaxlr's jitted whole-tree functions run."""
     counts: list[set[int]] = []
-    for name in ("_jit_project_leaves", "_jit_factor_leaves", "_jit_spectra"):
+    for name in ("_jit_project_leaves", "_jit_first_projections", "_jit_factor_leaves",
+                 "_jit_first_factors", "_jit_spectra"):
         original = getattr(svd, name)
 
         def spy(*args, original=original):

@@ -1,6 +1,6 @@
 """Benchmark: LRPET projection with energy transfer of every conv matrix of VGG-16 and ResNet-56.
 
-jaxlr's tree-level call (:func:`jaxlr.project`, one jitted call for the whole tree) against
+jaxlr's tree-level call (:func:`jaxlr.project`: jitted programs for the whole tree) against
 per-layer loops, all timed in this process on the same weights:
 
 * ``torch reference``: what both reference implementations do per layer: the kernel in torch's
@@ -22,8 +22,9 @@ The arithmetic floor is measured here too: the Gram products and rank-``r`` rebu
 machine's float32 GEMM rate (a jitted 2048-cubed product) plus, per matrix, the time of an
 ``eigh`` of its size without the cost of a call (:func:`eigh_seconds`: batched below 256, one
 LAPACK thread or the default). jaxlr's eager call runs its decompositions
-with one LAPACK thread each (:mod:`jaxlr.threads`); the same call with LAPACK's own thread count
-is timed as well.
+with one LAPACK thread each (:mod:`jaxlr.threads`) and its SVDs side by side, from a pool of
+threads (``jaxlr.svd._side_by_side``); the same call with LAPACK's own thread count, and as one
+program (:func:`one_program`: its SVDs one after the other), are timed as well.
 
 Run (torch comes with the ``compare`` extra)::
 
@@ -33,12 +34,13 @@ Run (torch comes with the ``compare`` extra)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -48,6 +50,7 @@ import numpy as np
 import jaxlr
 from experiments.benchmarks import write_rows
 from jaxlr import svd as jaxlr_svd
+from jaxlr import threads as jaxlr_threads
 
 VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 
@@ -195,6 +198,18 @@ def _seconds(run: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def one_program() -> Iterator[None]:
+    """jaxlr's eager calls as one program each, their SVDs one after the other (what they did
+    before 2026-11-24), instead of side by side (``jaxlr.svd._side_by_side``)."""
+    saved = jaxlr_threads.workers
+    jaxlr_threads.workers = lambda: 1
+    try:
+        yield
+    finally:
+        jaxlr_threads.workers = saved
+
+
 def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
                rate: float | None = None) -> dict[str, Any]:
     ranks = jaxlr.lsvt_ranks(tree, prune=ratio)
@@ -242,6 +257,14 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
             return jax.block_until_ready(jaxlr.project(tree, ranks))
 
     runs["jaxlr_auto_free_threads_s"] = free_threads
+    for method in ("auto", "svd"):
+
+        def in_one(method: str = method) -> Any:
+            with one_program():
+                return jax.block_until_ready(
+                    jaxlr.project(tree, ranks, options=jaxlr.ProjectionOptions(method=method)))
+
+        runs[f"jaxlr_{method}_one_program_s"] = in_one
 
     def numpy_loop() -> list[np.ndarray]:
         out = []
@@ -421,6 +444,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             + f"{r['numpy_s']:.3f} | {r['numpy_s'] / auto:.1f}x | "
             f"{r['jaxlr_auto_max_rel_error']:.1e} |"
         )
+    print("\nThe other methods (s), the calls as one program (their SVDs one after the other), "
+          "and auto with LAPACK's own thread count:")
+    header = ("| model | weights | gram | svd | svd, one program | auto | auto, one program | "
+              "auto, LAPACK's own threads | first call of auto |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        auto, svd = r["jaxlr_auto_s"], r["jaxlr_svd_s"]
+        print(f"| {r['model']} | {r['weights']} | {r['jaxlr_gram_s']:.3f} (max error "
+              f"{r['jaxlr_gram_max_rel_error']:.1e}) | {svd:.3f} | "
+              f"{r['jaxlr_svd_one_program_s']:.3f} ({svd / r['jaxlr_svd_one_program_s']:.2f}x) | "
+              f"{auto:.3f} | {r['jaxlr_auto_one_program_s']:.3f} "
+              f"({auto / r['jaxlr_auto_one_program_s']:.2f}x) | "
+              f"{r['jaxlr_auto_free_threads_s']:.3f} | {r['jaxlr_auto_first_call_s']:.1f} |")
     write_rows(args.json, rows)
     return rows
 
