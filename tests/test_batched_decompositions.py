@@ -46,12 +46,19 @@ SOAK = textwrap.dedent("""
 """)
 
 
-def test_thousands_of_batched_eigh_and_svd_calls_finish_and_agree_with_numpy():
-    done = subprocess.run([sys.executable, "-c", SOAK], capture_output=True, text=True,
+def soak(script: str) -> dict[str, str]:
+    """Runs ``script`` in a fresh interpreter under a timeout; the ``NAME value`` pairs it
+    prints."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     words = done.stdout.split()
-    calls, worst = int(words[words.index("CALLS") + 1]), float(words[words.index("WORST") + 1])
+    return dict(zip(words[::2], words[1::2], strict=True))
+
+
+def test_thousands_of_batched_eigh_and_svd_calls_finish_and_agree_with_numpy():
+    printed = soak(SOAK)
+    calls, worst = int(printed["CALLS"]), float(printed["WORST"])
     assert calls == 2460
     assert worst < 1e-4
 
@@ -116,11 +123,8 @@ CONCURRENT = textwrap.dedent("""
 
 
 def test_thousands_of_decompositions_from_several_threads_finish_and_agree_with_numpy():
-    done = subprocess.run([sys.executable, "-c", CONCURRENT], capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    words = done.stdout.split()
-    calls, worst = int(words[words.index("CALLS") + 1]), float(words[words.index("WORST") + 1])
+    printed = soak(CONCURRENT)
+    calls, worst = int(printed["CALLS"]), float(printed["WORST"])
     assert calls == 4 * 3 * 250 + 150 * 6
-    assert words[words.index("REJECTED") + 1] == "6"
+    assert printed["REJECTED"] == "6"
     assert worst < 1e-4
