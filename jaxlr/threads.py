@@ -4,7 +4,7 @@ On the CPU, ``jnp.linalg.eigh``, ``svd`` and ``qr`` run LAPACK (jaxlib calls the
 library SciPy ships, OpenBLAS by default), which starts its own threads for every call. XLA runs
 the Gram products on its own threads, on every core, and overlaps some decompositions with them,
 so a projection of a whole tree ends up with more busy threads than cores: on 2 cores the 13
-decompositions of VGG-16 took 1.8x as long with 2 LAPACK threads as with 1
+decompositions of VGG-16 took 1.6x to 2.4x as long with 2 LAPACK threads as with 1
 (``experiments/benchmarks/svd_projection.py``, BENCHMARKS.md). (The LAPACK calls of one jitted
 program mostly run one after the other: four QR reductions in one program took as long as four
 calls in a row, where four Python threads took 0.56x that; ``svd_projection --parts``.)
