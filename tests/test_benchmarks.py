@@ -319,6 +319,31 @@ def test_suite_runs_each_job_in_its_own_process_and_records_how_it_ended(monkeyp
         suite.main(["--preset", "gpu", "--only", "no-such-job"])
 
 
+def test_sharded_projection_gets_its_devices_or_refuses_to_run():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+    def python(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    # `python -m experiments.benchmarks.sharded_projection` sets XLA_FLAGS when it starts, which
+    # only takes effect if importing its package has not started jax already.
+    started = python("import sys, experiments.benchmarks; print('jax' in sys.modules)")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == "False"
+    # Imported (not run as a module) without the flag, it sees one CPU device and says so
+    # instead of measuring one device under the heading of eight.
+    one = python("from experiments.benchmarks import sharded_projection as s; "
+                 "s.main(['--repeats', '1'])")
+    assert one.returncode == 1
+    assert "needs 8 devices, jax sees 1" in one.stderr
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=8" in one.stderr
+
+
 def test_decomposition_parts_times_every_step_of_one_matrix():
     from experiments.benchmarks import svd_projection
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 
+DEVICES = 8
+
 if __name__ == "__main__" and "jax" not in os.sys.modules:  # fixed when jax starts
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}")
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -103,9 +105,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if jax.device_count() < DEVICES:
+        raise SystemExit(
+            f"sharded_projection needs {DEVICES} devices, jax sees {jax.device_count()}: run it as "
+            f"`python -m experiments.benchmarks.sharded_projection` (which sets XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={DEVICES} before jax starts), or set that "
+            "yourself before importing jax.")
     rows = run(args.repeats)
-    print(f"# {jax.device_count()} x {jax.devices()[0].platform} devices, jax {jax.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"{jax.device_count()} x {jax.devices()[0].platform} devices, jax {jax.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores:\n")
     print("| layout | decompositions | temp MiB / device | ratio | whole-kernel all-gathers | "
           "eigh per device | time (s) |")
     print("|---|---|---:|---:|---:|---:|---:|")
