@@ -522,7 +522,9 @@ def project(
       ranks: a :class:`jaxlr.Ranks`, ``{path: rank}`` or a function of the params returning one.
       prune: instead of ``ranks``: the fraction of singular values pruned, in ``[0, 1)``.
       keep: instead of ``ranks``: the fraction kept, in ``(0, 1]``.
-      batch_stats: the BatchNorm statistics, for BN rectification.
+      batch_stats: the BatchNorm statistics of the pairs of ``options.bn_pairs`` (BN
+        rectification); not read without pairs, as in the optimizer's update, so one call can
+        serve both.
       options: :class:`ProjectionOptions` (default: energy transfer, convolutions).
 
     Returns:
@@ -549,7 +551,7 @@ def project(
 
         from jaxlr import inference  # noqa: PLC0415
 
-        if batch_stats is None:
+        if batch_stats is None and options.bn_pairs:
             batch_stats = nnx.to_pure_dict(nnx.state(params, nnx.BatchStat))
         tree = project(_nnx.parameters(params), ranks, prune=prune, keep=keep,
                        batch_stats=batch_stats, options=options)

@@ -50,9 +50,10 @@ singular triplets are formed. A traced rank (a schedule of the kept fraction, or
 so shapes stay static under ``jit`` while the rank changes.
 
 **NaN and Inf.** A matrix holding NaN or Inf is never decomposed (its NaN would spread to every
-entry). Called eagerly, the tree-level functions raise ``ValueError`` naming the matrix; traced
-under ``jit``, such a matrix is returned unchanged and flagged. The matrix-level functions return
-the input unchanged (projection) or NaN factors.
+entry). Called eagerly, every function raises ``ValueError``, the tree-level ones naming the
+matrix; traced under ``jit``, where nothing can be raised, the tree-level functions return such a
+matrix unchanged and flag it, and the matrix-level ones return the input unchanged (projection) or
+NaN (factors, singular values).
 """
 
 from __future__ import annotations
@@ -139,6 +140,16 @@ def raise_if_nonfinite(names: Sequence[str], finite: jax.Array) -> None:
             f"matrices {bad} hold NaN or Inf; they cannot be decomposed. (Under jit they are "
             "returned unchanged.)"
         )
+
+
+def _eager_finite(matrix: jax.Array, under_jit: str, result: Any, finite: jax.Array) -> Any:
+    """``result`` of a one-matrix call; raises ``ValueError`` if the call is eager and ``matrix``
+    holds NaN or Inf (``under_jit``: what the call gives then instead)."""
+    if not is_traced(matrix) and not bool(finite):
+        raise ValueError(
+            f"matrix (shape {tuple(matrix.shape)}) holds NaN or Inf; it cannot be decomposed. "
+            f"(Under jit {under_jit}.)")
+    return result
 
 
 def check_rank(label: str, rank: Any, full: int) -> int:
@@ -557,18 +568,23 @@ def _spectrum(matrix: jax.Array) -> jax.Array:
 def singular_values(matrix: jax.typing.ArrayLike) -> jax.Array:
     """Singular values of a matrix, largest first, in float32 or wider.
 
+    Raises:
+      ValueError: called eagerly on a matrix holding NaN or Inf (under ``jit`` the singular
+        values come out NaN instead).
+
     Example:
       >>> import jax.numpy as jnp
       >>> singular_values(jnp.diag(jnp.array([1.0, 3.0, 2.0])))
       Array([3., 2., 1.], dtype=float32)
     """
     _check_matrix(matrix)
-    return _jit_spectrum(jnp.asarray(matrix))
+    matrix = jnp.asarray(matrix)
+    return _eager_finite(matrix, "its singular values are not finite", *_jit_spectrum(matrix))
 
 
 @jax.jit
-def _jit_spectrum(matrix: jax.Array) -> jax.Array:
-    return _spectrum(matrix)
+def _jit_spectrum(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _spectrum(matrix), jnp.isfinite(matrix).all()
 
 
 def project_matrix(
@@ -592,7 +608,11 @@ def project_matrix(
       method: ``"auto"``, ``"gram"`` or ``"svd"`` (see the module's documentation).
 
     Returns:
-      The projected matrix, in the input's dtype. A matrix holding NaN or Inf is returned unchanged.
+      The projected matrix, in the input's dtype.
+
+    Raises:
+      ValueError: called eagerly on a matrix holding NaN or Inf. Under ``jit``, where nothing can
+        be raised, such a matrix is returned unchanged.
 
     Example:
       >>> import jax.numpy as jnp
@@ -612,13 +632,16 @@ def project_matrix(
     check_flag("energy_transfer", energy_transfer)
     tail_scale = check_tail_scale(tail_scale)
     rank = check_rank("matrix", rank, min(jnp.shape(matrix)))
-    return _jit_project(jnp.asarray(matrix), rank, energy_transfer, tail_scale, method)
+    matrix = jnp.asarray(matrix)
+    return _eager_finite(matrix, "it is returned unchanged",
+                         *_jit_project(matrix, rank, energy_transfer, tail_scale, method))
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _jit_project(matrix: jax.Array, rank: int, energy_transfer: bool, tail_scale: float,
-                 method: str) -> jax.Array:
-    return _project_many([matrix], [rank], energy_transfer, tail_scale, method)[0][0]
+                 method: str) -> tuple[jax.Array, jax.Array]:
+    out, finite, _ = _project_many([matrix], [rank], energy_transfer, tail_scale, method)
+    return out[0], finite[0]
 
 
 def truncated_factors(
@@ -638,6 +661,10 @@ def truncated_factors(
       ``(A, B)`` of shapes ``(m, rank)`` and ``(rank, n)`` in the input's dtype, balanced (both
       carry ``sqrt(S_r)``), so ``x @ A @ B`` applies the truncated matrix.
 
+    Raises:
+      ValueError: called eagerly on a matrix holding NaN or Inf (under ``jit`` both factors come
+        out NaN instead).
+
     Example:
       >>> import jax.numpy as jnp
       >>> a, b = truncated_factors(jnp.diag(jnp.array([4.0, 1.0])), 1)
@@ -648,12 +675,15 @@ def truncated_factors(
     _check_matrix(matrix)
     check_method(method)
     rank = check_rank("matrix", rank, min(jnp.shape(matrix)))
-    return _jit_factors(jnp.asarray(matrix), rank, method)
+    matrix = jnp.asarray(matrix)
+    return _eager_finite(matrix, "both factors are NaN", *_jit_factors(matrix, rank, method))
 
 
 @partial(jax.jit, static_argnums=(1, 2))
-def _jit_factors(matrix: jax.Array, rank: int, method: str) -> tuple[jax.Array, jax.Array]:
-    return _factors_many([matrix], [rank], method)[0][0]
+def _jit_factors(matrix: jax.Array, rank: int, method: str
+                 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    out, finite, _ = _factors_many([matrix], [rank], method)
+    return out[0], finite[0]
 
 
 # ---------------------------------------------------------------------------------------------

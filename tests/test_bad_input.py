@@ -246,6 +246,10 @@ CASES = [
     ("project-lorita", lambda: jaxlr.project(jaxlr.factorize(params(), 2, KEY), prune=0.5),
      ValueError, "LoRITa"),
     ("project-nan", lambda: jaxlr.project(nan_params(), prune=0.5), ValueError, "conv/kernel"),
+    ("project-matrix-nan", lambda: jaxlr.project_matrix(jnp.full((4, 3), jnp.nan), 2),
+     ValueError, "NaN or Inf"),
+    ("factors-inf", lambda: jaxlr.truncated_factors(jnp.full((4, 3), jnp.inf), 2),
+     ValueError, "NaN or Inf"),
     ("wrapper-optimizer", lambda: jaxlr.with_low_rank_projection(lambda g: g, prune=0.5),
      TypeError, "optimizer"),
     # jaxlr.batchnorm

@@ -227,6 +227,22 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
 
     single = jax.jit(lambda m: jaxlr.project_matrix(m, 2, energy_transfer=True))(broken)
     np.testing.assert_array_equal(np.asarray(single), np.asarray(broken))
+    a, b = jax.jit(lambda m: jaxlr.truncated_factors(m, 2))(broken)
+    assert np.isnan(np.asarray(a)).all() and np.isnan(np.asarray(b)).all()
+    assert np.isnan(np.asarray(jax.jit(jaxlr.singular_values)(broken))).all()
+
+    # The one-matrix functions raise eagerly as the tree functions do, naming the shape.
+    for method in ("auto", "gram", "svd"):
+        with pytest.raises(ValueError, match=r"matrix \(shape \(20, 6\)\) holds NaN or Inf"):
+            jaxlr.project_matrix(broken, 2, method=method)
+        with pytest.raises(ValueError, match=r"matrix \(shape \(20, 6\)\) holds NaN or Inf"):
+            jaxlr.truncated_factors(broken, 2, method=method)
+    with pytest.raises(ValueError, match="holds NaN or Inf"):
+        jaxlr.singular_values(np.asarray(broken))
+    # Nothing of it applies to a finite matrix, whatever its values.
+    huge = good * 1e30
+    np.testing.assert_allclose(np.asarray(jaxlr.singular_values(huge)),
+                               np_svd(np.asarray(huge, np.float64))[1], rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
