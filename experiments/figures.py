@@ -7,7 +7,12 @@
   (seed 0's LRPET table, its LoRITa truncation sweep, which is the data of the figure, its
   accepted budgets, and the machine that computed them), the block ``main-job-seeds`` (the
   headline numbers of every seed, and what they say, worded from the numbers: which method leads,
-  and whether it does in every seed) and ``docs/accuracy_drop.png`` (seed 0's figure);
+  and whether it does in every seed), the block ``main-job-spread`` (seeds 1 and 2, and seed 0
+  again with XLA compiling for each older instruction set of :data:`SPREAD_ISAS` the processor
+  has: how far the numbers move on another machine, and the tolerance the README's test allows
+  there) and
+  ``docs/accuracy_drop.png`` (seed 0's figure). Each run is a new Python process
+  (:func:`fresh_run`), so the same machine repeats it bit for bit;
 * the ``default`` preset of every paper module (``lorita_fcn``, ``lorita_vit``, ``lorita_cnn``,
   ``lrpet_cifar``, ``rank_search``), and writes docs/reproducing.md's block ``default-presets``
   (time and findings of each, in words computed from its results) and
@@ -20,8 +25,8 @@
 
 No number in these blocks is typed by hand. ``tests/test_readme.py`` runs seed 0 of the main job
 again and checks the README against it. Options: ``--part readme|docs|evidence|all`` (default
-all; on a 2-core CPU the README part takes about 2 minutes, the docs part about 10, the evidence
-part about 25), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs there instead of
+all; on a 2-core CPU the README part takes about 5 minutes, the docs part about 6, the evidence
+part about 20), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs there instead of
 a temporary directory; runs found there are reused, so a directory holding runs of older code
 gives their numbers), ``--check`` (compare only, exit status 1 on a difference),
 ``--no-progress``.
@@ -31,10 +36,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
-import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -42,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import evidence
+from experiments import machine as machine_lib
 from experiments import main as main_job
 from experiments.results import Column, Results, markdown_table
 
@@ -49,18 +56,29 @@ __all__ = [
     "COMPARE_BUDGET",
     "MODULES",
     "POLICY_BUDGET",
+    "ACCEPTED",
+    "NUMBER",
+    "SPREAD_ISAS",
+    "accuracy_keys",
     "block",
+    "block_change",
     "evidence_blocks",
     "fcn_figure_name",
     "findings",
+    "fresh_run",
     "headline",
     "machine",
+    "measured_part",
+    "numbers_of",
     "presets_block",
     "read_block",
     "replace_block",
     "run",
     "run_modules",
     "seeds_block",
+    "spread_block",
+    "spread_isas",
+    "tolerance",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,26 +96,15 @@ MODULES = ("lorita_fcn", "lorita_vit", "lorita_cnn", "lrpet_cifar", "rank_search
 COMPARE_BUDGET = 0.05
 # The budget at which GSVT and LSVT are compared, and lorita_fcn's N values.
 POLICY_BUDGET = 0.1
+# Instruction sets seed 0 of the main job is run again with (those older than this machine's):
+# what a change of processor generation moves. AVX-512's extensions (VNNI, BF16, AMX) add no
+# float32 arithmetic.
+SPREAD_ISAS = ("AVX2", "AVX", "SSE4_2")
 
 
 def machine() -> str:
-    """The platform the numbers were computed on: architecture, CPU model, cores, jax version
-    and backend (numbers computed elsewhere may differ in their last digits), matplotlib version
-    (for the figure's bytes)."""
-    import jax
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import matplotlib
-
-    return (f"{platform.machine()} {cpu}".strip() + f", {os.cpu_count()} cores, jax "
-            f"{jax.__version__} ({jax.default_backend()}), matplotlib {matplotlib.__version__}")
+    """The machine the numbers are computed on: :func:`experiments.machine.describe`."""
+    return machine_lib.describe()
 
 
 def _sweep_rows(sweeps: Mapping[int, Sequence[Mapping[str, Any]]]) -> tuple[list[dict], list]:
@@ -209,8 +216,9 @@ def seeds_block(numbers: Sequence[Mapping[str, Any]], seconds: Sequence[float],
                  for n in numbers for d in depths]
     seeds = f"seeds 0-{len(numbers) - 1}"
     return "\n".join([
-        f"The same job for {seeds} (each run {min(seconds):.0f}-{max(seconds):.0f} s here; "
-        f"{test_images} test images, so one image is {100 * image:.2f} points):",
+        f"The same job for {seeds} on the same machine (each run {min(seconds):.0f}-"
+        f"{max(seconds):.0f} s; {test_images} test images, so one image is {100 * image:.2f} "
+        "points):",
         "",
         table,
         "",
@@ -226,6 +234,129 @@ def seeds_block(numbers: Sequence[Mapping[str, Any]], seconds: Sequence[float],
         f"that more factors truncate better), in test images per seed: "
         f"{_images(n_gap, test_images)}; {_order(n_gap, f'N = {high}', f'N = {low}', image)}.",
     ])
+
+
+def accuracy_keys(depths: Sequence[int]) -> tuple[str, ...]:
+    """The headline accuracies the seed and spread tables show (:func:`headline`'s keys)."""
+    low, high = min(depths), max(depths)
+    compare = f"GSVT {COMPARE_BUDGET:g}"
+    return ("dense", "truncated", "LRP", "LRPET", f"N{low} {compare}", f"N{high} {compare}")
+
+
+# The first block's accepted budgets follow this caption: choices on a noisy curve (one test
+# image moves one by a grid step, or to "-"), so another machine's are compared by their rows'
+# labels only, while every number before it is compared within the tolerance.
+ACCEPTED = "Accepted per policy"
+# A number, and whether a percent sign follows it (then it is read as a fraction).
+NUMBER = re.compile(r"([-+]?\d+(?:\.\d+)?)(%?)")
+
+
+def measured_part(main_block: str) -> str:
+    """The part of a main-job block whose numbers another machine is checked against: after its
+    first line (which names the seed and the machine), before the accepted budgets."""
+    return main_block.split("\n", 1)[1].split(ACCEPTED, 1)[0]
+
+
+def numbers_of(text: str) -> list[float]:
+    """The numbers of ``text`` in order, percentages as fractions ("19.3%" is 0.193)."""
+    return [float(n) / (100 if percent else 1) for n, percent in NUMBER.findall(text)]
+
+
+def block_change(reference: str, other: str) -> float:
+    """The largest change of a number between two main-job blocks' :func:`measured_part`.
+
+    Raises:
+      ValueError: if their text differs with the numbers masked (then they do not compare).
+    """
+    a, b = measured_part(reference), measured_part(other)
+    if NUMBER.sub("#", a) != NUMBER.sub("#", b):
+        raise ValueError("the two main-job blocks differ in more than their numbers.")
+    return max((abs(x - y) for x, y in zip(numbers_of(a), numbers_of(b), strict=True)),
+               default=0.0)
+
+
+def spread_block(seed_runs: Sequence[Mapping[str, Any]],
+                 isa_runs: Mapping[str, Mapping[str, Any]], test_images: int,
+                 depths: Sequence[int]) -> str:
+    """The README's block ``main-job-spread``: how far the first block's numbers move with the
+    seed and with the instruction set XLA compiles for, and the tolerance another machine is
+    checked with (the largest such change, :func:`tolerance`).
+
+    Args:
+      seed_runs: :func:`fresh_run`'s results for seeds 0, 1, ...; seed 0 is the first block's.
+      isa_runs: seed 0's with XLA capped to each instruction set (the keys).
+      test_images: the test split's size.
+      depths: the main job's N values.
+    """
+    reference = seed_runs[0]
+    here = machine_lib.isa()
+    rows = [{"run": f"seed 0, {here} (the first block)", **reference["headline"],
+             "change": 0.0}]
+    rows += [{"run": f"seed {seed}", **run["headline"],
+              "change": block_change(reference["block"], run["block"])}
+             for seed, run in enumerate(seed_runs) if seed > 0]
+    rows += [{"run": f"seed 0, {isa}", **run["headline"],
+              "change": block_change(reference["block"], run["block"])}
+             for isa, run in isa_runs.items()]
+    low, high = min(depths), max(depths)
+    names = ["CNN dense", "truncated after", "LRP", "LRPET",
+             f"N = {low}, GSVT {COMPARE_BUDGET:.0%}", f"N = {high}, GSVT {COMPARE_BUDGET:.0%}"]
+    columns = [Column("run"), *[Column(key, name, ".4f") for key, name
+                                in zip(accuracy_keys(depths), names, strict=True)],
+               Column("change", "largest change", ".4f")]
+    allowed = max(r["change"] for r in rows)
+    by_isa = [r["change"] for r in rows if r["run"].startswith("seed 0, ")][1:]
+    by_seed = [r["change"] for r in rows if not r["run"].startswith("seed 0")]
+    image = 1 / test_images
+    isas = (f"with XLA capped to {', '.join(isa_runs)} (`XLA_FLAGS=--xla_cpu_max_isa=NAME`)"
+            if isa_runs else f"(XLA compiles for {here} here: no older instruction set of "
+            f"{', '.join(SPREAD_ISAS)} to cap it to)")
+    lines = [
+        f"How far the first block's numbers move: "
+        f"{f'seeds 1-{len(seed_runs) - 1}, and ' if len(seed_runs) > 1 else ''}seed 0 on the "
+        f"same machine {isas}. \"Largest change\": of any number of the first block's "
+        "tables and sentences before its accepted budgets (percentages as fractions), from "
+        "seed 0's:",
+        "",
+        markdown_table(rows, columns),
+        "",
+    ]
+    if by_isa:
+        seeds = f"; a seed, by up to {max(by_seed):.4f}" if by_seed else ""
+        lines.append(f"* The instruction set moves a number by up to {max(by_isa):.4f}{seeds} "
+                     f"(one test image is {image:.4f}). A processor of another "
+                     "model, core count or jax version changes the rounding in other ways too "
+                     "(XLA and its kernels tune for the processor), which one machine cannot "
+                     "show: its numbers may move as far as a seed's.")
+    lines += [
+        "* The tables and sentences above hold bit for bit on the machine the first block names; "
+        "elsewhere their numbers move as in this table, and a sentence about an order of a few "
+        "test images can read otherwise.",
+        f"* `tests/test_readme.py` checks another machine's seed 0 against the first block: the "
+        f"same text with the numbers masked, each number within {allowed:.4f} (the largest "
+        f"change above{', from a seed' if allowed in by_seed else ''}), the accepted budgets by "
+        "their rows only; on the machine named there, every character.",
+    ]
+    return "\n".join(lines)
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """The cells of the markdown table rows of ``text`` whose first cell matches
+    ``first_cell`` (a regular expression)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|:-") and not line.startswith("|--"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if re.fullmatch(first_cell, cells[0]):
+                rows.append(cells)
+    return rows
+
+
+def tolerance(readme: str) -> float:
+    """The tolerance :func:`spread_block` states, read again from the README's spread table: the
+    largest of its "largest change" column."""
+    return max(float(row[-1]) for row in _table_rows(read_block(readme, "main-job-spread"),
+                                                     r"seed \d+.*"))
 
 
 def _block_pattern(name: str) -> re.Pattern[str]:
@@ -261,22 +392,93 @@ def read_block(text: str, name: str) -> str:
     return match[2].rstrip("\n")
 
 
-def run(seeds: int, output: Path, progress: bool
-        ) -> tuple[str, str, list[dict[str, Any]], list[float], dict[str, int]]:
-    """Runs the main job's default preset for seeds ``0 .. seeds - 1`` under ``output/seed{k}``;
-    returns the README's two blocks, each seed's headline numbers and seconds, and the split
-    sizes."""
-    base = main_job.PRESETS["default"]
-    numbers, seconds, first = [], [], None
-    for seed in range(seeds):
-        config = dataclasses.replace(base, seed=seed)
-        out = main_job.run(config, Results(output / f"seed{seed}"), progress)
-        numbers.append(headline(out))
-        seconds.append(out["seconds"])
-        if first is None:
-            first = block(out, config, machine())
-    return first, seeds_block(numbers, seconds, out["examples"]["test"],
-                              sorted(base.depths)), numbers, seconds, out["examples"]
+# What a fresh run (fresh_run) leaves in its results directory for the process that started it.
+FRESH_RUN = "figures_run.json"
+
+
+def fresh_run(seed: int, output: Path, progress: bool, isa: str | None = None
+              ) -> dict[str, Any]:
+    """Runs seed ``seed`` of the main job's default preset in a new Python process, under
+    ``output``, and returns what the README's blocks need of it.
+
+    A new process computes the same numbers bit for bit on the same machine; a long-lived one
+    (a test suite that has run other programs first) may round one reduction differently.
+
+    Args:
+      seed: the preset's seed.
+      output: the run's results directory (runs found there are reused).
+      progress: show the run's progress bars and output (otherwise they are kept, and shown only
+        if the run fails).
+      isa: cap the instruction set XLA compiles for (``XLA_FLAGS=--xla_cpu_max_isa=ISA``, one of
+        :data:`experiments.machine.ISAS`' names); default this machine's.
+
+    Returns:
+      ``{"block": the README's main-job block of this run, "headline": :func:`headline`'s
+      numbers, "seconds": the run's time, "examples": the split sizes, "machine":
+      :func:`machine` in that process}``.
+
+    Raises:
+      RuntimeError: if the run fails (with the end of its output).
+    """
+    env = dict(os.environ)
+    if isa is not None:
+        if isa not in [name for name, _ in machine_lib.ISAS]:
+            raise ValueError(f"isa must be one of {[n for n, _ in machine_lib.ISAS]}, "
+                             f"got {isa!r}.")
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa={isa}".strip()
+    output.mkdir(parents=True, exist_ok=True)
+    script = ("import sys; from pathlib import Path; from experiments import figures; "
+              "figures._write_fresh_run(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == '1')")
+    done = subprocess.run([sys.executable, "-c", script, str(seed), str(output),
+                           "1" if progress else "0"], cwd=ROOT, env=env, text=True,
+                          capture_output=not progress)
+    if done.returncode != 0:
+        tail = ((done.stdout or "") + (done.stderr or ""))[-4000:]
+        raise RuntimeError(f"seed {seed} of the main job (isa={isa}) failed with exit status "
+                           f"{done.returncode}:\n{tail}")
+    return json.loads((output / FRESH_RUN).read_text())
+
+
+def _write_fresh_run(seed: int, output: Path, progress: bool) -> None:
+    config = dataclasses.replace(main_job.PRESETS["default"], seed=seed)
+    out = main_job.run(config, Results(output), progress)
+    (output / FRESH_RUN).write_text(json.dumps({
+        "block": block(out, config, machine()), "headline": headline(out),
+        "seconds": out["seconds"], "examples": out["examples"], "machine": machine()}))
+
+
+def spread_isas() -> list[str]:
+    """The instruction sets older than this machine's that the README's spread table measures:
+    those of :data:`SPREAD_ISAS` below the one XLA compiles for here."""
+    names = [name for name, _ in machine_lib.ISAS]
+    here = machine_lib.isa()
+    if here not in names:
+        return []
+    return [isa for isa in SPREAD_ISAS if names.index(isa) < names.index(here)]
+
+
+def run(seeds: int, output: Path, progress: bool, spread: bool = True
+        ) -> tuple[dict[str, str], list[dict[str, Any]], list[float], dict[str, int]]:
+    """Runs the main job's default preset for seeds ``0 .. seeds - 1`` under ``output/seed{k}``
+    and, with ``spread``, seed 0 once more for each instruction set of :func:`spread_isas` under
+    ``output/{isa}``, each in a new process (:func:`fresh_run`).
+
+    Returns:
+      The README's blocks (``{"main-job": ..., "main-job-seeds": ..., "main-job-spread": ...}``,
+      the last only with ``spread``), each seed's headline numbers and seconds, and the split
+      sizes.
+    """
+    runs = [fresh_run(seed, output / f"seed{seed}", progress) for seed in range(seeds)]
+    numbers = [r["headline"] for r in runs]
+    seconds = [r["seconds"] for r in runs]
+    examples = runs[0]["examples"]
+    depths = sorted(main_job.PRESETS["default"].depths)
+    blocks = {"main-job": runs[0]["block"],
+              "main-job-seeds": seeds_block(numbers, seconds, examples["test"], depths)}
+    if spread:
+        by_isa = {isa: fresh_run(0, output / isa, progress, isa) for isa in spread_isas()}
+        blocks["main-job-spread"] = spread_block(runs, by_isa, examples["test"], depths)
+    return blocks, numbers, seconds, examples
 
 
 # ------------------------------------------------------------------------------------------------
@@ -562,11 +764,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         output = args.output_dir or Path(scratch)
         if args.part in ("readme", "docs", "all"):
-            first, seeds, _, seconds, examples = run(args.seeds if args.part != "docs" else 1,
-                                                     output / "main", progress)
+            readme_part = args.part != "docs"
+            blocks, _, seconds, examples = run(
+                args.seeds if readme_part else 1, output / "main", progress, spread=readme_part)
         if args.part in ("readme", "all"):
-            updates[README] = replace_block(replace_block(README.read_text(), "main-job", first),
-                                            "main-job-seeds", seeds)
+            text = README.read_text()
+            for name, content in blocks.items():
+                text = replace_block(text, name, content)
+            updates[README] = text
             figures[FIGURE] = output / "main" / "seed0" / "accuracy_drop.png"
         if args.part in ("docs", "all"):
             done = run_modules(output, progress)

@@ -111,7 +111,8 @@ def run(put) -> dict[str, np.ndarray]:
 
 def main() -> None:
     process_id, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # an instruction-set cap holds
+                               + " --xla_force_host_platform_device_count=4").strip()
     import jax  # noqa: PLC0415
     from jax.experimental import multihost_utils  # noqa: PLC0415
     from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415

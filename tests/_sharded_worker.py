@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 
 if __name__ == "__main__":  # before jax starts its backend; never on import
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    # Appended: flags already set (an instruction-set cap, say) still hold.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
 
 import json  # noqa: E402
 import math  # noqa: E402

@@ -153,7 +153,6 @@ def _load_multihost_worker():
 
 def test_two_processes_train_lrpet_and_lorita_like_one_device(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(MULTIHOST.parent.parent))
-    env.pop("XLA_FLAGS", None)
     port = str(_free_port())
     logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # noqa: SIM115
     processes = [subprocess.Popen([sys.executable, str(MULTIHOST), str(i), port, str(tmp_path)],

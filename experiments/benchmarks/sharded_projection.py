@@ -22,7 +22,10 @@ import os
 DEVICES = 8
 
 if __name__ == "__main__" and "jax" not in os.sys.modules:  # fixed when jax starts
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}")
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:  # other flags (an ISA cap) hold
+        os.environ["XLA_FLAGS"] = (
+            f"{_flags} --xla_force_host_platform_device_count={DEVICES}".strip())
 
 import argparse  # noqa: E402
 import math  # noqa: E402
