@@ -123,7 +123,7 @@ def compress_to_macs(
     rest = {k: v for k, v in variables.items() if k != "params"}
     cost = jaxlr.forward_cost(lambda p, x: model.apply({"params": p, **rest}, x, train=False),
                               variables["params"], sample, xla=False)
-    ranks = jaxlr.target_ranks(variables["params"], drop, cost=cost, normalize="max",
+    ranks = jaxlr.target_ranks(variables["params"], reduction=drop, cost=cost, normalize="max",
                                filter=filter)
     out, report = truncation.compressed_variables(variables, ranks)
     return out, ranks, truncation.forward_macs(model, out, sample), report.params_after

@@ -163,8 +163,9 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
     lrpet = jaxlr.ProjectionOptions(bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample))
     variants = {
         "no projection": None,
-        "LRP": jaxlr.low_rank_projection(config.prune, every=steps_per_epoch, options=lrp),
-        "LRPET": jaxlr.low_rank_projection(config.prune, every=steps_per_epoch, options=lrpet),
+        "LRP": jaxlr.low_rank_projection(prune=config.prune, every=steps_per_epoch, options=lrp),
+        "LRPET": jaxlr.low_rank_projection(prune=config.prune, every=steps_per_epoch,
+                                           options=lrpet),
     }
     rows, histories = [], {}
     for name, projection in variants.items():

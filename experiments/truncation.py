@@ -107,12 +107,12 @@ def sweep(
     return rows
 
 
-def _matrix(leaf: jaxlr.matrices.MatrixLeaf, kernel: np.ndarray) -> np.ndarray:
+def _matrix(leaf: jaxlr.selection.MatrixLeaf, kernel: np.ndarray) -> np.ndarray:
     view = leaf.view
     return np.transpose(kernel, view.row_axes + view.col_axes).reshape(leaf.matrix_shape)
 
 
-def _kernel(leaf: jaxlr.matrices.MatrixLeaf, matrix: np.ndarray) -> np.ndarray:
+def _kernel(leaf: jaxlr.selection.MatrixLeaf, matrix: np.ndarray) -> np.ndarray:
     view = leaf.view
     order = view.row_axes + view.col_axes
     shape = [leaf.shape[axis] for axis in order]

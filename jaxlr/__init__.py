@@ -3,9 +3,10 @@
 The public API, re-exported from the modules that define it:
 
 * :mod:`jaxlr.matrices`: how kernel leaves are seen as matrices (Flax and PyTorch/Equinox layouts),
-  which leaves are selected, and the keys of paths.
+  filters, and the keys of paths.
 * :mod:`jaxlr.nodes`: the two kernel representations, LoRITa's ``Product`` and the factor pair
-  ``LowRank``, and ``collapse`` back to dense kernels.
+  ``LowRank``, and their collapse back to dense kernels (``jaxlr.collapse`` for NNX modules too).
+* :mod:`jaxlr.selection`: which leaves of a tree are selected as matrices, and of which kind.
 * :mod:`jaxlr.svd`: jitted singular values, rank-``r`` projection and truncated factors.
 * :mod:`jaxlr.policies`: rank policies (fixed, LSVT / LRPET ratio, GSVT, energy, cost targets).
 * :mod:`jaxlr.lorita`: LoRITa's factorization of trees and NNX modules, weight-decay helpers.
@@ -32,19 +33,21 @@ from jaxlr import (
     nodes,
     policies,
     projection,
+    selection,
     sharding,
     svd,
     threads,
     train_state,
 )
+from jaxlr._nnx import collapse
 from jaxlr.batchnorm import bn_pairs_by_name, find_bn_pairs
 from jaxlr.compression import CompressionReport, CompressionResult, compress
 from jaxlr.cost import ForwardCost, LayerCost, forward_cost
 from jaxlr.inference import apply, nnx_model
 from jaxlr.latency import LatencyTable, measure_latency
 from jaxlr.lorita import factorize
-from jaxlr.matrices import MatrixView, is_kernel, kernel_filter, kernel_kinds, matrix_leaves
-from jaxlr.nodes import LowRank, Product, collapse
+from jaxlr.matrices import MatrixView, is_kernel, kernel_filter
+from jaxlr.nodes import LowRank, Product
 from jaxlr.policies import (
     Ranks,
     energy_ranks,
@@ -61,6 +64,7 @@ from jaxlr.projection import (
     project,
     with_low_rank_projection,
 )
+from jaxlr.selection import kernel_kinds, matrix_leaves
 from jaxlr.svd import project_matrix, singular_values, singular_values_tree, truncated_factors
 from jaxlr.threads import lapack_threads
 from jaxlr.train_state import TrainState
@@ -111,6 +115,7 @@ __all__ = [
     "project",
     "project_matrix",
     "projection",
+    "selection",
     "sharding",
     "policies",
     "retained_fraction",

@@ -13,8 +13,8 @@ from flax import nnx
 from jaxlr import matrices, nodes
 
 __all__ = [
-    "child", "is_module", "node_paths", "parameters", "replace_nodes", "set_child", "walk",
-    "write",
+    "child", "collapse", "is_module", "node_paths", "parameters", "replace_nodes", "set_child",
+    "walk", "write",
 ]
 
 
@@ -96,3 +96,26 @@ def replace_nodes(model: nnx.Module, dense: Callable[[tuple[str, ...], Any], Any
         node.check(repr(matrices.path_key(path)))
         set_child(parent, path[-1], nnx.Param(dense(path, node)))
     return model
+
+
+def collapse(tree: Any) -> Any:
+    """Multiplies every :class:`~jaxlr.nodes.Product` and :class:`~jaxlr.nodes.LowRank` back into
+    its dense kernel.
+
+    Differentiable: gradients reach each factor through the product. Takes any tree (a Linen
+    variable dict, an NNX ``State``, an Equinox module, ...) and returns it with arrays in place of
+    the nodes; given a Flax NNX module it returns a copy whose kernels are ``nnx.Param`` arrays
+    again (the module itself is left as it is).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxlr.nodes import LowRank
+      >>> from jaxlr.matrices import MatrixView
+      >>> tree = {"kernel": LowRank(jnp.ones((4, 1)), jnp.ones((1, 3)), (4, 3),
+      ...                           MatrixView((0,), (1,)))}
+      >>> collapse(tree)["kernel"].shape
+      (4, 3)
+    """
+    if is_module(tree):
+        return replace_nodes(tree, lambda path, node: node.kernel())
+    return nodes.collapse_tree(tree)

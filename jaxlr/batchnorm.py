@@ -16,7 +16,9 @@ whose output feeds two BatchNorms, or a BatchNorm fed by two layers, is ambiguou
 parent module, and can be wrong where names mislead.
 
 Both return ``{kernel key: BatchNorm key}`` (keys as :func:`jaxlr.matrices.path_key`), to pass as
-``jaxlr.ProjectionOptions(bn_pairs=...)``.
+``jaxlr.ProjectionOptions(bn_pairs=...)``. :func:`find_bn_pairs`'s BatchNorm keys are
+:class:`BatchNormKey` s: strings that also carry the BatchNorm's ``epsilon``, which the projection
+then uses (``ProjectionOptions.bn_epsilon`` serves pairs given as plain strings).
 """
 
 from __future__ import annotations
@@ -29,9 +31,34 @@ import flax.linen as nn
 import jax
 from flax.core import meta
 
-from jaxlr import _nnx, matrices, nodes
+from jaxlr import _nnx, matrices, nodes, selection
 
-__all__ = ["bn_pairs_by_name", "find_bn_pairs"]
+__all__ = ["BatchNormKey", "bn_pairs_by_name", "find_bn_pairs"]
+
+
+class BatchNormKey(str):
+    """A BatchNorm's key (a ``str``, equal to and printed as the key) with its ``epsilon``.
+
+    Attributes:
+      epsilon: the BatchNorm's epsilon, ``a = gamma / sqrt(var + epsilon)`` in BN rectification.
+
+    Example:
+      >>> key = BatchNormKey("block/bn1", epsilon=1e-3)
+      >>> key == "block/bn1", key.epsilon
+      (True, 0.001)
+    """
+
+    epsilon: float
+
+    def __new__(cls, key: str, epsilon: float) -> BatchNormKey:
+        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not epsilon > 0:
+            raise ValueError(f"epsilon must be a number > 0, got {epsilon!r}.")
+        out = super().__new__(cls, key)
+        out.epsilon = float(epsilon)
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BatchNormKey, (str(self), self.epsilon))
 
 
 def _has_kernel_value(value: Any) -> bool:
@@ -41,24 +68,27 @@ def _has_kernel_value(value: Any) -> bool:
 
 
 def _pairs(outputs: list[tuple[tuple[str, ...], Any]],
-           inputs: list[tuple[tuple[str, ...], Any]]) -> dict[str, str]:
-    """Kernel -> BatchNorm where the BatchNorm's input is the kernel layer's output object."""
+           inputs: list[tuple[tuple[str, ...], Any, float]]) -> dict[str, str]:
+    """Kernel -> BatchNorm (with its epsilon) where the BatchNorm's input is the kernel layer's
+    output object."""
+    epsilons = {matrices.path_key(path): epsilon for path, _, epsilon in inputs}
     found: dict[str, set[str]] = {}
     fed: dict[str, set[str]] = {}
-    for bn_path, x in inputs:
+    for bn_path, x, _ in inputs:
         owners = {path for path, y in outputs if y is x}
         bn = matrices.path_key(bn_path)
         for owner in owners:
             kernel = matrices.path_key((*owner, "kernel"))
             found.setdefault(kernel, set()).add(bn)
             fed.setdefault(bn, set()).add(kernel)
-    return {kernel: next(iter(bns)) for kernel, bns in found.items()
+    return {kernel: BatchNormKey(next(iter(bns)), epsilons[next(iter(bns))])
+            for kernel, bns in found.items()
             if len(bns) == 1 and len(fed[next(iter(bns))]) == 1}
 
 
 def _linen_pairs(model: nn.Module, variables: Any, args: tuple, kwargs: dict) -> dict[str, str]:
     outputs: list[tuple[tuple[str, ...], Any]] = []
-    inputs: list[tuple[tuple[str, ...], Any]] = []
+    inputs: list[tuple[tuple[str, ...], Any, float]] = []
 
     def record(next_fun: Callable[..., Any], call_args: tuple, call_kwargs: dict,
                context: Any) -> Any:
@@ -66,7 +96,7 @@ def _linen_pairs(model: nn.Module, variables: Any, args: tuple, kwargs: dict) ->
         if context.method_name != "__call__":
             return next_fun(*call_args, **call_kwargs)
         if isinstance(module, nn.BatchNorm) and call_args:
-            inputs.append((tuple(module.path), call_args[0]))
+            inputs.append((tuple(module.path), call_args[0], module.epsilon))
         out = next_fun(*call_args, **call_kwargs)
         if module.scope is not None and _has_kernel_value(
                 module.variables.get("params", {}).get("kernel")):
@@ -76,7 +106,7 @@ def _linen_pairs(model: nn.Module, variables: Any, args: tuple, kwargs: dict) ->
     kwargs = {**kwargs, "mutable": True}
     kwargs.setdefault("rngs", {"dropout": jax.random.key(0), "params": jax.random.key(0)})
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v: model.apply(nodes.collapse(v), *args, **kwargs), variables)
+        jax.eval_shape(lambda v: model.apply(nodes.collapse_tree(v), *args, **kwargs), variables)
     return _pairs(outputs, inputs)
 
 
@@ -84,12 +114,12 @@ def _nnx_pairs(model: Any, args: tuple, kwargs: dict) -> dict[str, str]:
     from flax import nnx  # noqa: PLC0415
 
     outputs: list[tuple[tuple[str, ...], Any]] = []
-    inputs: list[tuple[tuple[str, ...], Any]] = []
+    inputs: list[tuple[tuple[str, ...], Any, float]] = []
 
     def recording(cls: type, path: tuple[str, ...], is_bn: bool) -> type:
         def __call__(self: Any, *call_args: Any, **call_kwargs: Any) -> Any:  # noqa: N807
             if is_bn and call_args:
-                inputs.append((path, call_args[0]))
+                inputs.append((path, call_args[0], self.epsilon))
             out = cls.__call__(self, *call_args, **call_kwargs)
             if not is_bn:
                 outputs.append((path, out))
@@ -172,7 +202,7 @@ def bn_pairs_by_name(params: Any, batch_stats: Any) -> dict[str, str]:
     if bn_modules and all(path[0] == "batch_stats" for path in bn_modules):
         bn_modules = {path[1:] for path in bn_modules}
     pairs = {}
-    for path, leaf in matrices.flatten(params)[0]:
+    for path, leaf in selection.flatten(params)[0]:
         if path and path[0] == "params":
             path = path[1:]
         if not (len(path) >= 2 and path[-1] == "kernel" and _has_kernel_value(leaf)):

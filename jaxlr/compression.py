@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import _nnx, matrices, nodes, sharding, svd
+from jaxlr import _equinox, _nnx, inference, matrices, nodes, selection, sharding, svd
 from jaxlr.policies import Ranks, RankSpec, retained_fraction, select
 
 __all__ = ["CompressionResult", "CompressionReport", "LayerReport", "compress"]
@@ -136,20 +136,20 @@ def compress(
         (called eagerly) a matrix holding NaN or Inf.
     """
     if _nnx.is_module(params):
-        from jaxlr import inference  # noqa: PLC0415 - inference imports this module's users
-
         tree, report = _compress_tree(_nnx.parameters(params), ranks, view, method, mesh)
         return CompressionResult(inference.nnx_model(params, tree), report)
-    return CompressionResult(*_compress_tree(params, ranks, view, method, mesh))
+    tree, report = _compress_tree(params, ranks, view, method, mesh)
+    return CompressionResult(_equinox.runnable(tree) if _equinox.is_module(params) else tree,
+                             report)
 
 
 def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
                    method: str, mesh: Any) -> tuple[Any, CompressionReport]:
-    params = nodes.collapse(params)
+    params = nodes.collapse_tree(params)
     svd.check_method(method)
     sharding.check_mesh(mesh)
     chosen, found = select(params, ranks, view=view)
-    flat, treedef = matrices.flatten(params)
+    flat, treedef = selection.flatten(params)
     leaves = [leaf for _, leaf in flat]
     # A matrix kept at full rank stays as it is: exact, and no decomposition to pay for.
     cut = {key: leaf for key, leaf in found.items() if chosen[key] < leaf.full_rank}

@@ -140,16 +140,17 @@ class ForwardCost(NamedTuple):
         if self.xla_flops is not None:
             xla = f"XLA flops / 2 {self.xla_flops / 2:.4g} vs MACs in bounds {self.macs_in_bounds}"
             if baseline is not None and baseline.xla_flops:
-                xla += f"; XLA flops reduced by {1 - self.xla_flops / baseline.xla_flops:.1%}"
+                xla += f"; XLA flops kept {self.xla_flops / baseline.xla_flops:.1%}"
             lines.append(xla)
         return "\n".join(lines)
 
 
 def _change(before: int | None, after: int) -> str:
+    """``before -> after (kept%)``: the fraction kept, as every jaxlr table prints it."""
     if before is None or before == after:
         return f"{after}"
-    drop = 1 - after / before if before else 0.0
-    return f"{before} -> {after} (-{drop:.1%})"
+    kept = f" ({after / before:.1%})" if before else ""
+    return f"{before} -> {after}{kept}"
 
 
 def xla_flops(fn: Callable[..., Any], *args: Any, backend: str | None = "cpu") -> float | None:

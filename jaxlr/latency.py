@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import matrices, nodes
+from jaxlr import matrices, nodes, selection
 from jaxlr.cost import _products, _tagged_jaxpr
 from jaxlr.policies import Ranks
 
@@ -341,8 +341,8 @@ def measure_latency(
             raise ValueError(f"ranks must be positive integers, at least one, got {fixed!r}.")
         ranks = lambda m, n, fixed=fixed: fixed  # noqa: E731
     choose = ranks or candidate_ranks
-    params = nodes.collapse(params)
-    found = matrices.matrix_leaves(params, filter=filter, view=view)
+    params = nodes.collapse_tree(params)
+    found = selection.matrix_leaves(params, filter=filter, view=view)
     jaxpr, tags, _ = _tagged_jaxpr(fn, params, *inputs)
     products: dict[str, list[tuple[_Product, int]]] = {}
     for eqn, owner, times in _products(jaxpr, tags, 1):

@@ -12,11 +12,11 @@
       model = jaxlr.lorita.factorize(model, depth=3, key=key)
       optimizer = nnx.Optimizer(model, jaxlr.lorita.coupled_adam(1e-3, 1e-4), wrt=nnx.Param)
 
-* **Flax Linen and other trees.** ``factorize(params, ...)`` returns the tree with product nodes;
-  the model is applied to :func:`collapse` of it (``model.apply({"params": collapse(p)}, x)``), or
-  through :class:`jaxlr.TrainState` / :func:`jaxlr.apply`, which collapse for you. **Applying a
-  Linen model to a factorized tree without collapsing fails inside Flax** (its
-  ``ScopeParamShapeError`` names the kernel's expected shape): collapse first.
+* **Flax Linen and other trees.** ``factorize(params, ...)`` returns the tree with product nodes,
+  and an unchanged Linen model runs on it: ``model.apply({"params": p}, x)`` reads each node as
+  the dense kernel it stands for (a Flax ``AxisMetadata`` box, unboxed when the layer reads it),
+  gradients reaching the factors (so do :func:`jaxlr.apply` and :class:`jaxlr.TrainState`);
+  :func:`collapse` gives plain arrays back.
 
 Weight decay on the factors, ``lambda * sum_i ||W_i||_F^2``, is a Schatten-``2/N`` quasi-norm
 penalty on ``W`` (LoRITa, Prop. 4.2), which drives ``W`` towards low rank without choosing a rank.
@@ -61,9 +61,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlr import _nnx, matrices, nodes, sharding, svd
+from jaxlr import _equinox, _nnx, matrices, nodes, selection, sharding, svd
+from jaxlr._nnx import collapse
 from jaxlr.inference import ordered
-from jaxlr.nodes import Product, collapse
+from jaxlr.nodes import Product
 
 __all__ = [
     "Placement",
@@ -223,12 +224,12 @@ def factorize(
         factorized = factorize(tree, depth, key, filter=filter, view=view, placement=placement,
                                init=init)
         return _into_module(params, {matrices.path_key(path): leaf
-                                     for path, leaf in matrices.flatten(factorized)[0]
+                                     for path, leaf in selection.flatten(factorized)[0]
                                      if isinstance(leaf, Product)})
 
-    selected = matrices.matrix_leaves(params, filter=filter, view=view)
+    selected = selection.matrix_leaves(params, filter=filter, view=view)
     keys = jax.random.split(key, len(selected)) if key is not None else [None] * len(selected)
-    flat, treedef = matrices.flatten(params)
+    flat, treedef = selection.flatten(params)
     leaves = [leaf for _, leaf in flat]
     for leaf, leaf_key in zip(selected.values(), keys, strict=True):
         matrix = leaf.view.to_matrix(jnp.asarray(leaves[leaf.index]))
@@ -241,7 +242,8 @@ def factorize(
             factors = _orthogonal_factors(matrix, shapes, outer, leaf_key)
         factors = sharding.place_factors(factors, leaves[leaf.index], leaf.view)
         leaves[leaf.index] = Product(factors, leaf.shape, leaf.view)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    out = jax.tree_util.tree_unflatten(treedef, leaves)
+    return _equinox.runnable(out) if _equinox.is_module(params) else out
 
 
 def from_dense(ftree: Any, params: Any) -> Any:
@@ -272,7 +274,7 @@ def from_dense(ftree: Any, params: Any) -> Any:
             "(from factorize) first and the dense params second.")
     if _nnx.is_module(params):
         params = _nnx.parameters(params)
-    dense = {matrices.path_key(path): leaf for path, leaf in matrices.flatten(params)[0]}
+    dense = {matrices.path_key(path): leaf for path, leaf in selection.flatten(params)[0]}
 
     def refactor(key: str, node: Product) -> Product:
         if key not in dense:

@@ -15,7 +15,8 @@ keeps working. Inside an NNX module the factors are ``nnx.Param`` s, found and u
 ``nnx.state``, ``nnx.grad`` and ``nnx.Optimizer`` like any other parameter; in a Linen variable
 dict or any other tree they are arrays.
 
-:func:`collapse` multiplies every node of a tree (or NNX module) back into its dense kernel.
+:func:`collapse_tree` multiplies every node of a tree back into its dense kernel
+(:func:`jaxlr.collapse`, of a tree or an NNX module).
 A layer is worth holding as a factor pair only where that saves, :func:`saves`:
 ``r (m + n) < m n``.
 """
@@ -35,7 +36,7 @@ from flax.core import meta
 from jaxlr import matrices
 from jaxlr.matrices import MatrixView
 
-__all__ = ["LowRank", "Product", "collapse", "is_node", "saves"]
+__all__ = ["LowRank", "Product", "collapse_tree", "is_node", "saves"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -82,6 +83,31 @@ def _matrices_given(*children: Any) -> bool:
         hasattr(value_of(c), "shape") for c in children)
 
 
+def _short(factor: Any) -> str:
+    """A factor as ``dtype[shape]`` (``float32[48,8]``), as Flax summarises arrays; anything else
+    (a placeholder a tree utility put there) as its type's name."""
+    value = value_of(factor)
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return type(value).__name__
+    return f"{np.dtype(dtype).name}[{','.join(str(d) for d in shape)}]"
+
+
+def _matrix_kind(shape: tuple[int, ...], view: MatrixView) -> str:
+    """``"dense"`` for a 2-D kernel seen as itself, ``"conv"`` for a kernel of more than two axes
+    with one output axis, ``"view"`` for any other matrix view (attention, torch layouts)."""
+    if len(shape) == 2 and view == MatrixView((0,), (1,)):
+        return "dense"
+    if len(shape) > 2 and view.col_axes == (len(shape) - 1,):
+        return "conv"
+    return "view"
+
+
+def _kind_and_view(shape: tuple[int, ...], view: MatrixView) -> str:
+    kind = _matrix_kind(shape, view)
+    return f"kind={kind!r}" + (f", view={view}" if kind == "view" else "")
+
+
 class _KernelLike(meta.AxisMetadata):
     """Reading a node as the dense kernel it stands for.
 
@@ -118,6 +144,22 @@ class _KernelLike(meta.AxisMetadata):
 
     def __getitem__(self, index: Any) -> jax.Array:
         return self.kernel()[index]
+
+    # Code that uses the kernel as an array (Equinox's ``self.weight @ x``, ``lax.conv`` on it,
+    # ``jnp`` functions) gets the kernel it stands for; ``@`` with a 2-D factor pair runs as two
+    # thin products (LowRank overrides ``_product``).
+    def __jax_array__(self) -> jax.Array:
+        return self.kernel()
+
+    def _product(self, x: Any, kernel_first: bool) -> jax.Array:
+        kernel = self.kernel()
+        return jnp.matmul(kernel, x) if kernel_first else jnp.matmul(x, kernel)
+
+    def __matmul__(self, x: Any) -> jax.Array:
+        return self._product(x, kernel_first=True)
+
+    def __rmatmul__(self, x: Any) -> jax.Array:
+        return self._product(x, kernel_first=False)
 
     @property
     def ndim(self) -> int:
@@ -181,6 +223,11 @@ class Product(_KernelLike):
                 f"factors of {name} have shapes {shapes}; they must chain into a {expected[0]} x "
                 f"{expected[1]} matrix for the kernel of shape {self.shape}."
             )
+
+    def __repr__(self) -> str:
+        factors = ", ".join(_short(f) for f in self.factors)
+        return (f"Product(shape={self.shape}, depth={self.depth}, "
+                f"{_kind_and_view(self.shape, self.view)}, factors=({factors}))")
 
     @property
     def depth(self) -> int:
@@ -260,6 +307,14 @@ class LowRank(_KernelLike):
             raise ValueError(f"{name}: rank {a_shape[1]} is outside [1, {min(m, n)}] for a "
                              f"{m} x {n} kernel.")
 
+    def __repr__(self) -> str:
+        try:
+            rank = f"rank={self.rank}, "
+        except (IndexError, TypeError):  # placeholders (a tree utility's), not matrices
+            rank = ""
+        return (f"LowRank(shape={self.shape}, {rank}{_kind_and_view(self.shape, self.view)}, "
+                f"a={_short(self.a)}, b={_short(self.b)})")
+
     @property
     def rank(self) -> int:
         """``r``."""
@@ -281,6 +336,17 @@ class LowRank(_KernelLike):
         """Whether the pair holds fewer numbers than the kernel (:func:`saves`)."""
         return saves(self.rank, *self.matrix_shape)
 
+    def _product(self, x: Any, kernel_first: bool) -> jax.Array:
+        """``kernel @ x`` (or ``x @ kernel``) through the factors, never building the kernel, for
+        a 2-D kernel seen as itself (Flax) or as its transpose (PyTorch, Equinox)."""
+        a, b = value_of(self.a), value_of(self.b)
+        if self.shape and len(self.shape) == 2 and self.view.row_axes == (1,):
+            a, b = b.T, a.T  # the kernel is (a b)^T = b^T a^T
+        elif len(self.shape) != 2:
+            return super()._product(x, kernel_first)
+        return jnp.matmul(a, jnp.matmul(b, x)) if kernel_first else jnp.matmul(
+            jnp.matmul(x, a), b)
+
     def kernel(self) -> jax.Array:
         """The dense kernel ``A B`` in its own shape (inference never builds it)."""
         product = jnp.matmul(value_of(self.a), value_of(self.b), precision=_HIGHEST)
@@ -292,25 +358,26 @@ def is_node(x: Any) -> bool:
     return isinstance(x, Product | LowRank)
 
 
-def collapse(tree: Any) -> Any:
-    """Multiplies every :class:`Product` and :class:`LowRank` back into its dense kernel.
+def collapse_tree(tree: Any) -> Any:
+    """Multiplies every :class:`Product` and :class:`LowRank` of a tree back into its dense kernel
+    (:func:`jaxlr.collapse` does this for Flax NNX modules too).
 
     Differentiable: gradients reach each factor through the product. Takes any tree (a Linen
     variable dict, an NNX ``State``, an Equinox module, ...) and returns it with arrays in place of
-    the nodes; given a Flax NNX module it returns a copy whose kernels are ``nnx.Param`` arrays
-    again (the module itself is left as it is).
+    the nodes.
+
+    Raises:
+      TypeError: for a Flax NNX module (its kernels are variables: use :func:`jaxlr.collapse`).
 
     Example:
       >>> import jax.numpy as jnp
       >>> tree = {"kernel": LowRank(jnp.ones((4, 1)), jnp.ones((1, 3)), (4, 3),
       ...                           MatrixView((0,), (1,)))}
-      >>> collapse(tree)["kernel"].shape
+      >>> collapse_tree(tree)["kernel"].shape
       (4, 3)
     """
-    from jaxlr import _nnx  # noqa: PLC0415 - flax.nnx is imported only when needed
-
-    if _nnx.is_module(tree):
-        return _nnx.replace_nodes(tree, lambda path, node: node.kernel())
+    if isinstance(tree, nnx.Module):
+        raise TypeError("collapse_tree takes trees; for a Flax NNX module use jaxlr.collapse.")
 
     def dense(path: Any, node: Any) -> Any:
         if not is_node(node):

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import matrices, nodes, svd
+from jaxlr import matrices, nodes, selection, svd
 from jaxlr.svd import check_rank
 
 if TYPE_CHECKING:
@@ -264,6 +264,15 @@ def traced_local_rank(n: int, kept: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # From a specification to ranks.
 
+def refuse_rank_spec(ranks: Any) -> None:
+    """Raises the ``TypeError`` every entry point gives for a ``ranks=`` that is no rank
+    specification (a number, say: fractions are given by name, ``keep=`` or ``prune=``)."""
+    hint = (" A fraction of singular values is given by name: keep=0.3 (kept) or prune=0.3 "
+            "(pruned).") if isinstance(ranks, int | float | np.integer | np.floating) else ""
+    raise TypeError(f"ranks must be a Ranks, a mapping {{path: rank}} or a function of the params "
+                    f"returning one; got {type(ranks).__name__}.{hint}")
+
+
 RankSpec = Ranks | Mapping[Any, int] | Callable[[Any], Mapping[Any, int]]
 """What ``ranks=`` arguments take: a :class:`Ranks`, ``{path: rank}``, or a function of the params
 returning either."""
@@ -292,7 +301,7 @@ def select(
     prune: Any = None,
     filter: matrices.Filter | None = None,  # noqa: A002
     view: matrices.View = None,
-) -> tuple[Ranks, dict[str, matrices.MatrixLeaf]]:
+) -> tuple[Ranks, dict[str, selection.MatrixLeaf]]:
     """The matrices a rank specification selects, with their ranks, in one pass over the tree.
 
     ``ranks`` (a :class:`Ranks`, ``{path: rank}`` or a function of the params) names its matrices;
@@ -306,23 +315,22 @@ def select(
     """
     if ranks is None:
         kept = kept_fraction(keep, prune)
-        found = matrices.matrix_leaves(params, filter=filter, view=view)
+        found = selection.matrix_leaves(params, filter=filter, view=view)
         return Ranks({key: _rank(kept, leaf.full_rank) for key, leaf in found.items()},
                      {key: leaf.full_rank for key, leaf in found.items()}), found
     if callable(ranks) and not isinstance(ranks, Mapping):
         ranks = ranks(params)
     if not isinstance(ranks, Mapping):
-        raise TypeError(f"ranks must be a Ranks, a mapping {{path: rank}} or a function of the "
-                        f"params returning one; got {type(ranks).__name__}.")
+        refuse_rank_spec(ranks)
     wanted = matrices.keyed(ranks, "ranks")
     if not wanted:
         raise ValueError("ranks is empty: name at least one matrix.")
-    present = {matrices.path_key(path) for path, _ in matrices.flatten(params)[0]}
+    present = {matrices.path_key(path) for path, _ in selection.flatten(params)[0]}
     missing = sorted(set(wanted) - present)
     if missing:
         raise ValueError(f"ranks name paths that are not leaves of the tree: {missing}; leaves "
                          f"of the tree: {sorted(present)[:20]}.")
-    found = matrices.matrix_leaves(params, filter=_named(set(wanted)), view=view)
+    found = selection.matrix_leaves(params, filter=_named(set(wanted)), view=view)
     return Ranks({key: wanted[key] for key in found},
                  {key: leaf.full_rank for key, leaf in found.items()}), found
 
@@ -330,16 +338,16 @@ def select(
 def _shape_policy(params: Any, filter: matrices.Filter | None,  # noqa: A002
                   view: matrices.View, rank_of: Callable[[int], int]) -> Ranks:
     full = {key: leaf.full_rank
-            for key, leaf in matrices.matrix_leaves(params, filter=filter, view=view).items()}
+            for key, leaf in selection.matrix_leaves(params, filter=filter, view=view).items()}
     return Ranks({key: rank_of(n) for key, n in full.items()}, full)
 
 
 def _spectra(params: Any, filter: matrices.Filter | None, view: matrices.View,  # noqa: A002
              spectra: Mapping[Any, Any] | None
-             ) -> tuple[dict[str, matrices.MatrixLeaf], dict[str, np.ndarray]]:
+             ) -> tuple[dict[str, selection.MatrixLeaf], dict[str, np.ndarray]]:
     """The selected matrices and their spectra (computed, or taken from ``spectra``), largest
     first, as float64."""
-    found = matrices.matrix_leaves(params, filter=filter, view=view)
+    found = selection.matrix_leaves(params, filter=filter, view=view)
     if spectra is None:
         given = svd.singular_values_tree(params, filter=_named(set(found)), view=view)
     else:
@@ -386,8 +394,8 @@ def fixed_ranks(
 
 def lsvt_ranks(
     params: Any,
-    keep: float | None = None,
     *,
+    keep: float | None = None,
     prune: float | None = None,
     filter: matrices.Filter | None = None,  # noqa: A002
     view: matrices.View = None,
@@ -456,7 +464,7 @@ def energy_ranks(
     return Ranks(ranks, {key: leaf.full_rank for key, leaf in found.items()})
 
 
-def _pool_of(found: dict[str, matrices.MatrixLeaf], params: Any, pools: Pools) -> dict[str, str]:
+def _pool_of(found: dict[str, selection.MatrixLeaf], params: Any, pools: Pools) -> dict[str, str]:
     if pools is None:
         return dict.fromkeys(found, "all")
     if isinstance(pools, str):
@@ -470,7 +478,7 @@ def _pool_of(found: dict[str, matrices.MatrixLeaf], params: Any, pools: Pools) -
             raise ValueError(f"pools assign no pool to {missing}; every matrix needs one.")
         return {key: str(named[key]) for key in found}
     if callable(pools):
-        flat = [leaf for _, leaf in matrices.flatten(params)[0]]
+        flat = [leaf for _, leaf in selection.flatten(params)[0]]
         return {key: str(pools(leaf.path, flat[leaf.index])) for key, leaf in found.items()}
     raise TypeError(f"pools must be None, 'kind', a mapping or a function (path, leaf) -> pool, "
                     f"got {type(pools).__name__}.")
@@ -506,8 +514,8 @@ def _gsvt(values: dict[str, np.ndarray], pool_of: dict[str, str], kept: Fraction
 
 def gsvt_ranks(
     params: Any,
-    keep: float | None = None,
     *,
+    keep: float | None = None,
     prune: float | None = None,
     pools: Pools = None,
     normalize: Literal["none", "max"] = "none",
@@ -543,9 +551,9 @@ def gsvt_ranks(
       >>> import jax.numpy as jnp
       >>> params = {"a": {"kernel": jnp.diag(jnp.array([10.0, 1.0]))},
       ...           "b": {"kernel": jnp.diag(jnp.array([0.5, 0.4]))}}
-      >>> dict(gsvt_ranks(params, 0.5))  # 10 and 1 are the two largest of four; b keeps one
+      >>> dict(gsvt_ranks(params, keep=0.5))  # 10 and 1 are the two largest of four; b keeps one
       {'a/kernel': 2, 'b/kernel': 1}
-      >>> dict(gsvt_ranks(params, 0.75, normalize="max"))  # 1 (a), 1 and 0.8 (b), not 0.1
+      >>> dict(gsvt_ranks(params, keep=0.75, normalize="max"))  # 1 (a), 1 and 0.8 (b), not 0.1
       {'a/kernel': 1, 'b/kernel': 2}
 
     References:
@@ -561,8 +569,8 @@ def gsvt_ranks(
 
 def target_ranks(
     params: Any,
-    reduction: float,
     *,
+    reduction: float,
     cost: ForwardCost | None = None,
     policy: Literal["gsvt", "lsvt"] = "gsvt",
     pools: Pools = None,
@@ -610,7 +618,7 @@ def target_ranks(
       >>> import jax
       >>> params = {"fc1": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))},
       ...           "fc2": {"kernel": jax.random.normal(jax.random.key(1), (64, 32))}}
-      >>> ranks = target_ranks(params, 0.5, policy="lsvt")
+      >>> ranks = target_ranks(params, reduction=0.5, policy="lsvt")
       >>> dict(ranks)     # 17 x 128 + 8 x 96 = 2944 numbers of 6144 (one more: 3072 < 6144 / 2)
       {'fc1/kernel': 17, 'fc2/kernel': 8}
     """
@@ -621,9 +629,9 @@ def target_ranks(
     if policy not in ("gsvt", "lsvt"):
         raise ValueError(f"policy must be 'gsvt' or 'lsvt', got {policy!r}.")
     normalize = _normalize(normalize)
-    found = matrices.matrix_leaves(params, filter=filter, view=view)
+    found = selection.matrix_leaves(params, filter=filter, view=view)
     if cost is None:
-        flat = [leaf for _, leaf in matrices.flatten(params)[0]]
+        flat = [leaf for _, leaf in selection.flatten(params)[0]]
         before = sum(math.prod(np.shape(leaf)) for leaf in flat)
         unit = dict.fromkeys(found, 1.0)
     else:

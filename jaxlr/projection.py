@@ -89,7 +89,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxlr import _nnx, matrices, nodes, policies, sharding, svd
+from jaxlr import _nnx, batchnorm, inference, matrices, nodes, policies, selection, sharding, svd
 
 __all__ = [
     "LowRankProjectionState",
@@ -104,7 +104,8 @@ _BN_INVERSE_EPSILON = 1e-5
 
 
 class _FrozenMap(Mapping[str, str]):
-    """An immutable, hashable ``{key: key}`` mapping (options are static arguments of ``jit``)."""
+    """An immutable, hashable ``{key: key}`` mapping (options are static arguments of ``jit``);
+    a value's ``epsilon`` (:class:`jaxlr.batchnorm.BatchNormKey`) counts in equality and hash."""
 
     def __init__(self, items: Mapping[str, str]):
         self._items = dict(items)
@@ -118,10 +119,16 @@ class _FrozenMap(Mapping[str, str]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def _described(self) -> tuple[tuple[str, str, float | None], ...]:
+        return tuple(sorted((k, str(v), getattr(v, "epsilon", None))
+                            for k, v in self._items.items()))
+
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self._items.items())))
+        return hash(self._described())
 
     def __eq__(self, other: object) -> bool:
+        if isinstance(other, _FrozenMap):
+            return self._described() == other._described()
         return isinstance(other, Mapping) and dict(self) == dict(other)
 
     def __repr__(self) -> str:
@@ -138,8 +145,10 @@ class ProjectionOptions:
       tail_scale: multiply the dropped singular values by this, ``0 <= tail_scale < 1`` (``0``,
         the default, is the hard projection; the LRPET release's ``--redu_fac``).
       bn_pairs: ``{kernel path: BatchNorm path}`` of the kernels projected through their
-        BatchNorm (BN rectification), e.g. :func:`jaxlr.find_bn_pairs`; ``None`` or empty: none.
-      bn_epsilon: the BatchNorms' epsilon (Flax's default is 1e-5).
+        BatchNorm (BN rectification), e.g. :func:`jaxlr.find_bn_pairs`, whose BatchNorm paths
+        carry each BatchNorm's epsilon; ``None`` or empty: none.
+      bn_epsilon: the epsilon of the BatchNorms given by plain path strings (Flax's default is
+        1e-5); a path that carries its own (:func:`jaxlr.find_bn_pairs`) uses that.
       filter: which kernels ``prune=`` / ``keep=`` project: a kind name or tuple of them, or a
         ``(path, leaf) -> bool`` function (default ``"conv"``, as the paper).
       view: how each kernel is seen as a matrix (:mod:`jaxlr.matrices`).
@@ -183,7 +192,8 @@ class ProjectionOptions:
                 raise TypeError(f"bn_pairs must be a mapping {{kernel path: BatchNorm path}} "
                                 f"(jaxlr.find_bn_pairs gives one), got {type(pairs).__name__}.")
             try:
-                frozen = {k: matrices.path_key(v)
+                frozen = {k: batchnorm.BatchNormKey(matrices.path_key(v), v.epsilon)
+                          if isinstance(v, batchnorm.BatchNormKey) else matrices.path_key(v)
                           for k, v in matrices.keyed(pairs, "bn_pairs").items()}
             except TypeError as error:
                 raise TypeError(f"bn_pairs must map kernel paths to BatchNorm paths: {error}"
@@ -212,6 +222,14 @@ class LowRankProjectionState(NamedTuple):
       sketch: per projected matrix, two random sketches ``u^T M v`` of the weights before the last
         projection and two of its result, and the result's Frobenius norm (``(L, 5)``): the next
         update's weights must equal the result, which only holds when the transformation is last.
+      ranks: per projected matrix, the rank of the last projection (int32 ``(L,)``, 0 before the
+        first), in the order of ``jaxlr.matrix_leaves(params, filter=options.filter)``: what a
+        schedule reached, readable under ``jit`` for logging.
+      kept: the fraction of singular values the last projection kept, the mean over the matrices
+        of rank / full rank (float32; 0 before the first), the papers' "retained singular
+        values".
+
+    Its repr is one line: the counters, ``kept`` and the ranks, not the internal sketch.
     """
 
     count: jax.Array
@@ -219,6 +237,18 @@ class LowRankProjectionState(NamedTuple):
     misplaced: jax.Array
     pending: jax.Array
     sketch: jax.Array
+    ranks: jax.Array
+    kept: jax.Array
+
+    def __repr__(self) -> str:
+        def read(x: Any) -> str:
+            if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape"):
+                return f"{type(x).__name__}"
+            return np.array2string(np.asarray(x), separator=",") if np.ndim(x) else \
+                str(np.asarray(x).item())
+        fields = [f"{name}={read(getattr(self, name))}" for name in
+                  ("count", "nonfinite", "misplaced", "pending", "kept", "ranks")]
+        return f"LowRankProjectionState({', '.join(fields)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +281,7 @@ def _spec(prune: Any, keep: Any, rank_spec: Any) -> _Spec:
                          f"{{path: rank}} or a function of the params); got {given or 'none'}.")
     if rank_spec is not None:
         if not (isinstance(rank_spec, Mapping) or callable(rank_spec)):
-            raise TypeError(f"ranks must be a Ranks, a mapping {{path: rank}} or a function of "
-                            f"the params returning one; got {type(rank_spec).__name__}.")
+            policies.refuse_rank_spec(rank_spec)
         if isinstance(rank_spec, Mapping) and not rank_spec:
             raise ValueError("ranks is empty: name at least one matrix.")
         return _Spec(rank_spec, None, None, False)
@@ -279,7 +308,7 @@ class _Plan(NamedTuple):
     """The projected matrices (static): their keys, leaves, and ranks (bounds when traced)."""
 
     keys: tuple[str, ...]
-    leaves: tuple[matrices.MatrixLeaf, ...]
+    leaves: tuple[selection.MatrixLeaf, ...]
     ranks: tuple[int, ...]
     traced: bool
 
@@ -298,13 +327,13 @@ def _refuse_nodes(params: Any) -> None:
 def _plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
     _refuse_nodes(params)
     if options.bn_pairs:
-        present = {matrices.path_key(path) for path, _ in matrices.flatten(params)[0]}
+        present = {matrices.path_key(path) for path, _ in selection.flatten(params)[0]}
         unknown = sorted(set(options.bn_pairs) - present)
         if unknown:
             raise ValueError(f"bn_pairs name kernels that are not in the params: {unknown}; "
                              f"leaves of the params: {sorted(present)[:20]}.")
     if spec.traced:  # every selected matrix, its rank traced and bounded by its full rank
-        found = matrices.matrix_leaves(params, filter=options.filter, view=options.view)
+        found = selection.matrix_leaves(params, filter=options.filter, view=options.view)
         bounds = tuple(leaf.full_rank for leaf in found.values())
         return _Plan(tuple(found), tuple(found.values()), bounds, True)
     fraction = {} if spec.name is None else {spec.name: spec.fraction}
@@ -388,7 +417,7 @@ def _traced_ranks(plan: _Plan, spec: _Spec, count: jax.Array) -> list[jax.Array]
 
 def _named_leaves(tree: Any, strip: str) -> dict[str, Any]:
     out = {}
-    for path, leaf in matrices.flatten(tree)[0]:
+    for path, leaf in selection.flatten(tree)[0]:
         if path and path[0] == strip:
             path = path[1:]
         out[matrices.path_key(path)] = leaf
@@ -418,14 +447,26 @@ def _bn_scales(params: Any, batch_stats: Any, plan: _Plan, options: ProjectionOp
         if variance is None:
             raise ValueError(f"bn_pairs pairs {key!r} with the BatchNorm {bn!r}, which has no "
                              f"running variance {bn + '/var'!r} in batch_stats.")
-        gamma = param_leaves.get(f"{bn}/scale", jnp.ones_like(variance))
+        gamma = param_leaves.get(f"{bn}/scale")
         leaf = plan.leaves[plan.keys.index(key)]
         n = leaf.matrix_shape[1]
-        if np.shape(variance) != (n,) or np.shape(gamma) != (n,):
-            raise ValueError(f"the BatchNorm {bn!r} has {np.shape(variance)} channels, but "
-                             f"the kernel {key!r} paired with it has {n} outputs.")
+        # The params decide whether the pairing fits; the statistics, whether they are these
+        # params' statistics.
+        if gamma is not None and np.shape(gamma) != (n,):
+            raise ValueError(f"bn_pairs pairs the kernel {key!r} ({n} outputs) with the "
+                             f"BatchNorm {bn!r}, whose scale in the params has "
+                             f"{np.shape(gamma)} channels: not the BatchNorm that follows it.")
+        if np.shape(variance) != (n,):
+            fits = (f"the BatchNorm {bn!r} in the params and the kernel {key!r} have {n} channels"
+                    if gamma is not None else f"the kernel {key!r} paired with it has {n} "
+                    "outputs")
+            raise ValueError(f"batch_stats holds a running variance {bn + '/var'!r} of shape "
+                             f"{np.shape(variance)}, but {fits}: batch_stats are not the "
+                             "statistics of these params.")
+        if gamma is None:
+            gamma = jnp.ones_like(variance)
         _check_variance(bn, variance)
-        a = gamma / jnp.sqrt(variance + options.bn_epsilon)
+        a = gamma / jnp.sqrt(variance + getattr(bn, "epsilon", options.bn_epsilon))
         live = a * a >= _BN_INVERSE_EPSILON
         fold, unfold = jnp.where(live, a, 1), jnp.where(live, a / (a * a + _BN_INVERSE_EPSILON), 1)
         if mesh is not None and not sharding.is_explicit(fold):
@@ -455,7 +496,7 @@ def _check_variances(batch_stats: Any, options: ProjectionOptions) -> None:
 def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array] | None,
              options: ProjectionOptions) -> tuple[Any, list[jax.Array]]:
     """The projected tree (every unprojected leaf the input's own) and the finiteness flags."""
-    flat, treedef = matrices.flatten(params)
+    flat, treedef = selection.flatten(params)
     leaves = [leaf for _, leaf in flat]
     mesh = sharding.mesh_of([leaves[leaf.index] for leaf in plan.leaves], options.mesh)
     scales = _bn_scales(params, batch_stats, plan, options, mesh)
@@ -549,8 +590,6 @@ def project(
     if _nnx.is_module(params):
         from flax import nnx  # noqa: PLC0415
 
-        from jaxlr import inference  # noqa: PLC0415
-
         if batch_stats is None and options.bn_pairs:
             batch_stats = nnx.to_pure_dict(nnx.state(params, nnx.BatchStat))
         tree = project(_nnx.parameters(params), ranks, prune=prune, keep=keep,
@@ -609,7 +648,7 @@ def _sketches(mats: list[jax.Array]) -> jax.Array:
 
 
 def _matrices_of(tree: Any, plan: _Plan) -> list[jax.Array]:
-    leaves = [leaf for _, leaf in matrices.flatten(tree)[0]]
+    leaves = [leaf for _, leaf in selection.flatten(tree)[0]]
     return [leaf.view.to_matrix(leaves[leaf.index]) for leaf in plan.leaves]
 
 
@@ -648,10 +687,9 @@ def _misplaced(params: Any, state: LowRankProjectionState, plan: _Plan) -> jax.A
     return jax.lax.cond(state.pending, check, lambda: no)
 
 
-def _when_due(due: jax.Array, projected: Callable[[Any], tuple[Any, jax.Array, jax.Array]],
-              updates: Any, nonfinite: jax.Array, sketch: jax.Array
-              ) -> tuple[Any, jax.Array, jax.Array]:
-    """``projected(updates)`` if ``due``, else ``(updates, nonfinite, sketch)`` as they are.
+def _when_due(due: jax.Array, projected: Callable[[Any], tuple[Any, ...]], updates: Any,
+              *kept: jax.Array) -> tuple[Any, ...]:
+    """``projected(updates)`` if ``due``, else ``(updates, *kept)`` as they are.
 
     A ``while_loop`` that runs at most once: its carry is updated in place, so a step that does not
     project leaves the updates where they are. The branches of a ``lax.cond`` write their outputs
@@ -666,13 +704,13 @@ def _when_due(due: jax.Array, projected: Callable[[Any], tuple[Any, jax.Array, j
         return jnp.ones((), bool), out
 
     _, values = lax.while_loop(lambda carry: due & ~carry[0], body,
-                               (jnp.zeros((), bool), (updates, nonfinite, sketch)))
+                               (jnp.zeros((), bool), (updates, *kept)))
     return values
 
 
 def low_rank_projection(
-    prune: float | Callable[[jax.Array], Any] | None = None,
     *,
+    prune: float | Callable[[jax.Array], Any] | None = None,
     keep: float | Callable[[jax.Array], Any] | None = None,
     ranks: policies.RankSpec | None = None,
     every: int = 1,
@@ -742,7 +780,8 @@ def low_rank_projection(
         return LowRankProjectionState(
             count=jnp.zeros([], jnp.int32), nonfinite=jnp.zeros([], jnp.int32),
             misplaced=jnp.zeros([], jnp.int32), pending=jnp.zeros([], bool),
-            sketch=jnp.zeros((len(plan.keys), 2 * _SKETCHES + 1), jnp.float32))
+            sketch=jnp.zeros((len(plan.keys), 2 * _SKETCHES + 1), jnp.float32),
+            ranks=jnp.zeros((len(plan.keys),), jnp.int32), kept=jnp.zeros([], jnp.float32))
 
     def step(updates: Any, state: LowRankProjectionState, params: Any,
              batch_stats: Any) -> tuple[Any, LowRankProjectionState, jax.Array]:
@@ -761,7 +800,15 @@ def low_rank_projection(
             due = due & (number <= end)
         traced = _traced_ranks(plan, spec, state.count)
 
-        def projected(updates: Any) -> tuple[Any, jax.Array, jax.Array]:
+        if traced is None:
+            ranks = jnp.asarray(plan.ranks, jnp.int32).reshape(len(plan.keys))
+        else:
+            ranks = jnp.stack([jnp.asarray(r, jnp.int32) for r in traced]) if traced else \
+                jnp.zeros((0,), jnp.int32)
+        full = jnp.asarray([leaf.full_rank for leaf in plan.leaves], jnp.float32)
+        kept = jnp.mean(ranks / full) if plan.keys else jnp.ones([], jnp.float32)
+
+        def projected(updates: Any) -> tuple[Any, ...]:
             new = optax.apply_updates(params, updates)
             target, flags = _project(new, batch_stats, plan, traced, options)
             goals = _matrices_of(target, plan)
@@ -777,14 +824,17 @@ def low_rank_projection(
                 return goal - param if matrices.path_key(path) in keys else update
 
             out = jax.tree_util.tree_map_with_path(emit, updates, target, params)
-            return out, skipped, sketch
+            return out, skipped, sketch, ranks, kept.astype(jnp.float32)
 
-        out, nonfinite, sketch = _when_due(due, projected, updates, state.nonfinite,
-                                           state.sketch)
+        out, nonfinite, sketch, last_ranks, last_kept = _when_due(
+            due, projected, updates, state.nonfinite, state.sketch, state.ranks, state.kept)
+        # The logged ranks keep the state's own sharding (else a mesh may shard them, and the
+        # next step compiles again for the new input sharding).
+        last_ranks = sharding.follow(last_ranks, state.ranks)
         return out, LowRankProjectionState(
             count=optax.safe_int32_increment(state.count), nonfinite=nonfinite,
             misplaced=state.misplaced + found.astype(jnp.int32), pending=due,
-            sketch=sketch), found
+            sketch=sketch, ranks=last_ranks, kept=last_kept), found
 
     # Called outside jit, the update runs as one jitted function: compiled once per structure of
     # its arguments, where the branches of an eager cond would be compiled anew at every call.
@@ -817,8 +867,8 @@ def low_rank_projection(
 
 def with_low_rank_projection(
     optimizer: optax.GradientTransformation,
-    prune: float | Callable[[jax.Array], Any] | None = None,
     *,
+    prune: float | Callable[[jax.Array], Any] | None = None,
     keep: float | Callable[[jax.Array], Any] | None = None,
     ranks: policies.RankSpec | None = None,
     every: int = 1,
@@ -844,6 +894,6 @@ def with_low_rank_projection(
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax GradientTransformation, got "
                         f"{type(optimizer).__name__}.")
-    projection = low_rank_projection(prune, keep=keep, ranks=ranks, every=every, start=start,
+    projection = low_rank_projection(prune=prune, keep=keep, ranks=ranks, every=every, start=start,
                                      end=end, options=options)
     return optax.chain(optimizer, projection)

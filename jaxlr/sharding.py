@@ -140,7 +140,10 @@ def mesh_of(leaves: Sequence[Any], mesh: Any = AUTO) -> MeshLike | None:
         return mesh if mesh is not None and mesh.size > 1 else None
     for leaf in leaves:
         if _is_tracer(leaf):
-            sharding = _typed_sharding(leaf) if is_explicit(leaf) else None
+            # Traced on a mesh, a value's type carries the mesh (its spec too on Explicit axes,
+            # not on Auto ones): the mesh the caller's jit runs on, found without mesh= or
+            # jax.set_mesh.
+            sharding = _typed_sharding(leaf)
         else:
             sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:

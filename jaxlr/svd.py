@@ -68,7 +68,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxlr import matrices, nodes, threads
+from jaxlr import matrices, nodes, selection, sharding, threads
 from jaxlr.matrices import MatrixView
 
 __all__ = [
@@ -377,8 +377,6 @@ def _spread_triplets(
 ) -> list[Triplets]:
     """:func:`_top_triplets` of tall matrices, each decomposed by one device of the mesh (see
     :mod:`jaxlr.sharding`); ``u`` keeps the rows' split, ``s`` and ``vt`` are on every device."""
-    from jaxlr import sharding  # noqa: PLC0415
-
     mesh, sharded, owner = spread
     mesh = sharding.in_context(mesh)
     axes = tuple(mesh.axis_names)
@@ -805,8 +803,6 @@ def project_leaves(
     (:func:`_side_by_side`). The decompositions are spread over ``mesh``
     (:func:`jaxlr.sharding.mesh_of`), and each leaf keeps its sharding.
     """
-    from jaxlr import sharding  # noqa: PLC0415
-
     spread_over = sharding.mesh_of(leaves, mesh)
     specs = tuple(sharding.spec_of(leaf) for leaf in leaves) if spread_over is not None else None
     args = (tuple(views), tuple(ranks), energy_transfer, tail_scale, method)
@@ -872,8 +868,6 @@ _jit_first_projections = jax.jit(_first_projections, static_argnums=(1, 2, 3, 4,
 def _on_mesh(fn: Any, leaves: Any, traced: Any, mesh: Any, out_specs: Any) -> Any:
     """``fn(leaves, traced)``; traced on a mesh with ``Explicit`` axes, it runs with ``Auto``
     axes (``jax.sharding.auto_axes``) and its outputs get ``out_specs``."""
-    from jaxlr import sharding  # noqa: PLC0415
-
     if not any(sharding.is_explicit(leaf) for leaf in jax.tree.leaves(leaves)):
         return fn(leaves, traced)
     abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
@@ -885,8 +879,6 @@ def _project_spread(leaves: tuple[jax.Array, ...], layouts: list[Any], spread: S
                     ranks: tuple[int, ...], energy_transfer: bool, tail_scale: float, method: str,
                     traced_ranks: tuple[jax.Array, ...] | None, specs: tuple[Any, ...]
                     ) -> tuple[list[jax.Array], jax.Array]:
-    from jaxlr import sharding  # noqa: PLC0415
-
     mesh = spread.mesh
     out, flags, previous = [], [], None
     for i, (leaf, layout) in enumerate(zip(leaves, layouts, strict=True)):
@@ -920,8 +912,6 @@ def _layouts(leaves: Sequence[Any], views: Sequence[MatrixView], mesh: Any,
     """Each leaf's row layout on ``mesh``, and the spread: whether its rows are split over the
     devices (not for a leaf known to be whole on every device: one decomposes it, each rebuilds
     it) and which device decomposes it."""
-    from jaxlr import sharding  # noqa: PLC0415
-
     layouts = [sharding.RowLayout.of(tuple(leaf.shape), v, mesh.size)
                for leaf, v in zip(leaves, views, strict=True)]
     specs = specs if specs is not None else [sharding.spec_of(leaf) for leaf in leaves]
@@ -942,8 +932,6 @@ def factor_leaves(
     finite (one stacked array). On a mesh (:func:`jaxlr.sharding.mesh_of`) the decompositions
     are spread over its devices, ``A`` takes the rows' sharding of the kernel and ``B`` its
     columns' sharding."""
-    from jaxlr import sharding  # noqa: PLC0415
-
     spread_over = sharding.mesh_of(
         [x for leaf in leaves for x in jax.tree.leaves(leaf)], mesh)
     specs = None
@@ -975,8 +963,6 @@ def _factor_leaves(leaves: tuple[Any, ...], views: tuple[MatrixView, ...],
         mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
         pairs, finite, _ = _factors_many(mats, list(ranks), method)
         return pairs, _stacked(finite)
-    from jaxlr import sharding  # noqa: PLC0415
-
     specs = specs if specs is not None else (None,) * len(leaves)
     factor_specs = [sharding.factor_specs(spec, view) for spec, view in zip(specs, views,
                                                                              strict=True)]
@@ -1048,8 +1034,8 @@ def singular_values_tree(
       >>> singular_values_tree(params)
       {'Dense_0/kernel': Array([5., 2.], dtype=float32)}
     """
-    found = matrices.matrix_leaves(tree, filter=filter, view=view)
-    flat = [leaf for _, leaf in matrices.flatten(tree)[0]]
+    found = selection.matrix_leaves(tree, filter=filter, view=view)
+    flat = [leaf for _, leaf in selection.flatten(tree)[0]]
     leaves = [flat[leaf.index] for leaf in found.values()]
     spectra, finite = spectra_of(leaves, [leaf.view for leaf in found.values()])
     if not is_traced(leaves):

@@ -110,7 +110,12 @@ def projections() -> list[dict]:
                 jitted = step(given)
                 hlo = step.lower(given).compile().as_text()
             eager = jaxlr.project(given, prune=PRUNE, options=OPTIONS)
+            # Without jax.set_mesh: the mesh is found in the traced values' types.
+            bare = jax.jit(lambda p: jaxlr.project(p, prune=PRUNE, options=OPTIONS))
+            bare_hlo = bare.lower(given).compile().as_text()
             rows.append({
+                "error_jit_no_context": relative_errors(bare(given), reference),
+                "whole_kernel_gathers_no_context": whole_kernel_gathers(bare_hlo),
                 "mesh": kind, "layout": layout,
                 "error_jit": relative_errors(jitted, reference),
                 "error_eager": relative_errors(eager, reference),
@@ -311,7 +316,8 @@ def experiments_loop() -> list[dict]:
     shapes = jax.eval_shape(vgg.init, jax.random.key(0), sample)
     options = jaxlr.ProjectionOptions(bn_pairs=jaxlr.find_bn_pairs(vgg, shapes, sample))
     lrpet = Task(vgg, optax.chain(optax.sgd(0.05, momentum=0.9),
-                                  jaxlr.low_rank_projection(0.5, every=steps, options=options)))
+                                  jaxlr.low_rank_projection(prune=0.5, every=steps,
+                                                            options=options)))
     lorita = lorita_task(models.FCN(depth=3, width=64), optax.adam(1e-3), depth=3)
     rows = []
     for name, task in (("lrpet", lrpet), ("lorita", lorita)):

@@ -54,8 +54,8 @@ def test_compress_collapses_a_factorized_tree_first_and_accepts_gsvt_pools():
     params = linen_variables()["params"]
     fparams = lorita.factorize(params, 3, jax.random.key(0))
     collapsed = lorita.collapse(fparams)
-    ranks = jaxlr.gsvt_ranks(fparams, 0.5, pools="kind")  # the spectra of the products
-    assert ranks == jaxlr.gsvt_ranks(collapsed, 0.5, pools="kind")
+    ranks = jaxlr.gsvt_ranks(fparams, keep=0.5, pools="kind")  # the spectra of the products
+    assert ranks == jaxlr.gsvt_ranks(collapsed, keep=0.5, pools="kind")
     result = jaxlr.compress(fparams, ranks)
     truncated = jaxlr.collapse(result.compressed)
     for name, rank in ranks.items():

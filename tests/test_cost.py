@@ -135,4 +135,8 @@ def test_counts_agree_with_xla_on_dense_and_factored_models(kind):
     assert dense.params == result.report.params_before
     assert factored.other_macs == dense.other_macs
     table = factored.table(dense)
-    assert "total" in table and "XLA flops reduced by" in table
+    # One percent convention, as CompressionReport.table: the fraction kept.
+    total = table.splitlines()[[line.split()[0] for line in table.splitlines()].index("total")]
+    kept = f"({factored.macs / dense.macs:.1%})"
+    assert total.endswith(f"{dense.macs} -> {factored.macs} {kept}"), total
+    assert f"XLA flops kept {factored.xla_flops / dense.xla_flops:.1%}" in table

@@ -97,7 +97,7 @@ def test_1_linen_train_state_forwards_batch_stats_to_bn_rectification():
 def test_2_a_misplaced_projection_raises_and_the_wrapper_cannot_be_misplaced():
     params = CNN().init(jax.random.key(0), X)["params"]
     grads = jax.tree.map(jnp.ones_like, params)
-    optimizer = optax.chain(jaxlr.low_rank_projection(0.5), optax.sgd(0.1))
+    optimizer = optax.chain(jaxlr.low_rank_projection(prune=0.5), optax.sgd(0.1))
     opt_state = optimizer.init(params)
     with pytest.raises(Exception, match="not the last transformation of its optax chain"):
         for _ in range(3):
@@ -359,3 +359,67 @@ def test_10_linen_models_run_on_factorized_params_without_collapse():
     left = np.asarray(node.factors[0], np.float64) @ np.asarray(node.factors[1], np.float64)
     np.testing.assert_allclose(np.asarray(grads["Dense_0"]["kernel"].factors[2]),
                                left.T @ np.asarray(dense_grad, np.float64), rtol=1e-4, atol=1e-6)
+
+
+# 11. Equinox first class: factorized and compressed modules run.
+
+
+def test_11_factorized_and_compressed_equinox_modules_run_and_train():
+    """LoRITa and compression of an Equinox model, as for NNX: the factorized module trains in an
+    ordinary optax loop (gradients through the products), the compressed one runs its factor
+    pairs (a convolution with r filters then a 1 x 1 one; two thin products for the linear
+    layer), both equal to their collapsed dense models."""
+    eqx = pytest.importorskip("equinox")
+
+    class Net(eqx.Module):
+        conv: eqx.nn.Conv2d
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.conv = eqx.nn.Conv2d(3, 16, 3, padding=1, key=k1)
+            self.head = eqx.nn.Linear(16, 4, key=k2)
+
+        def __call__(self, x):
+            return self.head(jax.nn.relu(self.conv(x)).mean((1, 2)))
+
+    images = jnp.transpose(X, (0, 3, 1, 2))
+    weights = jaxlr.kernel_filter(names="weight")
+    model = jaxlr.lorita.factorize(Net(jax.random.key(0)), 3, jax.random.key(1), filter=weights,
+                                   view="torch")
+    assert isinstance(model.conv, eqx.nn.Conv2d) and model.conv.weight.depth == 3
+    np.testing.assert_allclose(jax.vmap(model)(images),
+                               jax.vmap(jaxlr.collapse(model))(images), rtol=1e-5, atol=1e-5)
+
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def train_step(model, opt_state):
+        loss, grads = eqx.filter_value_and_grad(
+            lambda m: cross_entropy(jax.vmap(m)(images), Y))(model)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    losses = []
+    for _ in range(20):
+        model, opt_state, loss = train_step(model, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.conv.weight.depth == 3 and model.head.weight.depth == 3  # still factored
+
+    dense = jaxlr.collapse(model)
+    ranks = jaxlr.lsvt_ranks(dense, keep=0.25, filter=weights, view="torch")
+    compressed = jaxlr.compress(dense, ranks, view="torch").compressed
+    assert isinstance(compressed.conv.weight, jaxlr.LowRank)
+    out = jax.vmap(compressed)(images)
+    np.testing.assert_allclose(out, jax.vmap(jaxlr.collapse(compressed))(images), rtol=1e-4,
+                               atol=1e-5)
+    # Factored: the convolution has r = 4 filters (keep 0.25 of 16), then a 1 x 1 product; the
+    # linear layer multiplies by its 1 x 16 and 4 x 1 factors, never by a 4 x 16 matrix.
+    convs = [e for e in jax.make_jaxpr(compressed.conv)(images[0]).jaxpr.eqns
+             if e.primitive.name == "conv_general_dilated"]
+    assert [tuple(e.invars[1].aval.shape) for e in convs] == [(4, 3, 3, 3)]
+    products = [tuple(v.aval.shape) for e in jax.make_jaxpr(compressed.head)(jnp.ones(16))
+                .jaxpr.eqns if e.primitive.name == "dot_general" for v in e.invars]
+    assert (4, 16) not in products and (16, 4) not in products

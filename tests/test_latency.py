@@ -91,7 +91,7 @@ def test_target_ranks_with_latency_against_brute_force(reduction):
     params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))},
               "b": {"kernel": jax.random.normal(jax.random.key(1), (128, 32))}}
     table = _table()
-    ranks = jaxlr.target_ranks(params, reduction, policy="lsvt", latency=table)
+    ranks = jaxlr.target_ranks(params, reduction=reduction, policy="lsvt", latency=table)
     shapes = {"a/kernel": (64, 64), "b/kernel": (128, 32)}
     before = 64 * 64 + 128 * 32
     expected = _lsvt_reference(table, shapes, dict.fromkeys(shapes, 1.0), before, reduction)
@@ -104,12 +104,12 @@ def test_target_ranks_with_latency_errors():
     params = {"a": {"kernel": jnp.ones((64, 64))}, "b": {"kernel": jnp.ones((128, 32))}}
     # Only b can be cut, down to 4 * 160 of 4096 numbers: 3456 of 8192 = 42%.
     with pytest.raises(ValueError, match="rounded up by the latency table, cuts 42.2%"):
-        jaxlr.target_ranks(params, 0.5, policy="lsvt", latency=_table())
+        jaxlr.target_ranks(params, reduction=0.5, policy="lsvt", latency=_table())
     partial = LatencyTable({"a/kernel": _table().layers["a/kernel"]}, "test")
     with pytest.raises(ValueError, match="no layer 'b/kernel'"):
-        jaxlr.target_ranks(params, 0.2, policy="lsvt", latency=partial)
+        jaxlr.target_ranks(params, reduction=0.2, policy="lsvt", latency=partial)
     with pytest.raises(TypeError, match="latency must be a jaxlr.LatencyTable"):
-        jaxlr.target_ranks(params, 0.2, latency={"a/kernel": 3})
+        jaxlr.target_ranks(params, reduction=0.2, latency={"a/kernel": 3})
 
 
 class _Net(nn.Module):

@@ -279,7 +279,7 @@ def test_depth_three_trains_to_lower_rank_and_truncates_with_less_loss():
                              for s in spectra.values())
         total = sum(len(s) for s in spectra.values())
         # The same 15 singular values for both.
-        kept = jaxlr.gsvt_ranks(params, 15 / total, filter=hidden, spectra=spectra)
+        kept = jaxlr.gsvt_ranks(params, keep=15 / total, filter=hidden, spectra=spectra)
         truncated = jaxlr.project(params, kept,
                                   options=jaxlr.ProjectionOptions(energy_transfer=False))
         results[depth] = (loss, numerical_rank, accuracy(params) - accuracy(truncated))
@@ -393,3 +393,4 @@ def test_paper_placement_puts_the_squares_of_1x1_convolutions_on_the_input_side(
     # layer, the square goes on the input side: 64 x 64, not 128 x 128.
     assert shapes == {"conv3x3": [(576, 128), (128, 128)], "shortcut": [(64, 64), (64, 128)],
                       "fc": [(512, 512), (512, 10)]}
+

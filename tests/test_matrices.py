@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxlr
-from jaxlr.matrices import MatrixView, default_view, matrix_leaves, path_names
+from jaxlr.matrices import MatrixView, default_view, path_names
+from jaxlr.selection import matrix_leaves
 
 
 @st.composite

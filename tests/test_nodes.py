@@ -82,3 +82,19 @@ def test_collapse_multiplies_every_node_of_a_tree():
     np.testing.assert_allclose(np.asarray(dense["a"]["kernel"]), np.asarray(product()[...]))
     np.testing.assert_array_equal(np.asarray(dense["b"]["kernel"]), np.full((3, 3, 2, 4), 2.0))
     assert dense["a"]["bias"] is tree["a"]["bias"]
+
+
+def test_reprs_are_one_line_of_shapes_not_values():
+    import jax.numpy as jnp
+
+    dense = LowRank(jnp.ones((48, 8)), jnp.ones((8, 64)), (48, 64), MatrixView((0,), (1,)))
+    assert repr(dense) == ("LowRank(shape=(48, 64), rank=8, kind='dense', a=float32[48,8], "
+                           "b=float32[8,64])")
+    conv = LowRank(jnp.ones((27, 4), jnp.bfloat16), jnp.ones((4, 16), jnp.bfloat16),
+                   (3, 3, 3, 16), MatrixView((0, 1, 2), (3,)))
+    assert repr(conv) == ("LowRank(shape=(3, 3, 3, 16), rank=4, kind='conv', a=bfloat16[27,4], "
+                          "b=bfloat16[4,16])")
+    torch = Product((jnp.eye(3), jnp.ones((3, 5))), (5, 3), MatrixView((1,), (0,)))
+    assert repr(torch) == ("Product(shape=(5, 3), depth=2, kind='view', "
+                           f"view={MatrixView((1,), (0,))}, factors=(float32[3,3], float32[3,5]))")
+    assert "\n" not in repr(dense) and "1." not in repr(dense)

@@ -65,7 +65,7 @@ def test_lorita_vit_smoke_pools_attention_and_mlp(tmp_path):
         run = next(r for r in out["training"] if r["model"] == row["model"]
                    and r["N"] == row["N"] and r["chosen"])
         params = run["variables"]["params"]
-        assert row["ranks"] == dict(jaxlr.gsvt_ranks(params, row["budget"], pools="kind",
+        assert row["ranks"] == dict(jaxlr.gsvt_ranks(params, keep=row["budget"], pools="kind",
                                                      filter=blocks))
     words = figures.findings("lorita_vit", lorita_vit.PRESETS["smoke"], out)
     tests = sorted(r["test"] for r in out["training"] if r["chosen"])

@@ -6,6 +6,7 @@ from decimal import Decimal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -62,7 +63,7 @@ def test_lsvt_ranks_by_hand():
     tree = tree_of((100, 100), (10, 7), (3, 3, 1, 4))
     # floor(0.29 * 100) = 29 (binary floating point gives 28.999...), floor(0.29 * 7) = 2,
     # floor(0.29 * 4) = 1.
-    assert dict(jaxlr.lsvt_ranks(tree, 0.29)) == {
+    assert dict(jaxlr.lsvt_ranks(tree, keep=0.29)) == {
         "layer0/kernel": 29, "layer1/kernel": 2, "layer2/kernel": 1}
     assert dict(jaxlr.lsvt_ranks(tree, keep=0.01)) == {
         "layer0/kernel": 1, "layer1/kernel": 1, "layer2/kernel": 1}
@@ -106,21 +107,21 @@ def test_gsvt_ranks_by_hand_with_pools_and_normalisation():
     spectra = {"conv1/kernel": [8.0, 4.0, 2.0, 1.0], "conv2/kernel": [6.0, 0.5],
                "fc/kernel": [100.0, 50.0, 1.0]}
     # One pool of 9 values, keep floor(0.5 * 9) = 4: 100, 50, 8, 6.
-    assert dict(jaxlr.gsvt_ranks(params, 0.5, spectra=spectra)) == {
+    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, spectra=spectra)) == {
         "conv1/kernel": 1, "conv2/kernel": 1, "fc/kernel": 2}
     # Pools by kind: convs keep floor(0.5 * 6) = 3 of {8, 4, 2, 1, 6, 0.5}: 8, 6, 4; fc keeps 1.
     by_kind = {"conv1/kernel": 2, "conv2/kernel": 1, "fc/kernel": 1}
-    assert dict(jaxlr.gsvt_ranks(params, 0.5, pools="kind", spectra=spectra)) == by_kind
+    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools="kind", spectra=spectra)) == by_kind
     # The same pools as a mapping and as a function of (path, leaf).
     pools = {"conv1/kernel": "c", ("conv2", "kernel"): "c", "fc/kernel": "d"}
-    assert dict(jaxlr.gsvt_ranks(params, 0.5, pools=pools, spectra=spectra)) == by_kind
+    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools=pools, spectra=spectra)) == by_kind
     assert dict(jaxlr.gsvt_ranks(params, prune=0.5, spectra=spectra,
                                  pools=lambda path, leaf: str(leaf.ndim))) == by_kind
     # Normalised: conv1 1, .5, .25, .125; conv2 1, .083; keep 3: 1, 1, .5.
-    assert dict(jaxlr.gsvt_ranks(params, 0.5, pools="kind", normalize="max",
+    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools="kind", normalize="max",
                                  spectra=spectra)) == by_kind
     # Without spectra they are computed from the params (fc's diagonal).
-    assert jaxlr.gsvt_ranks(params, 0.5, filter=jaxlr.kernel_filter(include="fc"))[
+    assert jaxlr.gsvt_ranks(params, keep=0.5, filter=jaxlr.kernel_filter(include="fc"))[
         "fc/kernel"] == 1
 
 
@@ -133,7 +134,7 @@ def test_gsvt_ranks_match_a_brute_force_threshold(sizes, keep_pct, seed):
     rng = np.random.default_rng(seed)
     spectra = {f"m{i}/kernel": np.sort(rng.uniform(0, 10, n))[::-1] for i, n in enumerate(sizes)}
     params = {f"m{i}": {"kernel": jnp.zeros((n, n))} for i, n in enumerate(sizes)}
-    ranks = jaxlr.gsvt_ranks(params, keep_pct / 100, spectra=spectra)
+    ranks = jaxlr.gsvt_ranks(params, keep=keep_pct / 100, spectra=spectra)
     everything = np.sort(np.concatenate(list(spectra.values())))[::-1]
     keep = (keep_pct * everything.size) // 100
     threshold = everything[keep - 1] if keep else np.inf
@@ -174,7 +175,7 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
     pooled = np.sort(np.concatenate([np.linalg.svd(m, compute_uv=False)
                                      for m in expected.values()]))[::-1]
     threshold = pooled[int(0.5 * pooled.size) - 1]
-    ranks = jaxlr.gsvt_ranks(mixed, 0.5)
+    ranks = jaxlr.gsvt_ranks(mixed, keep=0.5)
     for name, matrix in expected.items():
         values = np.linalg.svd(matrix, compute_uv=False)
         assert ranks[name] == max(1, int(np.sum(values >= threshold * (1 - 1e-6))))
@@ -183,13 +184,13 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
 
 def test_target_ranks_meet_a_parameter_target_by_hand():
     params = {"fc1": {"kernel": jnp.zeros((64, 64))}, "fc2": {"kernel": jnp.zeros((64, 32))}}
-    ranks = jaxlr.target_ranks(params, 0.5, policy="lsvt")
+    ranks = jaxlr.target_ranks(params, reduction=0.5, policy="lsvt")
     # LSVT budget b: r1 = floor(64 b) (a pair of 128 r1), r2 = floor(32 b) (96 r2); half of the
     # 6144 numbers are cut while 128 r1 + 96 r2 <= 3072: b < 0.28125 gives (17, 8) = 2944, and
     # b = 0.28125 gives (18, 9) = 3168.
     assert dict(ranks) == {"fc1/kernel": 17, "fc2/kernel": 8}
     with pytest.raises(ValueError, match="one singular value per matrix cuts"):
-        jaxlr.target_ranks(params, 0.99, policy="lsvt")
+        jaxlr.target_ranks(params, reduction=0.99, policy="lsvt")
 
 
 def test_target_ranks_meet_a_macs_target_counted_from_the_forward_pass():
@@ -207,13 +208,13 @@ def test_target_ranks_meet_a_macs_target_counted_from_the_forward_pass():
     cost = jaxlr.forward_cost(lambda p, x: model.apply({"params": p}, x), params, x, xla=False)
     convs = jaxlr.kernel_filter(kinds="conv")
     for target in (0.3, 0.5, 0.7):
-        ranks = jaxlr.target_ranks(params, target, cost=cost, filter=convs)
+        ranks = jaxlr.target_ranks(params, reduction=target, cost=cost, filter=convs)
         compressed = jaxlr.compress(params, ranks).compressed
         after = jaxlr.forward_cost(lambda p, x: jaxlr.apply(model, {"params": p}, x),
                                    compressed, x, xla=False)
         assert 1 - after.macs / cost.macs >= target  # met, measured on the factored model
-        looser = jaxlr.gsvt_ranks(params, sum(ranks.values()) / sum(ranks.full.values()) + 0.05,
-                                  filter=convs)
+        kept = sum(ranks.values()) / sum(ranks.full.values())
+        looser = jaxlr.gsvt_ranks(params, keep=kept + 0.05, filter=convs)
         bigger = jaxlr.compress(params, looser).compressed
         more = jaxlr.forward_cost(lambda p, x: jaxlr.apply(model, {"params": p}, x), bigger, x,
                                   xla=False)
@@ -259,7 +260,7 @@ def test_policies_reject_bad_input_when_called():
     with pytest.raises(ValueError, match=r"prune must lie in \[0, 1\), got -0.1"):
         jaxlr.lsvt_ranks(tree, prune=-0.1)
     with pytest.raises(ValueError, match=r"keep must lie in \(0, 1\], got 0.0"):
-        jaxlr.lsvt_ranks(tree, 0.0)
+        jaxlr.lsvt_ranks(tree, keep=0.0)
     with pytest.raises(ValueError, match="exactly one of keep"):
         jaxlr.lsvt_ranks(tree, keep=0.5, prune=0.5)
     with pytest.raises(ValueError, match="exactly one of keep"):
@@ -269,18 +270,32 @@ def test_policies_reject_bad_input_when_called():
     with pytest.raises(ValueError, match="energy must lie"):
         jaxlr.energy_ranks(tree, math.nan)
     with pytest.raises(TypeError, match="keep must be a number"):
-        jaxlr.gsvt_ranks(tree, "half")
+        jaxlr.gsvt_ranks(tree, keep="half")
     with pytest.raises(TypeError, match="keep must be a number"):
-        jaxlr.lsvt_ranks(tree, True)
+        jaxlr.lsvt_ranks(tree, keep=True)
     with pytest.raises(ValueError, match="normalize must be 'none' or 'max'"):
-        jaxlr.gsvt_ranks(tree, 0.5, normalize="sum")
+        jaxlr.gsvt_ranks(tree, keep=0.5, normalize="sum")
     with pytest.raises(ValueError, match=r"pools assign no pool to \['layer1/kernel'\]"):
-        jaxlr.gsvt_ranks(tree_of((4, 4), (4, 4)), 0.5, pools={"layer0/kernel": "x"})
+        jaxlr.gsvt_ranks(tree_of((4, 4), (4, 4)), keep=0.5, pools={"layer0/kernel": "x"})
     with pytest.raises(ValueError, match="must be finite"):
-        jaxlr.gsvt_ranks(tree, 0.5, spectra={"layer0/kernel": [1.0, np.nan, 0, 0, 0, 0]})
+        jaxlr.gsvt_ranks(tree, keep=0.5, spectra={"layer0/kernel": [1.0, np.nan, 0, 0, 0, 0]})
     with pytest.raises(ValueError, match="spectra lack"):
-        jaxlr.gsvt_ranks(tree, 0.5, spectra={})
+        jaxlr.gsvt_ranks(tree, keep=0.5, spectra={})
     with pytest.raises(ValueError, match=r"reduction must lie in \(0, 1\)"):
-        jaxlr.target_ranks(tree, 1.0)
+        jaxlr.target_ranks(tree, reduction=1.0)
     with pytest.raises(ValueError, match="policy must be 'gsvt' or 'lsvt'"):
-        jaxlr.target_ranks(tree, 0.5, policy="prune")
+        jaxlr.target_ranks(tree, reduction=0.5, policy="prune")
+
+
+def test_fractions_are_named_never_positional():
+    """keep, prune and reduction mean three things: each entry point takes them by name only."""
+    tree = tree_of((8, 6), (6, 4))
+    for call in (lambda: jaxlr.lsvt_ranks(tree, 0.3), lambda: jaxlr.gsvt_ranks(tree, 0.3),
+                 lambda: jaxlr.target_ranks(tree, 0.3), lambda: jaxlr.low_rank_projection(0.3),
+                 lambda: jaxlr.with_low_rank_projection(optax.sgd(0.1), 0.3),
+                 lambda: jaxlr.project(tree, 0.3)):
+        with pytest.raises(TypeError, match="positional argument|keep=0.3"):
+            call()
+    # By name, keep and prune are complements, by LSVT's rank floor(keep * n) on both sides.
+    assert dict(jaxlr.lsvt_ranks(tree, keep=0.5)) == dict(jaxlr.lsvt_ranks(tree, prune=0.5)) == {
+        "layer0/kernel": 3, "layer1/kernel": 2}

@@ -657,3 +657,103 @@ def test_repeated_eager_projections_of_one_structure_follow_the_values_and_shape
             assert numerical_rank(out["w"]["kernel"]) == 3
         else:
             assert out["w"]["kernel"] is params["w"]["kernel"]
+
+
+def test_the_state_reports_the_ranks_and_kept_fraction_of_the_last_projection():
+    """Under jit, with a schedule of keep: the state's ranks are the projected matrices' numerical
+    ranks (numpy), its kept fraction their mean over the full ranks, both 0 before the first
+    projection; the repr is one line without the sketch."""
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)},
+              "b": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 6)), jnp.float32)}}
+    schedule = optax.linear_schedule(1.0, 0.5, 4)  # keep, by update count
+    tx = optax.chain(optax.sgd(0.0), low_rank_projection(
+        keep=schedule, every=2, options=ProjectionOptions(filter=None)))
+    state = tx.init(params)
+    assert np.asarray(state[1].ranks).tolist() == [0, 0] and float(state[1].kept) == 0
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for number in range(1, 5):
+        params, state = step(params, state)
+        if number % 2:
+            continue
+        # Projected at updates 2 and 4, with keep read at counts 1 and 3: 0.875 and 0.625.
+        keep = 1.0 - 0.125 * (number - 1)
+        expected = [max(1, int(np.floor(keep * n + 1e-6))) for n in (10, 6)]
+        ranks = [numerical_rank(np.asarray(params["a"]["kernel"])),
+                 numerical_rank(np.asarray(params["b"]["kernel"]).reshape(18, 6))]
+        assert ranks == expected
+        assert np.asarray(state[1].ranks).tolist() == expected
+        assert float(state[1].kept) == pytest.approx(np.mean([expected[0] / 10,
+                                                              expected[1] / 6]))
+    text = repr(state[1])
+    assert text.startswith("LowRankProjectionState(count=4, ") and "ranks=[6,3]" in text
+    assert "sketch" not in text and "\n" not in text
+
+
+def test_statistics_of_the_wrong_width_are_blamed_on_batch_stats_a_wrong_pair_on_bn_pairs():
+    params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 5))},
+              "BatchNorm_0": {"scale": jnp.ones(5), "bias": jnp.zeros(5)},
+              "BatchNorm_1": {"scale": jnp.ones(2), "bias": jnp.zeros(2)}}
+    stats = {"BatchNorm_0": {"mean": jnp.zeros(5), "var": jnp.ones(5)},
+             "BatchNorm_1": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+    wrong_stats = {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+    paired = ProjectionOptions(bn_pairs={("Conv_0", "kernel"): "BatchNorm_0"})
+    with pytest.raises(ValueError, match=r"batch_stats holds a running variance 'BatchNorm_0/var'"
+                                         r" of shape \(2,\).*have 5 channels"):
+        project(params, {"Conv_0/kernel": 2}, batch_stats=wrong_stats, options=paired)
+    mispaired = ProjectionOptions(bn_pairs={("Conv_0", "kernel"): "BatchNorm_1"})
+    with pytest.raises(ValueError, match=r"bn_pairs pairs the kernel 'Conv_0/kernel' \(5 outputs\)"
+                                         r" with the BatchNorm 'BatchNorm_1'"):
+        project(params, {"Conv_0/kernel": 2}, batch_stats=stats, options=mispaired)
+
+
+def test_find_bn_pairs_reports_each_batchnorms_epsilon_and_the_projection_uses_it():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Conv(6, (3, 3), use_bias=False)(x)
+            x = nn.BatchNorm(use_running_average=not train, epsilon=0.5)(x)
+            return nn.Conv(4, (3, 3))(nn.relu(x))
+
+    x = jnp.ones((2, 6, 6, 3))
+    model = Net()
+    variables = model.init(jax.random.key(0), x)
+    pairs = jaxlr.find_bn_pairs(model, variables, x)
+    assert pairs == {"Conv_0/kernel": "BatchNorm_0"} and pairs["Conv_0/kernel"].epsilon == 0.5
+
+    class NNXNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 6, (3, 3), use_bias=False, rngs=rngs)
+            self.bn = nnx.BatchNorm(6, epsilon=0.25, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.conv(x))
+
+    (found,) = jaxlr.find_bn_pairs(NNXNet(nnx.Rngs(0)), x).values()
+    assert found == "bn" and found.epsilon == 0.25
+
+    rng = np.random.default_rng(4)
+    kernel = rng.standard_normal((3, 3, 3, 6)).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+    var = rng.uniform(0.01, 0.2, 6).astype(np.float32)  # small: epsilon matters
+    params = {"Conv_0": {"kernel": jnp.asarray(kernel)},
+              "BatchNorm_0": {"scale": jnp.asarray(gamma), "bias": jnp.zeros(6)}}
+    stats = {"BatchNorm_0": {"mean": jnp.zeros(6), "var": jnp.asarray(var)}}
+    out = project(params, {"Conv_0/kernel": 2}, batch_stats=stats,
+                  options=ProjectionOptions(bn_pairs=pairs))
+    np.testing.assert_allclose(np.asarray(out["Conv_0"]["kernel"]),
+                               bn_reference(kernel, gamma, var, 2, True, eps=0.5),
+                               rtol=1e-4, atol=1e-5)
+    # A plain path string takes bn_epsilon; options differing only in the epsilon differ.
+    plain = ProjectionOptions(bn_pairs={"Conv_0/kernel": "BatchNorm_0"})
+    assert plain != ProjectionOptions(bn_pairs=pairs) and hash(plain) != hash(
+        ProjectionOptions(bn_pairs=pairs))
+    out = project(params, {"Conv_0/kernel": 2}, batch_stats=stats, options=plain)
+    np.testing.assert_allclose(np.asarray(out["Conv_0"]["kernel"]),
+                               bn_reference(kernel, gamma, var, 2, True),
+                               rtol=1e-4, atol=1e-5)

@@ -44,6 +44,18 @@ def test_projection_on_8_devices_equals_one_device(results, mesh, layout):
     assert row["error_jit"] < 1e-6
 
 
+@pytest.mark.parametrize(("mesh", "layout"), [
+    ("auto", "fsdp-out"), ("auto", "fsdp-in"),
+    ("explicit", "dp"), ("explicit", "fsdp-out"), ("explicit", "fsdp-in"), ("explicit", "2d")])
+def test_jit_finds_the_mesh_in_the_traced_values_without_set_mesh(results, mesh, layout):
+    """mesh="auto" reads the mesh from the types of the values traced by the caller's jit (an
+    Auto mesh carries no spec there): no whole kernel gathered, the one-device result, as under
+    jax.set_mesh (the layouts of test_compiled_projection_gathers_no_whole_kernel...)."""
+    row = next(r for r in results["projections"] if (r["mesh"], r["layout"]) == (mesh, layout))
+    assert row["error_jit_no_context"] < 1e-6
+    assert row["whole_kernel_gathers_no_context"] == []
+
+
 @pytest.mark.parametrize(("mesh", "layout"), LAYOUTS)
 def test_eager_projection_keeps_every_sharding(results, mesh, layout):
     row = next(r for r in results["projections"] if (r["mesh"], r["layout"]) == (mesh, layout))

@@ -195,7 +195,7 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
                                           repeats=latency_repeats)
             measure_s = time.perf_counter() - start
         if choice == "latency":
-            ranks = jaxlr.target_ranks(params, target, cost=dense_cost, filter="conv",
+            ranks = jaxlr.target_ranks(params, reduction=target, cost=dense_cost, filter="conv",
                                        latency=table)
         else:
             ranks = fastest_ranks(table, dense_cost, target,
