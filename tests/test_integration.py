@@ -296,7 +296,8 @@ def test_8_sequential_models_are_rectified_through_the_batchnorm_that_follows():
 # 9. Other layouts: Equinox (OIHW) models.
 
 
-def test_9_equinox_models_project_through_the_torch_layout():
+def equinox_net(key, padding=0):
+    """An Equinox CNN: a 3 x 3 convolution of 16 filters, ReLU, global mean, a 4-way head."""
     eqx = pytest.importorskip("equinox")
 
     class Net(eqx.Module):
@@ -305,13 +306,18 @@ def test_9_equinox_models_project_through_the_torch_layout():
 
         def __init__(self, key):
             k1, k2 = jax.random.split(key)
-            self.conv = eqx.nn.Conv2d(3, 16, 3, key=k1)
+            self.conv = eqx.nn.Conv2d(3, 16, 3, padding=padding, key=k1)
             self.head = eqx.nn.Linear(16, 4, key=k2)
 
         def __call__(self, x):  # one CHW image
             return self.head(jax.nn.relu(self.conv(x)).mean((1, 2)))
 
-    model = Net(jax.random.key(0))
+    return Net(key)
+
+
+def test_9_equinox_models_project_through_the_torch_layout():
+    eqx = pytest.importorskip("equinox")
+    model = equinox_net(jax.random.key(0))
     images = jnp.transpose(X, (0, 3, 1, 2))
     options = jaxlr.ProjectionOptions(filter=jaxlr.kernel_filter(names="weight", kinds="conv"),
                                       view="torch")
@@ -370,23 +376,10 @@ def test_11_factorized_and_compressed_equinox_modules_run_and_train():
     pairs (a convolution with r filters then a 1 x 1 one; two thin products for the linear
     layer), both equal to their collapsed dense models."""
     eqx = pytest.importorskip("equinox")
-
-    class Net(eqx.Module):
-        conv: eqx.nn.Conv2d
-        head: eqx.nn.Linear
-
-        def __init__(self, key):
-            k1, k2 = jax.random.split(key)
-            self.conv = eqx.nn.Conv2d(3, 16, 3, padding=1, key=k1)
-            self.head = eqx.nn.Linear(16, 4, key=k2)
-
-        def __call__(self, x):
-            return self.head(jax.nn.relu(self.conv(x)).mean((1, 2)))
-
     images = jnp.transpose(X, (0, 3, 1, 2))
     weights = jaxlr.kernel_filter(names="weight")
-    model = jaxlr.lorita.factorize(Net(jax.random.key(0)), 3, jax.random.key(1), filter=weights,
-                                   view="torch")
+    model = jaxlr.lorita.factorize(equinox_net(jax.random.key(0), padding=1), 3,
+                                   jax.random.key(1), filter=weights, view="torch")
     assert isinstance(model.conv, eqx.nn.Conv2d) and model.conv.weight.depth == 3
     np.testing.assert_allclose(jax.vmap(model)(images),
                                jax.vmap(jaxlr.collapse(model))(images), rtol=1e-5, atol=1e-5)
