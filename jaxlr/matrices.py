@@ -543,7 +543,7 @@ def resolve_filter(filter: Filter | None) -> Callable[[Path, Any], bool]:  # noq
 
 
 # ---------------------------------------------------------------------------------------------
-# Selection.
+# The dtype every decomposition needs.
 
 
 def check_floating(name: str, leaf: Any) -> None:
