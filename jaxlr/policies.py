@@ -147,9 +147,9 @@ class Ranks(Mapping[str, int]):
     def rounded_up(self, multiple: int) -> Ranks:
         """A copy with every rank rounded up to a multiple of ``multiple`` (at most the full rank).
 
-        Hardware runs some widths much faster: XLA's CPU convolution with a number of filters
-        that is not a multiple of 8 took twice as long as with the next multiple of 8 in
-        ``BENCHMARKS.md``. Rounding up keeps more singular values, never fewer.
+        Hardware runs some widths much faster (XLA's CPU convolution with a number of filters
+        that is not a multiple of 8 against the next multiple of 8: ``BENCHMARKS.md``). Rounding
+        up keeps more singular values, never fewer.
 
         Raises:
           ValueError: if ``multiple`` is not a positive integer.

@@ -25,11 +25,11 @@ On a projection step the transformation sees the weights the step would produce,
 passes ``updates`` through and computes no decomposition: the projection runs in a
 ``jax.lax.while_loop`` that runs once when an int32 step counter says it is due and not at all
 otherwise, so the updates stay in place. (The branches of a ``jax.lax.cond`` write the whole
-update tree to buffers of their own at every step: with one, a VGG-16 update that did not project
-took 9.8 ms more than SGD's on a CPU, against 3.9 ms now;
-``experiments/benchmarks/lrpet_overhead.py``. The loop is not reverse-differentiable, so neither
-is the update.) Under ``vmap`` with a batched counter the loop runs while any batch member is due
-and keeps the others' updates.
+update tree to buffers of their own at every step, which costs a step that does not project
+more than the loop does; ``experiments/benchmarks/lrpet_overhead.py`` measures it, BENCHMARKS.md
+holds the figures. The loop is not reverse-differentiable, so neither is the update.) Under
+``vmap`` with a batched counter the loop runs while any batch member is due and keeps the others'
+updates.
 
 **Ranks.** ``prune=p`` gives each selected matrix ``r = max(1, floor(n - n p))`` with
 ``n = min(m, n)`` (LRPET's unique pruning ratio; :func:`jaxlr.lsvt_ranks` is the one rule);
@@ -736,7 +736,7 @@ def low_rank_projection(
         (the default): the check costs nothing on other steps; a failure raises at once when
         ``update`` runs outside ``jit``, and inside ``jit`` is counted in the state's
         ``misplaced``. ``"raise"``: raise inside ``jit`` as well, through a host callback (which
-        takes the step off JAX's fast dispatch path: about 1 ms a step on a CPU). ``False``: no
+        takes the step off JAX's fast dispatch path, a cost per step). ``False``: no
         check (for weights changed on purpose between steps).
 
     Returns:

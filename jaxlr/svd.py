@@ -39,9 +39,8 @@ once. Called eagerly on the CPU, whole-tree decompositions run with one LAPACK t
 one after the other, so an eager ``"svd"`` call splits the tree into one program per core (groups
 of about equal cost), and an eager ``"auto"`` call runs the Gram path of every matrix in one
 program, then the SVDs of the large matrices it rejects as programs of their own, from a pool
-of threads (on 2 cores VGG-16 took 0.57-0.62x the time of the one program with ``"svd"``,
-0.73-0.81x with ``"auto"`` on steep spectra; BENCHMARKS.md). The results are those of the one
-program. On a mesh of several devices
+of threads (faster than the one program on a CPU of several cores: BENCHMARKS.md, with the
+command that measures it). The results are those of the one program. On a mesh of several devices
 each matrix is decomposed by one device, one matrix after the other (:mod:`jaxlr.sharding`).
 
 **Static and traced ranks.** Ranks are static Python ints on the fast path: only the top ``r``
@@ -186,10 +185,10 @@ _QR_FIRST = 2
 def thin_svd(matrix: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``jnp.linalg.svd(matrix, full_matrices=False)``, with the QR algorithm on GPUs.
 
-    On NVIDIA and AMD GPUs JAX's default SVD is Jacobi's (cuSolver ``gesvdj``), accurate to only
-    about ``2e-4`` in float32 on a 512 x 512 matrix (reconstruction and orthogonality, measured on
-    an H100), where the QR algorithm gives ``4e-6`` for 2.3x the time. On the CPU the default
-    (LAPACK's divide and conquer) is both accurate and 8x faster than QR there, so it stays.
+    On NVIDIA and AMD GPUs JAX's default SVD is Jacobi's (cuSolver ``gesvdj``), whose float32
+    reconstruction and orthogonality errors are far larger than the QR algorithm's, at some cost
+    in time (BENCHMARKS.md, GPU rows). On the CPU the default (LAPACK's divide and conquer) is both
+    accurate and faster than QR, so it stays.
     """
 
     def default(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -487,9 +486,9 @@ def _project_many(
     the matrices are tall and decomposed over its mesh. With ``defer`` (one flag per matrix;
     ``auto``, static ranks, no spread) a deferred matrix whose estimate is not accepted is not
     decomposed by the SVD: its result is a placeholder for :func:`_side_by_side` to replace, and
-    it is not final. (The rebuild of the placeholder's zero
-    triplets costs less than keeping the rebuilds inside ``cond`` branches: a VGG-16 tree whose
-    matrices were all accepted took 1.1x as long that way.)"""
+    it is not final. (The rebuild of the placeholder's zero triplets costs less than keeping the
+    rebuilds inside ``cond`` branches, which cost a tree whose matrices were all accepted time of
+    its own: ``experiments/benchmarks/svd_projection.py``.)"""
     out = list(mats)
     flags = [jnp.all(jnp.isfinite(m)) for m in mats]
     accepted = [jnp.ones((), bool)] * len(mats)
@@ -720,9 +719,9 @@ def _stacked(flags: list[jax.Array]) -> jax.Array:
     return jnp.stack(flags) if flags else jnp.zeros((0,), bool)
 
 
-# An SVD of an m x n matrix with m n min(m, n) under this is not worth a program of its own: on
-# one core of the 2-core benchmark machine 576 x 64 took 0.5 ms, 576 x 128 1.7 ms, 4608 x 512 70
-# ms, where a program's dispatch costs about 0.05 ms and a host sync more.
+# An SVD of an m x n matrix with m n min(m, n) under this is not worth a program of its own: its
+# time is then of the order of a program's dispatch and host sync (svd_projection --parts measures
+# both; BENCHMARKS.md).
 _OWN_PROGRAM_COST = float(1 << 23)
 
 

@@ -3,11 +3,10 @@
 On the CPU, ``jnp.linalg.eigh``, ``svd`` and ``qr`` run LAPACK (jaxlib calls the BLAS/LAPACK
 library SciPy ships, OpenBLAS by default), which starts its own threads for every call. XLA runs
 the Gram products on its own threads, on every core, and overlaps some decompositions with them,
-so a projection of a whole tree ends up with more busy threads than cores: on 2 cores the 13
-decompositions of VGG-16 took 1.6x to 2.4x as long with 2 LAPACK threads as with 1
-(``experiments/benchmarks/svd_projection.py``, BENCHMARKS.md). (The LAPACK calls of one jitted
-program mostly run one after the other: four QR reductions in one program took as long as four
-calls in a row, where four Python threads took 0.56x that; ``svd_projection --parts``.)
+so a projection of a whole tree ends up with more busy threads than cores, and takes longer with
+more LAPACK threads than with one (``experiments/benchmarks/svd_projection.py``; the figures are
+in BENCHMARKS.md). (The LAPACK calls of one jitted program mostly run one after the other, where
+programs dispatched from several Python threads run side by side; ``svd_projection --parts``.)
 
 jaxlr's eager entry points (:func:`jaxlr.project`, :func:`jaxlr.project_tree`,
 :func:`jaxlr.compress`, :func:`jaxlr.lsvt`, ...) therefore run their decompositions with one
@@ -206,8 +205,8 @@ def concurrently(calls: Sequence[Callable[[], Any]], threads: int) -> list[Any]:
 
     XLA's CPU runtime runs the LAPACK calls of one program one after the other, and a program
     dispatched asynchronously runs before the next one starts; programs dispatched from separate
-    Python threads run side by side (four QR reductions of a 4608 x 512 matrix: 0.56x the time of
-    one program; ``experiments/benchmarks/svd_projection.py --parts``). The first exception of
+    Python threads run side by side (``experiments/benchmarks/svd_projection.py --parts`` times
+    both ways; BENCHMARKS.md). The first exception of
     a call is raised here, once every call has finished."""
     def finished(call: Callable[[], Any]) -> Any:
         return jax.block_until_ready(call())
