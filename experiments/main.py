@@ -159,8 +159,9 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
     steps_per_epoch = len(data.train) // config.batch_size
     sample = data.normalize(data.test.images[:1])
     shapes = jax.eval_shape(model.init, jax.random.key(0), sample)
-    lrp = jaxlr.ProjectionOptions(energy_transfer=False)
-    lrpet = jaxlr.ProjectionOptions(bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample))
+    lrp = jaxlr.ProjectionOptions(energy_transfer=False, filter="conv")  # the paper's layers
+    lrpet = jaxlr.ProjectionOptions(bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample),
+                                    filter="conv")
     variants = {
         "no projection": None,
         "LRP": jaxlr.low_rank_projection(prune=config.prune, every=steps_per_epoch, options=lrp),

@@ -120,9 +120,12 @@ def lorita_task(
     label_smoothing: float = 0.0,
     **factorize_options: Any,
 ) -> Task:
-    """A :class:`Task` training every kernel of ``model`` as a product of ``depth`` factors."""
+    """A :class:`Task` training every kernel of ``model`` (the classifier included, as the
+    LoRITa release does: ``filter="all"`` unless ``factorize_options`` say otherwise) as a product
+    of ``depth`` factors."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an int >= 1, got {depth!r}.")
+    factorize_options = {"filter": "all", **factorize_options}
 
     def reparameterize(params: Any, key: jax.Array) -> Any:
         return lorita.factorize(params, depth, key, **factorize_options)

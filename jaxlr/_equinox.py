@@ -20,15 +20,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlr import nodes
+from jaxlr import matrices, nodes
 
-__all__ = ["is_module", "runnable"]
+__all__ = ["embedding_paths", "is_module", "runnable"]
 
 
 def is_module(tree: Any) -> bool:
     """Whether ``tree`` is an Equinox module (without importing Equinox)."""
     eqx = sys.modules.get("equinox")
     return eqx is not None and isinstance(tree, eqx.Module)
+
+
+def embedding_paths(tree: Any) -> set[tuple[str, ...]]:
+    """The paths of the ``eqx.nn.Embedding`` modules in an Equinox tree (their ``weight`` is an
+    embedding table, not a kernel)."""
+    eqx = sys.modules.get("equinox")
+    if eqx is None:
+        return set()
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, eqx.nn.Embedding))
+    return {matrices.path_names(path) for path, leaf in flat
+            if isinstance(leaf, eqx.nn.Embedding)}
 
 
 def _conv_call(self: Any, x: jax.Array, *, key: Any = None) -> jax.Array:

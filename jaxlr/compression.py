@@ -19,7 +19,7 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (64, 32)),
   ...                       "bias": jnp.zeros(32)}}
-  >>> result = compress(params, {"Dense_0/kernel": 4})
+  >>> result = compress(params, ranks={"Dense_0/kernel": 4})
   >>> result.compressed["Dense_0"]["kernel"].rank
   4
   >>> result.report.params_before, result.report.params_after   # 64*32 + 32 -> 4*(64+32) + 32
@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import _equinox, _nnx, inference, matrices, nodes, selection, sharding, svd
+from jaxlr import _equinox, _nnx, inference, nodes, selection, sharding, svd
 from jaxlr.policies import Ranks, RankSpec, retained_fraction, select
+from jaxlr.projection import ProjectionOptions
 
 __all__ = ["CompressionResult", "CompressionReport", "LayerReport", "compress"]
 
@@ -109,46 +110,77 @@ class CompressionResult(NamedTuple):
 
 def compress(
     params: Any,
-    ranks: RankSpec,
+    ranks: RankSpec | None = None,
     *,
-    view: matrices.View = None,
-    method: svd.Method = "svd",
-    mesh: Any = "auto",
+    keep: float | None = None,
+    prune: float | None = None,
+    options: ProjectionOptions | None = None,
 ) -> CompressionResult:
-    """Truncates every ranked matrix of a trained tree or NNX module (module documentation).
+    """Truncates the selected matrices of a trained tree or module (module documentation).
+
+    The rank request is :func:`jaxlr.project`'s: exactly one of ``ranks``, ``keep`` and
+    ``prune``; so, after LRPET, ``compress`` with the training's request and options cuts exactly
+    the matrices the training projected.
 
     Args:
-      params: a trained tree (Linen ``variables`` or ``params``, NNX ``State``, any pytree) or a
-        Flax NNX module; LoRITa products are collapsed first.
-      ranks: a :class:`jaxlr.Ranks` (e.g. ``jaxlr.gsvt_ranks(params, 0.3)``), ``{path: rank}`` or
-        a function of the params returning one.
-      view: how each kernel is seen as a matrix (the view the ranks were chosen with).
-      method: decomposition method (:mod:`jaxlr.svd`); the SVD by default, since it runs once.
-      mesh: the devices the decompositions are spread over (:mod:`jaxlr.sharding`; ``"auto"``:
-        the weights' mesh). On a mesh ``A`` keeps the kernel's row sharding, ``B`` its column
-        sharding.
+      params: a trained tree (Linen ``variables`` or ``params``, NNX ``State``, any pytree), a
+        Flax NNX module or an Equinox module; LoRITa products are collapsed first.
+      ranks: a :class:`jaxlr.Ranks` (e.g. ``jaxlr.gsvt_ranks(params, keep=0.3)``),
+        ``{path: rank}`` or a function of the params returning one.
+      keep: instead of ``ranks``: the fraction of each selected matrix's singular values kept,
+        in ``(0, 1]`` (LSVT).
+      prune: instead of ``ranks``: the fraction pruned, in ``[0, 1)``.
+      options: a :class:`jaxlr.ProjectionOptions`, of which ``compress`` reads the selection
+        (``filter``, for ``keep`` / ``prune``), the ``view``, the ``method`` (``"auto"`` by
+        default, as everywhere) and the ``mesh`` (``"auto"``: the weights' mesh; on a mesh ``A``
+        keeps the kernel's row sharding, ``B`` its column sharding). Its training fields do not
+        apply to a truncation: BatchNorm pairs and a tail scale are refused.
 
     Returns:
       A :class:`CompressionResult` ``(compressed, report)``.
 
     Raises:
-      ValueError / TypeError: for a path not in the tree or a rank out of range (naming it), or
-        (called eagerly) a matrix holding NaN or Inf.
+      ValueError / TypeError: for a bad rank request, a path not in the tree or a rank out of
+        range (naming it), options with BatchNorm pairs or a tail scale, or (called eagerly) a
+        matrix holding NaN or Inf.
+
+    Example:
+      >>> import jax
+      >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))},
+      ...           "head": {"kernel": jax.random.normal(jax.random.key(1), (32, 10))}}
+      >>> result = compress(params, keep=0.25)      # the default selection: the head is kept
+      >>> result.compressed["Dense_0"]["kernel"].rank, list(result.report.layers)
+      (8, ['Dense_0/kernel'])
     """
+    options = ProjectionOptions() if options is None else options
+    if not isinstance(options, ProjectionOptions):
+        raise TypeError(f"options must be a jaxlr.ProjectionOptions, got "
+                        f"{type(options).__name__}.")
+    if options.bn_pairs or options.tail_scale:
+        raise ValueError(
+            "compress truncates: options.bn_pairs and options.tail_scale shape the projection "
+            "during training, not the final cut. Project once with them (jaxlr.project(params, "
+            "..., options=...)), then compress the projected weights.")
+    request = {"ranks": ranks, "keep": keep, "prune": prune}
+    given = [name for name, value in request.items() if value is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of ranks (a Ranks, {path: rank} or a function of the "
+                         "params), keep (the fraction of singular values kept, in (0, 1]) and "
+                         f"prune (the fraction pruned, in [0, 1)); got {given or 'none'}.")
     if _nnx.is_module(params):
-        tree, report = _compress_tree(_nnx.parameters(params), ranks, view, method, mesh)
+        tree, report = _compress_tree(_nnx.parameters(params), request, options)
         return CompressionResult(inference.nnx_model(params, tree), report)
-    tree, report = _compress_tree(params, ranks, view, method, mesh)
+    tree, report = _compress_tree(params, request, options)
     return CompressionResult(_equinox.runnable(tree) if _equinox.is_module(params) else tree,
                              report)
 
 
-def _compress_tree(params: Any, ranks: RankSpec, view: matrices.View,
-                   method: str, mesh: Any) -> tuple[Any, CompressionReport]:
+def _compress_tree(params: Any, request: dict[str, Any], options: ProjectionOptions
+                   ) -> tuple[Any, CompressionReport]:
     params = nodes.collapse_tree(params)
-    svd.check_method(method)
-    sharding.check_mesh(mesh)
-    chosen, found = select(params, ranks, view=view)
+    method, mesh = options.method, options.mesh
+    chosen, found = select(params, request["ranks"], keep=request["keep"],
+                           prune=request["prune"], filter=options.filter, view=options.view)
     flat, treedef = selection.flatten(params)
     leaves = [leaf for _, leaf in flat]
     # A matrix kept at full rank stays as it is: exact, and no decomposition to pay for.

@@ -315,7 +315,7 @@ def measure_latency(
         not run, and every product is timed on the device of the first one that is a
         ``jax.Array`` (the default device otherwise).
       ranks: the ranks to time (:data:`CandidateRanks`; :func:`candidate_ranks` by default).
-      filter: which matrices to time (:func:`jaxlr.matrix_leaves`).
+      filter: which matrices to time (the default selection, :mod:`jaxlr.selection`).
       view: how each kernel is seen as a matrix; the factored timing runs the kernel's input
         axes first, as :mod:`jaxlr.inference` does.
       repeats: timed calls per product (median), at least 1.

@@ -173,7 +173,8 @@ def factorize(
         factor and changes nothing else.
       key: a PRNG key for the orthogonal squares (needed when ``depth > 1`` and
         ``init="orthogonal"``).
-      filter: which leaves are factorized (default: kernels of >= 2 dimensions).
+      filter: which kernels are factorized (default: every kernel but the output layer,
+        :mod:`jaxlr.selection`; ``"all"``: every kernel, as the LoRITa release).
       view: how each kernel is seen as a matrix (:mod:`jaxlr.matrices`).
       placement: where the square factors go (see the module's documentation).
       init: ``"orthogonal"`` (the product is the given kernel rotated: the layer's own initial

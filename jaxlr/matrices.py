@@ -424,11 +424,13 @@ def keyed(mapping: Mapping[Any, Any], name: str = "mapping") -> dict[str, Any]:
 # Filters.
 
 Filter = Callable[[Path, Any], bool] | str | Sequence[str]
-"""Which leaves are matrices: ``(path, leaf) -> bool``, or a kind name or tuple of kind names."""
+"""Which leaves are matrices: ``(path, leaf) -> bool``, ``"all"``, or a kind name or tuple of kind
+names; ``None`` is the default selection (:mod:`jaxlr.selection`)."""
 
 
 def is_kernel(path: Path, leaf: Any) -> bool:
-    """The default filter: leaves named ``kernel`` with at least two dimensions.
+    """Leaves named ``kernel`` with at least two dimensions: the kernels the default selection
+    and ``filter="all"`` start from (:mod:`jaxlr.selection`).
 
     Biases, norm scales, BatchNorm statistics and embeddings (``embedding``) are left alone.
     """
@@ -521,20 +523,22 @@ def kernel_filter(
 
 
 def resolve_filter(filter: Filter | None) -> Callable[[Path, Any], bool]:  # noqa: A002
-    """The filter function that ``filter`` stands for: ``None`` is :func:`is_kernel`; a kind name
-    or a tuple of them is a :class:`KernelFilter` of those kinds.
+    """The per-leaf filter function that ``filter`` stands for: ``None`` and ``"all"`` are
+    :func:`is_kernel` (the default's output-layer rule needs the whole tree and is
+    :func:`jaxlr.selection.matrix_leaves`'s); a kind name or a tuple of them is a
+    :class:`KernelFilter` of those kinds.
 
     Raises:
       ValueError: for an unknown kind name.
       TypeError: for anything that is not a function, a kind name or a tuple of kind names.
     """
-    if filter is None:
+    if filter is None or (isinstance(filter, str) and filter == "all"):
         return is_kernel
     if isinstance(filter, str) or (isinstance(filter, Sequence) and not callable(filter)):
         kinds = (filter,) if isinstance(filter, str) else tuple(filter)
         if not kinds or not all(isinstance(k, str) and k in KINDS for k in kinds):
-            raise ValueError(f"a filter given by name must be one of {KINDS} or a tuple of them, "
-                             f"got {filter!r}; or pass a function (path, leaf) -> bool.")
+            raise ValueError(f"a filter given by name must be 'all', one of {KINDS} or a tuple of "
+                             f"them, got {filter!r}; or pass a function (path, leaf) -> bool.")
         return KernelFilter(kinds=kinds)
     if callable(filter):
         return filter

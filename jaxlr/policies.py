@@ -409,17 +409,18 @@ def lsvt_ranks(
       params: the parameter tree.
       keep: the fraction of each matrix's singular values kept, in ``(0, 1]``.
       prune: instead of ``keep``: the fraction pruned, in ``[0, 1)``.
-      filter: which leaves are matrices.
+      filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
 
     Example:
       >>> import jax.numpy as jnp
       >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 16, 16))},
-      ...           "fc": {"kernel": jnp.zeros((64, 100))}}
+      ...           "fc": {"kernel": jnp.zeros((64, 100))},
+      ...           "head": {"kernel": jnp.zeros((100, 10))}}
       >>> dict(lsvt_ranks(params, prune=0.57))  # floor(16 - 9.12) = 6; floor(64 - 36.48) = 27
       {'conv/kernel': 6, 'fc/kernel': 27}
-      >>> dict(lsvt_ranks(params, keep=0.25))
-      {'conv/kernel': 4, 'fc/kernel': 16}
+      >>> dict(lsvt_ranks(params, keep=0.25, filter="all"))  # the output layer too
+      {'conv/kernel': 4, 'fc/kernel': 16, 'head/kernel': 2}
 
     References:
       LoRITa: "Structure-Preserving Network Compression Via Low-Rank Induced Training Through
@@ -442,7 +443,7 @@ def energy_ranks(
     Args:
       params: the parameter tree.
       energy: the fraction of ``sum s^2`` kept, in ``(0, 1]``. A zero matrix keeps 1.
-      filter: which leaves are matrices.
+      filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
       spectra: ``{key: singular values}`` already computed (:func:`jaxlr.singular_values_tree`).
 
@@ -538,7 +539,7 @@ def gsvt_ranks(
         GSVT); ``"max"`` divides each matrix's values by its largest first, so matrices of
         different scale compete on shape alone (the paper's released code does this for the
         convolution pool of CNNs only).
-      filter: which leaves are matrices.
+      filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
       spectra: ``{key: singular values}`` already computed (:func:`jaxlr.singular_values_tree`),
         to sweep many budgets without decomposing again.
@@ -551,9 +552,9 @@ def gsvt_ranks(
       >>> import jax.numpy as jnp
       >>> params = {"a": {"kernel": jnp.diag(jnp.array([10.0, 1.0]))},
       ...           "b": {"kernel": jnp.diag(jnp.array([0.5, 0.4]))}}
-      >>> dict(gsvt_ranks(params, keep=0.5))  # 10 and 1 are the two largest of four; b keeps one
+      >>> dict(gsvt_ranks(params, keep=0.5, filter="all"))  # 10 and 1 are the largest of four
       {'a/kernel': 2, 'b/kernel': 1}
-      >>> dict(gsvt_ranks(params, keep=0.75, normalize="max"))  # 1 (a), 1 and 0.8 (b), not 0.1
+      >>> dict(gsvt_ranks(params, keep=0.75, normalize="max", filter="all"))  # 1, 1, 0.8; not 0.1
       {'a/kernel': 1, 'b/kernel': 2}
 
     References:
@@ -603,7 +604,8 @@ def target_ranks(
         LRPET's unique pruning ratio).
       pools: GSVT's pools (:func:`gsvt_ranks`).
       normalize: GSVT's normalisation (:func:`gsvt_ranks`).
-      filter: which matrices may be cut (leave the classifier out, as both papers do).
+      filter: which matrices may be cut (default: every kernel but the output layer, as both
+        papers; :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
       spectra: singular values already computed (GSVT).
       latency: measured layer times (:func:`jaxlr.measure_latency`); ``None``: ranks as the
@@ -618,7 +620,7 @@ def target_ranks(
       >>> import jax
       >>> params = {"fc1": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))},
       ...           "fc2": {"kernel": jax.random.normal(jax.random.key(1), (64, 32))}}
-      >>> ranks = target_ranks(params, reduction=0.5, policy="lsvt")
+      >>> ranks = target_ranks(params, reduction=0.5, policy="lsvt", filter="all")
       >>> dict(ranks)     # 17 x 128 + 8 x 96 = 2944 numbers of 6144 (one more: 3072 < 6144 / 2)
       {'fc1/kernel': 17, 'fc2/kernel': 8}
     """

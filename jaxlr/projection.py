@@ -42,9 +42,11 @@ compression), and :func:`low_rank_projection` works with ``optax.inject_hyperpar
 traced, every singular triplet is formed and those beyond the rank are masked, so shapes stay static
 and the step compiles once.
 
-**Which layers.** By default the convolution kernels (``ProjectionOptions.filter="conv"``:
-kernels of three or more dimensions that are not attention projections), as the paper: dense
-layers, the classifier among them, are left alone. With ``ranks=``, exactly the matrices it names.
+**Which layers.** By default jaxlr's default selection (:mod:`jaxlr.selection`): every kernel but
+the model's output layer, the selection every entry point makes, so ``jaxlr.compress`` with the
+training's request and options cuts exactly what was projected. The paper projects the
+convolutions only: ``ProjectionOptions(filter="conv")``. With ``ranks=``, exactly the matrices it
+names.
 
 **BN rectification** (paper eq. 16) for the kernels of ``ProjectionOptions.bn_pairs``
 (:func:`jaxlr.find_bn_pairs`, which traces the model). With ``a = gamma / sqrt(running_var +
@@ -137,8 +139,9 @@ class _FrozenMap(Mapping[str, str]):
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionOptions:
-    """How LRPET projects: shared by :func:`low_rank_projection`, :func:`with_low_rank_projection`
-    and :func:`project`.
+    """How jaxlr selects, decomposes and projects: shared by :func:`low_rank_projection`,
+    :func:`with_low_rank_projection`, :func:`project` and :func:`jaxlr.compress` (which reads
+    the selection, view, method and mesh).
 
     Attributes:
       energy_transfer: keep each matrix's Frobenius norm (``False``: plain LRP).
@@ -149,8 +152,9 @@ class ProjectionOptions:
         carry each BatchNorm's epsilon; ``None`` or empty: none.
       bn_epsilon: the epsilon of the BatchNorms given by plain path strings (Flax's default is
         1e-5); a path that carries its own (:func:`jaxlr.find_bn_pairs`) uses that.
-      filter: which kernels ``prune=`` / ``keep=`` project: a kind name or tuple of them, or a
-        ``(path, leaf) -> bool`` function (default ``"conv"``, as the paper).
+      filter: which kernels ``prune=`` / ``keep=`` select: ``None``, the default selection (every
+        kernel but the model's output layer, :mod:`jaxlr.selection`); ``"all"``; a kind name or
+        tuple of them (``"conv"``: the LRPET paper's); or a ``(path, leaf) -> bool`` function.
       view: how each kernel is seen as a matrix (:mod:`jaxlr.matrices`).
       method: the decomposition (:mod:`jaxlr.svd`): ``"auto"``, ``"gram"`` or ``"svd"``.
       mesh: the devices the decompositions are spread over (:mod:`jaxlr.sharding`): ``"auto"``
@@ -162,7 +166,7 @@ class ProjectionOptions:
         out of range.
 
     Example:
-      >>> ProjectionOptions(energy_transfer=False).filter
+      >>> ProjectionOptions(energy_transfer=False, filter="conv").filter
       'conv'
       >>> ProjectionOptions(tail_scale=1.5)
       Traceback (most recent call last):
@@ -174,7 +178,7 @@ class ProjectionOptions:
     tail_scale: float = 0.0
     bn_pairs: Mapping[Any, Any] | None = None
     bn_epsilon: float = 1e-5
-    filter: matrices.Filter = "conv"
+    filter: matrices.Filter | None = None
     view: matrices.View = None
     method: svd.Method = "auto"
     mesh: Any = "auto"
@@ -566,7 +570,7 @@ def project(
       batch_stats: the BatchNorm statistics of the pairs of ``options.bn_pairs`` (BN
         rectification); not read without pairs, as in the optimizer's update, so one call can
         serve both.
-      options: :class:`ProjectionOptions` (default: energy transfer, convolutions).
+      options: :class:`ProjectionOptions` (default: energy transfer, the default selection).
 
     Returns:
       The projected tree, with the input's structure, shapes and dtypes.

@@ -23,8 +23,8 @@ each of ``D`` devices), and no device gathers a whole kernel:
 A matrix whose longer side has no axis divisible by the number of devices gets zero rows up to a
 multiple of it (they change neither its Gram matrix nor its projection, and are dropped after).
 
-**Which mesh.** :func:`mesh_of`: the ``mesh`` given (``ProjectionOptions(mesh=...)``,
-``compress(..., mesh=...)``), else the mesh of the arrays (a ``NamedSharding`` of arrays passed
+**Which mesh.** :func:`mesh_of`: the ``mesh`` given (``ProjectionOptions(mesh=...)``, for the
+projection and ``compress``), else the mesh of the arrays (a ``NamedSharding`` of arrays passed
 eagerly, or of a mesh with ``Explicit`` axes inside ``jit``), else the mesh set by
 ``jax.set_mesh`` around the call. Under ``jax.jit`` on a mesh with ``Auto`` axes
 (``jax.make_mesh(..., axis_types=(AxisType.Auto,) * k)``) the arrays do not carry their mesh:

@@ -1018,7 +1018,8 @@ def singular_values_tree(
 
     Args:
       tree: a Flax Linen variable dict, an NNX ``State``, an Equinox module or any pytree.
-      filter: which leaves are matrices (default: kernels of >= 2 dimensions).
+      filter: which matrices (default: every kernel but the output layer,
+        :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix (:mod:`jaxlr.matrices`).
 
     Returns:

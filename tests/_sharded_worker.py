@@ -214,7 +214,7 @@ def compression() -> list[dict]:
                     "b_spec": [e for e in node.b.sharding.spec],
                     "kernel_spec": [e for e in given[name]["kernel"].sharding.spec],
                 })
-            factored = jaxlr.factorize(given, 3, jax.random.key(0))
+            factored = jaxlr.factorize(given, 3, jax.random.key(0), filter="all")
             product = factored["Dense_0"]["kernel"]
             rows.append({"mesh": kind, "layout": layout, "key": "factorize",
                          "specs": [[e for e in f.sharding.spec] for f in product.factors],
@@ -246,7 +246,8 @@ def inference() -> list[dict]:
         return general if leaf.ndim == 3 else jaxlr.matrices.default_view(path, leaf)
 
     ranks = {"conv/kernel": 4, "fc/kernel": 6, "gen/kernel": 5}
-    small = jaxlr.compress(Net(nnx.Rngs(0)), ranks, view=view).compressed
+    small = jaxlr.compress(Net(nnx.Rngs(0)), ranks,
+                           options=jaxlr.ProjectionOptions(view=view)).compressed
     x = jax.random.normal(jax.random.key(1), (8, 6, 6, 8))
     want = np.asarray(small(x))
     layouts = {

@@ -110,7 +110,7 @@ def test_predicted_macs_equal_the_count_of_the_factored_model():
         return apply({**variables, "params": p}, x)
 
     dense = jaxlr.forward_cost(fn, params, x, xla=False)
-    leaves = jaxlr.matrix_leaves(params)
+    leaves = jaxlr.matrix_leaves(params, filter="all")
     ranks = lowrank_inference.conv_ranks(dense, leaves, 0.3, 1)
     assert dict(ranks)["stage2_block0/conv2/kernel"] == round(0.3 * 64)
     compressed = jaxlr.compress(params, ranks).compressed
@@ -136,7 +136,7 @@ def test_lorita_step_minimum_ratio_by_hand():
     from experiments.benchmarks import lorita_step
 
     params = {"Dense_0": {"kernel": jax.numpy.ones((8, 8))}}
-    ftree = jaxlr.lorita.factorize(params, 3, jax.random.key(0))
+    ftree = jaxlr.lorita.factorize(params, 3, jax.random.key(0), filter="all")
     # batch 2: applied, 3 * 2*8*8 = 384 MACs against 2*8*8 = 128 for the plain kernel
     assert lorita_step.minimum_ratio(params, ftree, 2) == 3.0
     # batch 1000: multiplied out, 2 * 8^3 + 1000*8*8 against 1000*8*8

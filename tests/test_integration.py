@@ -282,7 +282,7 @@ def test_8_sequential_models_are_rectified_through_the_batchnorm_that_follows():
     pairs = jaxlr.find_bn_pairs(model, variables, X)
     assert pairs == {"layers_0/kernel": "layers_1"}
     out = jaxlr.project(variables["params"], prune=0.5, batch_stats=stats,
-                        options=jaxlr.ProjectionOptions(bn_pairs=pairs))
+                        options=jaxlr.ProjectionOptions(bn_pairs=pairs, filter="all"))
     kernel = variables["params"]["layers_0"]["kernel"]
     np.testing.assert_allclose(
         np.asarray(out["layers_0"]["kernel"]),
@@ -348,7 +348,7 @@ def test_9_equinox_models_project_through_the_torch_layout():
 def test_10_linen_models_run_on_factorized_params_without_collapse():
     model = CNN()
     variables = model.init(jax.random.key(0), X)
-    fparams = jaxlr.lorita.factorize(variables["params"], 3, jax.random.key(1))
+    fparams = jaxlr.lorita.factorize(variables["params"], 3, jax.random.key(1), filter="all")
     y = model.apply({**variables, "params": fparams}, X)  # no collapse
     y_collapsed = model.apply({**variables, "params": jaxlr.collapse(fparams)}, X)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_collapsed), rtol=1e-6, atol=1e-6)
@@ -403,7 +403,7 @@ def test_11_factorized_and_compressed_equinox_modules_run_and_train():
 
     dense = jaxlr.collapse(model)
     ranks = jaxlr.lsvt_ranks(dense, keep=0.25, filter=weights, view="torch")
-    compressed = jaxlr.compress(dense, ranks, view="torch").compressed
+    compressed = jaxlr.compress(dense, ranks).compressed
     assert isinstance(compressed.conv.weight, jaxlr.LowRank)
     out = jax.vmap(compressed)(images)
     np.testing.assert_allclose(out, jax.vmap(jaxlr.collapse(compressed))(images), rtol=1e-4,

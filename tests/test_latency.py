@@ -91,7 +91,8 @@ def test_target_ranks_with_latency_against_brute_force(reduction):
     params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))},
               "b": {"kernel": jax.random.normal(jax.random.key(1), (128, 32))}}
     table = _table()
-    ranks = jaxlr.target_ranks(params, reduction=reduction, policy="lsvt", latency=table)
+    ranks = jaxlr.target_ranks(params, reduction=reduction, policy="lsvt", latency=table,
+                               filter="all")
     shapes = {"a/kernel": (64, 64), "b/kernel": (128, 32)}
     before = 64 * 64 + 128 * 32
     expected = _lsvt_reference(table, shapes, dict.fromkeys(shapes, 1.0), before, reduction)
@@ -104,12 +105,12 @@ def test_target_ranks_with_latency_errors():
     params = {"a": {"kernel": jnp.ones((64, 64))}, "b": {"kernel": jnp.ones((128, 32))}}
     # Only b can be cut, down to 4 * 160 of 4096 numbers: 3456 of 8192 = 42%.
     with pytest.raises(ValueError, match="rounded up by the latency table, cuts 42.2%"):
-        jaxlr.target_ranks(params, reduction=0.5, policy="lsvt", latency=_table())
+        jaxlr.target_ranks(params, reduction=0.5, policy="lsvt", latency=_table(), filter="all")
     partial = LatencyTable({"a/kernel": _table().layers["a/kernel"]}, "test")
     with pytest.raises(ValueError, match="no layer 'b/kernel'"):
-        jaxlr.target_ranks(params, reduction=0.2, policy="lsvt", latency=partial)
+        jaxlr.target_ranks(params, reduction=0.2, policy="lsvt", latency=partial, filter="all")
     with pytest.raises(TypeError, match="latency must be a jaxlr.LatencyTable"):
-        jaxlr.target_ranks(params, reduction=0.2, latency={"a/kernel": 3})
+        jaxlr.target_ranks(params, reduction=0.2, latency={"a/kernel": 3}, filter="all")
 
 
 class _Net(nn.Module):
@@ -126,8 +127,8 @@ def test_measure_latency_times_every_matrix_at_the_ranks_that_save():
     x = jnp.ones((2, 8, 8, 16))
     params = model.init(jax.random.key(0), x)["params"]
     table = measure_latency(lambda p, x: model.apply({"params": p}, x), params, x,
-                            ranks=[2, 4, 15, 16, 500], repeats=1)
-    leaves = jaxlr.matrix_leaves(params)
+                            ranks=[2, 4, 15, 16, 500], repeats=1, filter="all")
+    leaves = jaxlr.matrix_leaves(params, filter="all")
     assert list(table.layers) == list(leaves)
     for key, layer in table.layers.items():
         assert layer.matrix_shape == leaves[key].matrix_shape and layer.dense > 0
@@ -163,7 +164,7 @@ def test_measure_latency_refuses_a_while_loop():
                                   (0, x))[1]
 
     with pytest.raises(NotImplementedError, match="while loop"):
-        measure_latency(fn, {"kernel": jnp.ones((8, 8))}, jnp.ones((2, 8)), repeats=1)
+        measure_latency(fn, {"kernel": jnp.ones((8, 8))}, jnp.ones((2, 8)), repeats=1, filter="all")
 
 
 def _products(fn, params, x):

@@ -64,7 +64,7 @@ def linen_variables(seed=0):
 )
 def test_factor_shapes_follow_the_placement(placement, expected):
     params = linen_variables()["params"]
-    fparams = lorita.factorize(params, 3, jax.random.key(1), placement=placement)
+    fparams = lorita.factorize(params, 3, jax.random.key(1), placement=placement, filter="all")
     nodes = [fparams[name]["kernel"] for name in ("Conv_0", "Dense_0", "Dense_1")]
     assert [[tuple(f.shape) for f in node.factors] for node in nodes] == expected
     assert fparams["Dense_0"]["bias"] is params["Dense_0"]["bias"]
@@ -72,7 +72,7 @@ def test_factor_shapes_follow_the_placement(placement, expected):
 
 def test_depth_one_changes_nothing():
     params = linen_variables()["params"]
-    collapsed = lorita.collapse(lorita.factorize(params, 1))
+    collapsed = lorita.collapse(lorita.factorize(params, 1, filter="all"))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(collapsed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -81,7 +81,7 @@ def test_from_dense_round_trip_reproduces_the_tree():
     variables = linen_variables()
     params = variables["params"]
     for placement in ("smaller", "input", "output"):
-        ftree = lorita.factorize(params, 3, jax.random.key(2), placement=placement)
+        ftree = lorita.factorize(params, 3, jax.random.key(2), placement=placement, filter="all")
         pretrained = linen_variables(seed=5)["params"]
         restored = lorita.collapse(lorita.from_dense(ftree, pretrained))
         for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves(restored), strict=True):
@@ -91,7 +91,7 @@ def test_from_dense_round_trip_reproduces_the_tree():
         node = lorita.from_dense(ftree, pretrained)["Dense_0"]["kernel"]
         norms = [float(jnp.linalg.norm(f)) for f in node.factors]
         np.testing.assert_allclose(norms, norms[0], rtol=1e-4)
-    balanced = lorita.collapse(lorita.factorize(params, 3, init="balanced"))
+    balanced = lorita.collapse(lorita.factorize(params, 3, init="balanced", filter="all"))
     np.testing.assert_allclose(np.asarray(balanced["Dense_0"]["kernel"]),
                                np.asarray(params["Dense_0"]["kernel"]), atol=1e-5)
 
@@ -111,8 +111,8 @@ def test_unchanged_linen_and_nnx_models_give_identical_results():
 
     state = jax.tree_util.tree_map_with_path(linen_value, state)
     key = jax.random.key(4)
-    f_linen = lorita.factorize(variables["params"], 3, key)
-    f_nnx = lorita.factorize(state, 3, key)
+    f_linen = lorita.factorize(variables["params"], 3, key, filter="all")
+    f_nnx = lorita.factorize(state, 3, key, filter="all")
     for name in ("Conv_0", "Dense_0", "Dense_1"):
         for a, b in zip(f_linen[name]["kernel"].factors, f_nnx[name]["kernel"].factors,
                         strict=True):
@@ -153,7 +153,8 @@ def test_collapsed_product_has_the_scale_of_the_layers_own_initialiser():
     for seed in range(20):
         own = linen_variables(seed)["params"]  # a fresh draw of each layer's own initialiser
         model_draw = linen_variables(100 + seed)["params"]
-        collapsed = lorita.collapse(lorita.factorize(model_draw, 3, jax.random.key(seed)))
+        collapsed = lorita.collapse(lorita.factorize(model_draw, 3, jax.random.key(seed),
+                                                     filter="all"))
         for name in ratios:
             ratios[name].append(float(jnp.std(collapsed[name]["kernel"]))
                                 / float(jnp.std(own[name]["kernel"])))
@@ -182,7 +183,7 @@ def test_weight_decay_mask_reaches_every_factor_and_no_bias_or_norm():
 
 def test_coupled_and_decoupled_decay_by_closed_form():
     params = {"d": {"kernel": jnp.asarray([[2.0, -1.0], [0.5, 3.0]]), "bias": jnp.ones(2)}}
-    fparams = lorita.factorize(params, 2, init="balanced")
+    fparams = lorita.factorize(params, 2, init="balanced", filter="all")
     zero = jax.tree.map(jnp.zeros_like, fparams)
     lr, wd = 0.1, 0.01
 
@@ -202,7 +203,7 @@ def test_coupled_and_decoupled_decay_by_closed_form():
 
 
 def test_optax_masked_and_chain_and_orbax_work_on_a_factorized_tree(tmp_path):
-    fparams = lorita.factorize(linen_variables()["params"], 3, jax.random.key(0))
+    fparams = lorita.factorize(linen_variables()["params"], 3, jax.random.key(0), filter="all")
     tx = optax.chain(optax.masked(optax.add_decayed_weights(1e-2), lorita.weight_decay_mask),
                      optax.sgd(0.1))
     grads = jax.tree.map(jnp.ones_like, fparams)
@@ -244,7 +245,7 @@ def _train_digits(depth, weight_decay=3e-3, steps=800):
     x, y, x_val, y_val = images[:1078], labels[:1078], images[1078:1437], labels[1078:1437]
     model = MLP()
     fparams = lorita.factorize(model.init(jax.random.key(0), x[:1])["params"], depth,
-                               jax.random.key(1))
+                               jax.random.key(1), filter="all")
     tx = lorita.coupled_adam(3e-3, weight_decay)
 
     def loss_fn(fparams):
@@ -296,16 +297,16 @@ def test_depth_three_trains_to_lower_rank_and_truncates_with_less_loss():
 def test_bad_input_is_rejected_when_given():
     params = linen_variables()["params"]
     with pytest.raises(ValueError, match="depth must be an int >= 1"):
-        lorita.factorize(params, 0, jax.random.key(0))
+        lorita.factorize(params, 0, jax.random.key(0), filter="all")
     with pytest.raises(ValueError, match="key is required"):
-        lorita.factorize(params, 2)
+        lorita.factorize(params, 2, filter="all")
     with pytest.raises(ValueError, match="placement must be one of"):
-        lorita.factorize(params, 2, jax.random.key(0), placement="middle")
+        lorita.factorize(params, 2, jax.random.key(0), placement="middle", filter="all")
     with pytest.raises(ValueError, match="selected no matrix"):
         lorita.factorize(params, 2, jax.random.key(0), filter=lambda path, leaf: False)
-    fparams = lorita.factorize(params, 2, jax.random.key(0))
+    fparams = lorita.factorize(params, 2, jax.random.key(0), filter="all")
     with pytest.raises(ValueError, match="already factorized"):
-        lorita.factorize(fparams, 2, jax.random.key(0))
+        lorita.factorize(fparams, 2, jax.random.key(0), filter="all")
 
     node = fparams["Dense_1"]["kernel"]
     with pytest.raises(ValueError, match=r"factors of the product have shapes .* 16 x 4"):
@@ -326,7 +327,7 @@ def test_attention_kernels_factorize_through_their_views():
     model = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, out_features=8)
     x = jnp.ones((1, 5, 8))
     params = model.init(jax.random.key(0), x, x)["params"]
-    fparams = lorita.factorize(params, 2, init="balanced")
+    fparams = lorita.factorize(params, 2, init="balanced", filter="all")
     # query (8, 4, 4) is an 8 x 16 matrix; out (4, 4, 8) a 16 x 8 matrix.
     assert [f.shape for f in fparams["query"]["kernel"].factors] == [(8, 8), (8, 16)]
     assert [f.shape for f in fparams["out"]["kernel"].factors] == [(16, 8), (8, 8)]
@@ -340,7 +341,7 @@ def test_attention_kernels_factorize_through_their_views():
 
 def test_coupled_decay_without_a_mask_decays_every_parameter_as_pytorch_does():
     params = {"d": {"kernel": jnp.asarray([[2.0, -1.0], [0.5, 3.0]]), "bias": jnp.ones(2)}}
-    fparams = lorita.factorize(params, 2, init="balanced")
+    fparams = lorita.factorize(params, 2, init="balanced", filter="all")
     lr, wd = 0.1, 0.01
     tx = lorita.coupled_adam(lr, wd, mask=None)
     grads = jax.tree.map(jnp.zeros_like, fparams)
@@ -376,7 +377,7 @@ def test_nnx_modules_factorize_to_products_of_params_that_read_as_the_kernel():
         "Dense_0/kernel/factors/0", "Dense_0/kernel/factors/1", "Dense_0/kernel/factors/2",
         "Dense_1/kernel"]
     with pytest.raises(ValueError, match="already factorized"):
-        lorita.factorize(fmodel, 2, jax.random.key(0))
+        lorita.factorize(fmodel, 2, jax.random.key(0), filter="all")
     # from_dense refactors a module from dense numbers.
     restored = lorita.from_dense(fmodel, model)
     np.testing.assert_allclose(np.asarray(restored.Dense_0.kernel[...]), np.asarray(kernel),
@@ -387,7 +388,7 @@ def test_paper_placement_puts_the_squares_of_1x1_convolutions_on_the_input_side(
     params = {"conv3x3": {"kernel": jnp.ones((3, 3, 64, 128))},
               "shortcut": {"kernel": jnp.ones((1, 1, 64, 128))},
               "fc": {"kernel": jnp.ones((512, 10))}}
-    fparams = lorita.factorize(params, 2, jax.random.key(0), placement="paper")
+    fparams = lorita.factorize(params, 2, jax.random.key(0), placement="paper", filter="all")
     shapes = {name: [tuple(f.shape) for f in fparams[name]["kernel"].factors] for name in params}
     # A k x k conv then a 1 x 1 conv; before a 1 x 1 conv (as the released code) and a dense
     # layer, the square goes on the input side: 64 x 64, not 128 x 128.

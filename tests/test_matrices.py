@@ -89,14 +89,14 @@ class LinenModel(nn.Module):
 
 def test_default_filter_picks_kernels_and_leaves_the_rest():
     variables = LinenModel().init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))
-    selected = matrix_leaves(variables)
+    selected = matrix_leaves(variables, filter="all")
     # By hand from the model: the 1-D conv's (3, 8, 8) kernel and the head's (8, 4) kernel;
     # not the embedding, BatchNorm scale/bias/statistics, LayerNorm or biases.
     assert list(selected) == ["conv_a/kernel", "head/kernel"]
     assert selected["conv_a/kernel"].matrix_shape == (24, 8)
     assert selected["head/kernel"].matrix_shape == (8, 4)
     # The variables dict and its params subtree give the same keys.
-    assert list(matrix_leaves(variables["params"])) == list(selected)
+    assert list(matrix_leaves(variables["params"], filter="all")) == list(selected)
 
 
 def test_kernel_filter_include_and_exclude():
@@ -124,7 +124,7 @@ def test_nnx_state_paths_drop_value_and_are_selected_like_linen():
     state = nnx.state(NNXModel(nnx.Rngs(0)))
     raw = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     assert all(isinstance(p[-1], jax.tree_util.GetAttrKey) and p[-1].name == "value" for p in raw)
-    selected = matrix_leaves(state)
+    selected = matrix_leaves(state, filter="all")
     assert list(selected) == [
         "attn/key/kernel", "attn/out/kernel", "attn/query/kernel", "attn/value/kernel",
         "conv/kernel", "layers/0/kernel", "layers/1/kernel",
@@ -132,7 +132,7 @@ def test_nnx_state_paths_drop_value_and_are_selected_like_linen():
     assert selected["attn/query/kernel"].matrix_shape == (4, 8)
     assert selected["attn/out/kernel"].matrix_shape == (8, 4)
     assert selected["conv/kernel"].matrix_shape == (27, 4)
-    assert jaxlr.kernel_kinds(state) == {
+    assert jaxlr.kernel_kinds(state, filter="all") == {
         "attn/key/kernel": "attention", "attn/out/kernel": "attention",
         "attn/query/kernel": "attention", "attn/value/kernel": "attention",
         "conv/kernel": "conv", "layers/0/kernel": "dense", "layers/1/kernel": "dense",
@@ -147,9 +147,9 @@ def test_path_names_of_lists_and_attributes():
 
 def test_selecting_nothing_or_non_floating_leaves_is_an_error():
     with pytest.raises(ValueError, match="selected no matrix"):
-        matrix_leaves({"bias": jnp.zeros(3)})
+        matrix_leaves({"bias": jnp.zeros(3)}, filter="all")
     with pytest.raises(TypeError, match="'q/kernel' has dtype int8"):
-        matrix_leaves({"q": {"kernel": jnp.zeros((3, 3), jnp.int8)}})
+        matrix_leaves({"q": {"kernel": jnp.zeros((3, 3), jnp.int8)}}, filter="all")
 
 
 def test_path_keys_accept_strings_and_tuples_and_drop_a_leading_params():
@@ -175,7 +175,7 @@ class Renamed(nn.Module):
 def test_attention_is_recognised_by_what_the_module_is():
     params = Renamed().init(jax.random.key(0), jnp.ones((1, 5, 6)))["params"]
     kinds = jaxlr.kernel_kinds(params, view=lambda path, leaf: (
-        MatrixView.split(3, 2) if path[-2] == "out" else default_view(path, leaf)))
+        MatrixView.split(3, 2) if path[-2] == "out" else default_view(path, leaf)), filter="all")
     assert kinds == {
         "DenseGeneral_0/kernel": "dense",
         "mha/key/kernel": "attention", "mha/out/kernel": "attention",
@@ -205,15 +205,15 @@ def test_the_torch_layout_sees_the_same_matrix_as_the_flax_layout():
 def test_a_kernel_of_the_other_layout_is_refused_naming_the_view_option():
     oihw = {"conv": {"kernel": jnp.ones((16, 3, 3, 3))}}
     with pytest.raises(ValueError, match="view='torch'"):
-        matrix_leaves(oihw)
-    assert matrix_leaves(oihw, view="torch")["conv/kernel"].matrix_shape == (27, 16)
+        matrix_leaves(oihw, filter="all")
+    assert matrix_leaves(oihw, view="torch", filter="all")["conv/kernel"].matrix_shape == (27, 16)
     # A Flax kernel that only looks like OIHW goes through with the explicit Flax layout.
-    assert matrix_leaves(oihw, view="flax")["conv/kernel"].matrix_shape == (144, 3)
+    assert matrix_leaves(oihw, view="flax", filter="all")["conv/kernel"].matrix_shape == (144, 3)
     # Columns that are not the bias's outputs: the wrong way round.
     transposed = {"fc": {"kernel": jnp.ones((3, 5)), "bias": jnp.zeros(3)}}
     with pytest.raises(ValueError, match="bias beside it has 3 entries.*view='torch'"):
-        matrix_leaves(transposed)
-    assert matrix_leaves(transposed, view="torch")["fc/kernel"].matrix_shape == (5, 3)
+        matrix_leaves(transposed, filter="all")
+    assert matrix_leaves(transposed, view="torch", filter="all")["fc/kernel"].matrix_shape == (5, 3)
     equinox_conv = {"conv": {"weight": jnp.ones((16, 3, 3, 3)), "bias": jnp.zeros((16, 1, 1))}}
     names = jaxlr.kernel_filter(names="weight")
     with pytest.raises(ValueError, match="view='torch'"):

@@ -34,11 +34,11 @@ def test_lrpet_ratio_by_hand_through_prune():
     tree = tree_of((3, 3, 16, 16), (3, 3, 32, 64), (64, 10))
     # n = min(m, n) = 16, 64, 10; p = 0.55: 16 - 8.8 = 7.2 -> 7; 64 - 35.2 = 28.8 -> 28;
     # 10 - 5.5 = 4.5 -> 4.
-    assert dict(jaxlr.lsvt_ranks(tree, prune=0.55)) == {
+    assert dict(jaxlr.lsvt_ranks(tree, prune=0.55, filter="all")) == {
         "layer0/kernel": 7, "layer1/kernel": 28, "layer2/kernel": 4}
     # p = 0.99 would give 0 (NaN weights in the reference code): the floor is 1.
-    assert set(jaxlr.lsvt_ranks(tree, prune=0.99).values()) == {1}
-    assert dict(jaxlr.lsvt_ranks(tree, prune=0.0)) == {
+    assert set(jaxlr.lsvt_ranks(tree, prune=0.99, filter="all").values()) == {1}
+    assert dict(jaxlr.lsvt_ranks(tree, prune=0.0, filter="all")) == {
         "layer0/kernel": 16, "layer1/kernel": 64, "layer2/kernel": 10}
 
 
@@ -47,9 +47,10 @@ def test_prune_and_keep_are_read_as_decimals_and_mean_the_same(n, hundredths):
     prune = hundredths / 100
     expected = max(1, int(Decimal(n) - Decimal(n) * Decimal(hundredths) / 100))
     tree = {"w": {"kernel": jnp.zeros((n, 2048))}}
-    assert jaxlr.lsvt_ranks(tree, prune=prune)["w/kernel"] == expected
+    assert jaxlr.lsvt_ranks(tree, prune=prune, filter="all")["w/kernel"] == expected
     assert jaxlr.policies.local_rank(n, prune=prune) == expected
-    assert jaxlr.lsvt_ranks(tree, keep=(100 - hundredths) / 100)["w/kernel"] == expected
+    assert jaxlr.lsvt_ranks(tree, keep=(100 - hundredths) / 100,
+                            filter="all")["w/kernel"] == expected
 
 
 @given(n=st.integers(1, 1024), hundredths=st.integers(0, 99))
@@ -63,27 +64,28 @@ def test_lsvt_ranks_by_hand():
     tree = tree_of((100, 100), (10, 7), (3, 3, 1, 4))
     # floor(0.29 * 100) = 29 (binary floating point gives 28.999...), floor(0.29 * 7) = 2,
     # floor(0.29 * 4) = 1.
-    assert dict(jaxlr.lsvt_ranks(tree, keep=0.29)) == {
+    assert dict(jaxlr.lsvt_ranks(tree, keep=0.29, filter="all")) == {
         "layer0/kernel": 29, "layer1/kernel": 2, "layer2/kernel": 1}
-    assert dict(jaxlr.lsvt_ranks(tree, keep=0.01)) == {
+    assert dict(jaxlr.lsvt_ranks(tree, keep=0.01, filter="all")) == {
         "layer0/kernel": 1, "layer1/kernel": 1, "layer2/kernel": 1}
-    assert dict(jaxlr.lsvt_ranks(tree, keep=1.0)) == {
+    assert dict(jaxlr.lsvt_ranks(tree, keep=1.0, filter="all")) == {
         "layer0/kernel": 100, "layer1/kernel": 7, "layer2/kernel": 4}
 
 
 def test_fixed_ranks_and_their_limits():
     tree = tree_of((8, 6), (3, 3, 2, 5))
-    assert dict(jaxlr.fixed_ranks(tree, 5)) == {"layer0/kernel": 5, "layer1/kernel": 5}
+    assert dict(jaxlr.fixed_ranks(tree, 5,
+                                  filter="all")) == {"layer0/kernel": 5, "layer1/kernel": 5}
     with pytest.raises(ValueError, match=r"'layer0/kernel' is 7; allowed 1 <= rank <= .* = 6"):
-        jaxlr.fixed_ranks(tree, 7)
+        jaxlr.fixed_ranks(tree, 7, filter="all")
     with pytest.raises(ValueError, match="is 0"):
-        jaxlr.fixed_ranks(tree, 0)
+        jaxlr.fixed_ranks(tree, 0, filter="all")
 
 
 def test_a_variables_dict_and_its_params_give_the_same_keys():
     variables = {"params": tree_of((8, 6)), "batch_stats": {"bn": {"var": jnp.ones(6)}}}
-    assert dict(jaxlr.lsvt_ranks(variables, keep=0.5)) == dict(
-        jaxlr.lsvt_ranks(variables["params"], keep=0.5)) == {"layer0/kernel": 3}
+    assert dict(jaxlr.lsvt_ranks(variables, keep=0.5, filter="all")) == dict(
+        jaxlr.lsvt_ranks(variables["params"], keep=0.5, filter="all")) == {"layer0/kernel": 3}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,11 +95,11 @@ def test_a_variables_dict_and_its_params_give_the_same_keys():
 def test_energy_ranks_by_hand():
     params = diagonal(a=[3.0, 2.0, 1.0, 1.0], b=[1.0, 0.0, 0.0], zero=[0.0, 0.0])
     # a: energies 9, 13, 14, 15 of 15. b: everything in the first value.
-    assert dict(jaxlr.energy_ranks(params, 0.6)) == {"a/kernel": 1, "b/kernel": 1,
+    assert dict(jaxlr.energy_ranks(params, 0.6, filter="all")) == {"a/kernel": 1, "b/kernel": 1,
                                                      "zero/kernel": 1}
-    assert jaxlr.energy_ranks(params, 0.8)["a/kernel"] == 2
-    assert jaxlr.energy_ranks(params, 0.9)["a/kernel"] == 3
-    assert jaxlr.energy_ranks(params, 1.0)["a/kernel"] == 4
+    assert jaxlr.energy_ranks(params, 0.8, filter="all")["a/kernel"] == 2
+    assert jaxlr.energy_ranks(params, 0.9, filter="all")["a/kernel"] == 3
+    assert jaxlr.energy_ranks(params, 1.0, filter="all")["a/kernel"] == 4
 
 
 def test_gsvt_ranks_by_hand_with_pools_and_normalisation():
@@ -107,19 +109,21 @@ def test_gsvt_ranks_by_hand_with_pools_and_normalisation():
     spectra = {"conv1/kernel": [8.0, 4.0, 2.0, 1.0], "conv2/kernel": [6.0, 0.5],
                "fc/kernel": [100.0, 50.0, 1.0]}
     # One pool of 9 values, keep floor(0.5 * 9) = 4: 100, 50, 8, 6.
-    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, spectra=spectra)) == {
+    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, spectra=spectra, filter="all")) == {
         "conv1/kernel": 1, "conv2/kernel": 1, "fc/kernel": 2}
     # Pools by kind: convs keep floor(0.5 * 6) = 3 of {8, 4, 2, 1, 6, 0.5}: 8, 6, 4; fc keeps 1.
     by_kind = {"conv1/kernel": 2, "conv2/kernel": 1, "fc/kernel": 1}
-    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools="kind", spectra=spectra)) == by_kind
+    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools="kind", spectra=spectra,
+                                 filter="all")) == by_kind
     # The same pools as a mapping and as a function of (path, leaf).
     pools = {"conv1/kernel": "c", ("conv2", "kernel"): "c", "fc/kernel": "d"}
-    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools=pools, spectra=spectra)) == by_kind
+    assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools=pools, spectra=spectra,
+                                 filter="all")) == by_kind
     assert dict(jaxlr.gsvt_ranks(params, prune=0.5, spectra=spectra,
-                                 pools=lambda path, leaf: str(leaf.ndim))) == by_kind
+                                 pools=lambda path, leaf: str(leaf.ndim), filter="all")) == by_kind
     # Normalised: conv1 1, .5, .25, .125; conv2 1, .083; keep 3: 1, 1, .5.
     assert dict(jaxlr.gsvt_ranks(params, keep=0.5, pools="kind", normalize="max",
-                                 spectra=spectra)) == by_kind
+                                 spectra=spectra, filter="all")) == by_kind
     # Without spectra they are computed from the params (fc's diagonal).
     assert jaxlr.gsvt_ranks(params, keep=0.5, filter=jaxlr.kernel_filter(include="fc"))[
         "fc/kernel"] == 1
@@ -134,7 +138,7 @@ def test_gsvt_ranks_match_a_brute_force_threshold(sizes, keep_pct, seed):
     rng = np.random.default_rng(seed)
     spectra = {f"m{i}/kernel": np.sort(rng.uniform(0, 10, n))[::-1] for i, n in enumerate(sizes)}
     params = {f"m{i}": {"kernel": jnp.zeros((n, n))} for i, n in enumerate(sizes)}
-    ranks = jaxlr.gsvt_ranks(params, keep=keep_pct / 100, spectra=spectra)
+    ranks = jaxlr.gsvt_ranks(params, keep=keep_pct / 100, spectra=spectra, filter="all")
     everything = np.sort(np.concatenate(list(spectra.values())))[::-1]
     keep = (keep_pct * everything.size) // 100
     threshold = everything[keep - 1] if keep else np.inf
@@ -153,7 +157,7 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
     dense = {"conv": {"kernel": jax.random.normal(keys[0], (3, 3, 2, 5))},
              "fc1": {"kernel": jax.random.normal(keys[1], (5, 6))},
              "fc2": {"kernel": jax.random.normal(keys[2], (6, 3))}}
-    factored = jaxlr.factorize(dense, 3, jax.random.key(4))
+    factored = jaxlr.factorize(dense, 3, jax.random.key(4), filter="all")
     mixed = {**factored, "fc1": {"kernel": jaxlr.collapse(factored["fc1"]["kernel"])}}
     assert isinstance(mixed["conv"]["kernel"], jaxlr.Product)
     assert isinstance(mixed["fc2"]["kernel"], jaxlr.Product)
@@ -167,7 +171,7 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
 
     expected = {"conv/kernel": product("conv"), "fc1/kernel": product("fc1"),
                 "fc2/kernel": product("fc2")}
-    spectra = jaxlr.singular_values_tree(mixed)
+    spectra = jaxlr.singular_values_tree(mixed, filter="all")
     assert set(spectra) == set(expected)
     for name, matrix in expected.items():
         np.testing.assert_allclose(spectra[name], np.linalg.svd(matrix, compute_uv=False),
@@ -175,7 +179,7 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
     pooled = np.sort(np.concatenate([np.linalg.svd(m, compute_uv=False)
                                      for m in expected.values()]))[::-1]
     threshold = pooled[int(0.5 * pooled.size) - 1]
-    ranks = jaxlr.gsvt_ranks(mixed, keep=0.5)
+    ranks = jaxlr.gsvt_ranks(mixed, keep=0.5, filter="all")
     for name, matrix in expected.items():
         values = np.linalg.svd(matrix, compute_uv=False)
         assert ranks[name] == max(1, int(np.sum(values >= threshold * (1 - 1e-6))))
@@ -184,13 +188,13 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
 
 def test_target_ranks_meet_a_parameter_target_by_hand():
     params = {"fc1": {"kernel": jnp.zeros((64, 64))}, "fc2": {"kernel": jnp.zeros((64, 32))}}
-    ranks = jaxlr.target_ranks(params, reduction=0.5, policy="lsvt")
+    ranks = jaxlr.target_ranks(params, reduction=0.5, policy="lsvt", filter="all")
     # LSVT budget b: r1 = floor(64 b) (a pair of 128 r1), r2 = floor(32 b) (96 r2); half of the
     # 6144 numbers are cut while 128 r1 + 96 r2 <= 3072: b < 0.28125 gives (17, 8) = 2944, and
     # b = 0.28125 gives (18, 9) = 3168.
     assert dict(ranks) == {"fc1/kernel": 17, "fc2/kernel": 8}
     with pytest.raises(ValueError, match="one singular value per matrix cuts"):
-        jaxlr.target_ranks(params, reduction=0.99, policy="lsvt")
+        jaxlr.target_ranks(params, reduction=0.99, policy="lsvt", filter="all")
 
 
 def test_target_ranks_meet_a_macs_target_counted_from_the_forward_pass():
@@ -256,35 +260,37 @@ def test_rounded_up_ranks_by_hand(multiple):
 def test_policies_reject_bad_input_when_called():
     tree = tree_of((8, 6))
     with pytest.raises(ValueError, match=r"prune must lie in \[0, 1\), got 1.0"):
-        jaxlr.lsvt_ranks(tree, prune=1.0)
+        jaxlr.lsvt_ranks(tree, prune=1.0, filter="all")
     with pytest.raises(ValueError, match=r"prune must lie in \[0, 1\), got -0.1"):
-        jaxlr.lsvt_ranks(tree, prune=-0.1)
+        jaxlr.lsvt_ranks(tree, prune=-0.1, filter="all")
     with pytest.raises(ValueError, match=r"keep must lie in \(0, 1\], got 0.0"):
-        jaxlr.lsvt_ranks(tree, keep=0.0)
+        jaxlr.lsvt_ranks(tree, keep=0.0, filter="all")
     with pytest.raises(ValueError, match="exactly one of keep"):
-        jaxlr.lsvt_ranks(tree, keep=0.5, prune=0.5)
+        jaxlr.lsvt_ranks(tree, keep=0.5, prune=0.5, filter="all")
     with pytest.raises(ValueError, match="exactly one of keep"):
-        jaxlr.gsvt_ranks(tree)
+        jaxlr.gsvt_ranks(tree, filter="all")
     with pytest.raises(ValueError, match=r"energy must lie in \(0, 1\], got 1.5"):
-        jaxlr.energy_ranks(tree, 1.5)
+        jaxlr.energy_ranks(tree, 1.5, filter="all")
     with pytest.raises(ValueError, match="energy must lie"):
-        jaxlr.energy_ranks(tree, math.nan)
+        jaxlr.energy_ranks(tree, math.nan, filter="all")
     with pytest.raises(TypeError, match="keep must be a number"):
-        jaxlr.gsvt_ranks(tree, keep="half")
+        jaxlr.gsvt_ranks(tree, keep="half", filter="all")
     with pytest.raises(TypeError, match="keep must be a number"):
-        jaxlr.lsvt_ranks(tree, keep=True)
+        jaxlr.lsvt_ranks(tree, keep=True, filter="all")
     with pytest.raises(ValueError, match="normalize must be 'none' or 'max'"):
-        jaxlr.gsvt_ranks(tree, keep=0.5, normalize="sum")
+        jaxlr.gsvt_ranks(tree, keep=0.5, normalize="sum", filter="all")
     with pytest.raises(ValueError, match=r"pools assign no pool to \['layer1/kernel'\]"):
-        jaxlr.gsvt_ranks(tree_of((4, 4), (4, 4)), keep=0.5, pools={"layer0/kernel": "x"})
+        jaxlr.gsvt_ranks(tree_of((4, 4), (4, 4)), keep=0.5, pools={"layer0/kernel": "x"},
+                         filter="all")
     with pytest.raises(ValueError, match="must be finite"):
-        jaxlr.gsvt_ranks(tree, keep=0.5, spectra={"layer0/kernel": [1.0, np.nan, 0, 0, 0, 0]})
+        jaxlr.gsvt_ranks(tree, keep=0.5, spectra={"layer0/kernel": [1.0, np.nan, 0, 0, 0, 0]},
+                         filter="all")
     with pytest.raises(ValueError, match="spectra lack"):
-        jaxlr.gsvt_ranks(tree, keep=0.5, spectra={})
+        jaxlr.gsvt_ranks(tree, keep=0.5, spectra={}, filter="all")
     with pytest.raises(ValueError, match=r"reduction must lie in \(0, 1\)"):
-        jaxlr.target_ranks(tree, reduction=1.0)
+        jaxlr.target_ranks(tree, reduction=1.0, filter="all")
     with pytest.raises(ValueError, match="policy must be 'gsvt' or 'lsvt'"):
-        jaxlr.target_ranks(tree, reduction=0.5, policy="prune")
+        jaxlr.target_ranks(tree, reduction=0.5, policy="prune", filter="all")
 
 
 def test_fractions_are_named_never_positional():
@@ -297,5 +303,6 @@ def test_fractions_are_named_never_positional():
         with pytest.raises(TypeError, match="positional argument|keep=0.3"):
             call()
     # By name, keep and prune are complements, by LSVT's rank floor(keep * n) on both sides.
-    assert dict(jaxlr.lsvt_ranks(tree, keep=0.5)) == dict(jaxlr.lsvt_ranks(tree, prune=0.5)) == {
-        "layer0/kernel": 3, "layer1/kernel": 2}
+    every = {"filter": "all"}
+    assert dict(jaxlr.lsvt_ranks(tree, keep=0.5, **every)) == dict(
+        jaxlr.lsvt_ranks(tree, prune=0.5, **every)) == {"layer0/kernel": 3, "layer1/kernel": 2}

@@ -81,7 +81,7 @@ class CNN(nn.Module):
 def factored(model, x, placement="smaller"):
     variables = model.init(jax.random.key(0), x)
     return jaxlr.lorita.factorize(variables["params"], 3, jax.random.key(1),
-                                  placement=placement)
+                                  placement=placement, filter="all")
 
 
 def dot_shapes(fn, *args):
@@ -164,7 +164,8 @@ class NNXNet(nnx.Module):
 
 
 def test_nnx_ordered_model_has_the_same_outputs_gradients_and_training():
-    model = jaxlr.lorita.factorize(NNXNet(nnx.Rngs(0)), 3, jax.random.key(1), placement="paper")
+    model = jaxlr.lorita.factorize(NNXNet(nnx.Rngs(0)), 3, jax.random.key(1), placement="paper",
+                                   filter="all")
     fast = jaxlr.lorita.ordered(model)
     layers = (fast.conv, fast.fc1, fast.LinearGeneral_0)
     assert {type(m).__name__ for m in layers} == {"ProductLayer"}

@@ -216,7 +216,7 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
     with pytest.raises(ValueError, match="broken/kernel"):
         jaxlr.compress(tree, ranks)
     with pytest.raises(ValueError, match="broken/kernel"):
-        jaxlr.singular_values_tree(tree)
+        jaxlr.singular_values_tree(tree, filter="all")
 
     params = jax.jit(lambda t: jaxlr.project(t, ranks))(tree)
     np.testing.assert_array_equal(np.asarray(params["broken"]["kernel"]), np.asarray(broken))
@@ -341,8 +341,8 @@ def test_linen_and_nnx_trees_give_identical_results():
     y_nnx = nnx.merge(graphdef, nnx_out)(x)
     np.testing.assert_allclose(np.asarray(y_linen), np.asarray(y_nnx), atol=1e-5)
 
-    spectra_linen = jaxlr.singular_values_tree(params)
-    spectra_nnx = jaxlr.singular_values_tree(state)
+    spectra_linen = jaxlr.singular_values_tree(params, filter="all")
+    spectra_nnx = jaxlr.singular_values_tree(state, filter="all")
     assert list(spectra_linen) == list(spectra_nnx)
     for name in spectra_linen:
         np.testing.assert_array_equal(np.asarray(spectra_linen[name]),
@@ -362,7 +362,7 @@ def test_attention_kernels_are_truncated_through_their_views():
     np.testing.assert_allclose(np.asarray(out["out"]["kernel"]),
                                np_truncate(proj.reshape(16, 8), 2).reshape(4, 4, 8), atol=1e-5)
 
-    spectra = jaxlr.singular_values_tree(params)
+    spectra = jaxlr.singular_values_tree(params, filter="all")
     np.testing.assert_allclose(np.asarray(spectra["value/kernel"]),
                                np_svd(np.asarray(params["value"]["kernel"]).reshape(8, 16))[1],
                                rtol=1e-5)
@@ -380,7 +380,7 @@ def test_compressed_conv_kernel_is_a_pair_that_reshapes_to_a_conv_pair():
 
 def test_tree_call_inside_jit_matches_eager_and_compiles_once():
     params, _ = _linen_params()
-    ranks = jaxlr.lsvt_ranks(params, prune=0.5)
+    ranks = jaxlr.lsvt_ranks(params, prune=0.5, filter="all")
     traces = 0
 
     @jax.jit

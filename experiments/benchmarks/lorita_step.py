@@ -100,7 +100,7 @@ def minimum_ratio(params: Any, ftree: Any, rows: int | dict[str, int]) -> float:
                 jax.tree_util.tree_flatten_with_path(ftree, is_leaf=jaxlr.nodes.is_node)[0]
                 if isinstance(node, jaxlr.Product)}
     plain = factored = 0
-    for key, leaf in jaxlr.matrix_leaves(params).items():
+    for key, leaf in jaxlr.selection.matrix_leaves(params, filter="all").items():
         m, n = leaf.matrix_shape
         met = rows if isinstance(rows, int) else rows[key]
         plain += met * m * n
@@ -113,7 +113,7 @@ def rows_met(fn: Any, params: Any, x: jax.Array) -> dict[str, int]:
     """``{key: rows}`` each kernel's product meets in ``fn(params, x)`` (its MACs over ``m n``)."""
     cost = jaxlr.forward_cost(fn, params, x, xla=False)
     return {key: cost.layers[key].macs // math.prod(leaf.matrix_shape)
-            for key, leaf in jaxlr.matrix_leaves(params).items()}
+            for key, leaf in jaxlr.selection.matrix_leaves(params, filter="all").items()}
 
 
 def _network(name: str, width: int, batch: int) -> tuple[Any, jax.Array, jax.Array, Any]:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, x, y, variables = _network(args.model, args.width, args.batch)
     params = variables["params"]
-    ftree = jaxlr.lorita.factorize(params, args.depth, jax.random.key(3))
+    ftree = jaxlr.lorita.factorize(params, args.depth, jax.random.key(3), filter="all")
     tx = optax.adam(1e-3)
 
     def plain_apply(m: Any, *a: Any, **k: Any) -> Any:

@@ -184,7 +184,7 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
     params = jax.tree.map(lambda p: p.astype(dtype), variables["params"])
     x = jax.random.normal(jax.random.key(seed + 1), (batch, 32, 32, 3), dtype)
     dense_cost = jaxlr.forward_cost(dense_fn, params, one, xla=False)
-    leaves = jaxlr.matrix_leaves(params)
+    leaves = jaxlr.selection.matrix_leaves(params, filter="all")
     ratio, measure_s = None, None
     if choice == "uniform":
         ratio, ranks = ratio_for_reduction(dense_cost, leaves, target, align)

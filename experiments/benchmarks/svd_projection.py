@@ -212,8 +212,8 @@ def one_program() -> Iterator[None]:
 
 def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
                rate: float | None = None) -> dict[str, Any]:
-    ranks = jaxlr.lsvt_ranks(tree, prune=ratio)
-    leaves = jaxlr.matrix_leaves(tree)
+    ranks = jaxlr.lsvt_ranks(tree, prune=ratio, filter="all")
+    leaves = jaxlr.selection.matrix_leaves(tree, filter="all")
     flat = jax.tree_util.tree_leaves(tree)
     kernels = {path: np.asarray(flat[leaf.index]) for path, leaf in leaves.items()}
     tall = {path: k.reshape(-1, k.shape[-1]) for path, k in kernels.items()}
