@@ -120,7 +120,7 @@ PRESETS = {
 
 def _first_convs(variables: dict[str, Any]) -> tuple[str, ...]:
     """The paths of the first two projected convolutions (tree order)."""
-    leaves = jaxlr.matrix_leaves(variables["params"], filter="conv")
+    leaves = jaxlr.selection.matrix_leaves(variables["params"], filter="conv")
     return tuple(sorted(leaves, key=lambda name: leaves[name].index)[:2])
 
 

@@ -130,7 +130,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                      settings=settings)
     sample = jnp.asarray(data.normalize(data.test.images[:1]))
     dense_macs = truncation.forward_macs(model, baseline.best, sample)
-    leaves = jaxlr.matrix_leaves(baseline.best["params"], filter="conv")
+    leaves = jaxlr.selection.matrix_leaves(baseline.best["params"], filter="conv")
     full = {name: leaf.full_rank for name, leaf in sorted(leaves.items(),
                                                            key=lambda kv: kv[1].index)}
     # bayes_opt takes parameter names as keyword-like keys: index the layers.

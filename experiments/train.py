@@ -93,7 +93,7 @@ class Task:
       reparameterize: ``(params, key) -> trained tree``, applied once to the initial parameters
         (LoRITa: :func:`jaxlr.lorita.factorize`).
       model_params: ``trained tree -> params`` the model runs on (LoRITa:
-        :func:`jaxlr.lorita.collapse`).
+        :func:`jaxlr.collapse`).
       label_smoothing: of the cross-entropy loss, in ``[0, 1)``.
       grad_norms: ``'/'``-joined parameter paths whose gradient norm each epoch record holds, at
         the epoch's first and last step (``grad_norm/{path}/first``, ``.../last``): with a
@@ -130,7 +130,7 @@ def lorita_task(
     def reparameterize(params: Any, key: jax.Array) -> Any:
         return lorita.factorize(params, depth, key, **factorize_options)
 
-    return Task(model, optimizer, reparameterize, lorita.collapse, label_smoothing)
+    return Task(model, optimizer, reparameterize, jaxlr.collapse, label_smoothing)
 
 
 def step_decay_sgd(
@@ -635,7 +635,7 @@ def train(
     # (XLA's matrix products already use every core; jaxlr.threads), for the loop only.
     threads = contextlib.ExitStack()
     if jax.default_backend() == "cpu":
-        threads.enter_context(jaxlr.lapack_threads(1))
+        threads.enter_context(jaxlr.threads.lapack_threads(1))
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             began = time.perf_counter()

@@ -79,7 +79,7 @@ def sweep(
     if unknown:
         raise ValueError(f"policies must be among {POLICIES}, got {unknown}.")
     params = variables["params"]
-    spectra = jaxlr.singular_values_tree(params, filter=filter)
+    spectra = jaxlr.svd.singular_values_tree(params, filter=filter)
     total = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
 
     def row(policy: str, budget: float, ranks: jaxlr.Ranks | None) -> dict[str, Any]:
@@ -152,14 +152,14 @@ def curves(
     if unknown:
         raise ValueError(f"policies must be among {POLICIES}, got {unknown}.")
     params = variables["params"]
-    leaves = jaxlr.matrix_leaves(params, filter=filter)
+    leaves = jaxlr.selection.matrix_leaves(params, filter=filter)
     kernels = {path: np.asarray(value) for path, value in
                ((jaxlr.matrices.path_key(p), v)
                 for p, v in jax.tree_util.tree_flatten_with_path(params)[0]) if path in leaves}
     factors = {path: np.linalg.svd(_matrix(leaves[path], kernel).astype(np.float64),
                                    full_matrices=False) for path, kernel in kernels.items()}
     # The ranks come from the library's own spectra (float32), as a user's would.
-    spectra = jaxlr.singular_values_tree(params, filter=filter)
+    spectra = jaxlr.svd.singular_values_tree(params, filter=filter)
 
     def score(policy: str, budget: float, ranks: jaxlr.Ranks | None) -> dict[str, Any]:
         cut = params
@@ -174,7 +174,7 @@ def curves(
         accuracy = {split: evaluate(model, {**variables, "params": cut}, data,
                                     split)["accuracy"] for split in ("validation", "test")}
         return {"policy": policy, "budget": budget,
-                "retained": 1.0 if ranks is None else jaxlr.retained_fraction(ranks),
+                "retained": 1.0 if ranks is None else jaxlr.policies.retained_fraction(ranks),
                 **accuracy}
 
     rows = [score("none", 1.0, None)]
@@ -239,7 +239,7 @@ def forward_macs(model: nn.Module, variables: Mapping[str, Any], sample: Any) ->
 
 def compressed_variables(
     variables: Mapping[str, Any], ranks: Mapping[str, int]
-) -> tuple[dict[str, Any], jaxlr.CompressionReport]:
+) -> tuple[dict[str, Any], jaxlr.compression.CompressionReport]:
     """``variables`` with the ranked kernels truncated and held as factor pairs where they save
     (:func:`jaxlr.compress`), and the compression report."""
     compression = jaxlr.compress(variables["params"], ranks)

@@ -6,7 +6,7 @@ them, a JSON layout naming each node with its kernel's shape and matrix view. :f
 the same tree, typed nodes included, without being told the ranks or the depths. It takes a Linen
 variable dict, an NNX ``State`` or an NNX module (its whole state, with the nodes its layers hold).
 A module's random number streams (``nnx.Rngs``) are not saved. A loaded tree runs with
-:func:`jaxlr.apply` (Linen) or :func:`jaxlr.nnx_model` (NNX).
+:func:`jaxlr.apply` (Linen) or :func:`jaxlr.inference.nnx_model` (NNX).
 
 **Integrity.** Every file of the checkpoint is listed with its size and SHA-256 checksum
 (:func:`write_checksums`, when the checkpoint is finalized); :func:`load` and :class:`Restore`

@@ -6,7 +6,7 @@ products. This module runs it so, without touching the model's definition. The k
 way are :class:`~jaxlr.nodes.LowRank` factor pairs (:func:`jaxlr.compress` puts them where they
 save); every other leaf stays as it is.
 
-* Flax Linen: :func:`apply` is ``model.apply`` under a Flax method interceptor (:func:`intercept`)
+* Flax Linen: :func:`apply` is ``model.apply`` under a Flax method interceptor
   that runs each ``Dense``, ``DenseGeneral`` (attention's projections) and ``Conv`` whose kernel is
   a :class:`~jaxlr.nodes.LowRank` in factored form (LoRITa products run as the kernels they stand
   for, as with ``model.apply``), so it runs any tree jaxlr makes.
@@ -50,7 +50,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -71,9 +70,6 @@ __all__ = [
     "LowRankLayer",
     "ProductLayer",
     "apply",
-    "apply_fn",
-    "intercept",
-    "interceptor",
     "nnx_model",
     "ordered",
     "product_cost",
@@ -449,8 +445,8 @@ def _ordered_product(module: nn.Module, args: tuple, kwargs: dict, context: Any)
     return _run_product(layer, node, bias, x)
 
 
-def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-    """The Flax Linen method interceptor behind :func:`intercept` and :func:`apply`.
+def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+    """The Flax Linen method interceptor behind :func:`apply`.
 
     Runs a module's ``__call__`` in factored form when its ``kernel`` is a
     :class:`~jaxlr.nodes.LowRank`, and a ``Dense``/``DenseGeneral``/``Conv`` whose kernel is a
@@ -478,21 +474,6 @@ def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     return _run(layer, node, bias, x)
 
 
-def intercept() -> contextlib.AbstractContextManager:
-    """A context in which Flax Linen modules run :class:`~jaxlr.nodes.LowRank` kernels factored.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> model = nn.Dense(3)
-      >>> node = LowRank(jnp.ones((4, 1)), jnp.ones((1, 3)), (4, 3), MatrixView((0,), (1,)))
-      >>> with intercept():
-      ...     y = model.apply({"params": {"kernel": node, "bias": jnp.zeros(3)}}, jnp.ones((1, 4)))
-      >>> y
-      Array([[4., 4., 4.]], dtype=float32)
-    """
-    return nn.intercept_methods(interceptor)
-
-
 def apply(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Any:
     """``model.apply(variables, *args, **kwargs)`` with factor pairs run as two thin layers.
 
@@ -511,25 +492,16 @@ def apply(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Any:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a Flax Linen module, got {type(model).__name__} "
                         "(for NNX, jaxlr.compress returns the module to call).")
-    with intercept():
+    with nn.intercept_methods(_interceptor):
         return model.apply(variables, *args, **kwargs)
 
 
-def apply_fn(fn: Any) -> Any:
-    """Wraps an ``apply_fn`` (e.g. ``model.apply``) as :func:`apply` wraps ``model.apply``: for a
-    ``TrainState`` of your own (:class:`jaxlr.TrainState` does it in ``create``).
-
-    Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> model = nn.Dense(3)
-      >>> node = LowRank(jnp.ones((4, 1)), jnp.ones((1, 3)), (4, 3), MatrixView((0,), (1,)))
-      >>> apply_fn(model.apply)({"params": {"kernel": node, "bias": jnp.zeros(3)}},
-      ...                        jnp.ones((1, 4)))
-      Array([[4., 4., 4.]], dtype=float32)
-    """
+def _wrap_apply_fn(fn: Any) -> Any:
+    """``fn`` (a ``model.apply``) running factor pairs as :func:`apply` does: what
+    :class:`jaxlr.TrainState` stores as its ``apply_fn``."""
 
     def wrapped(variables: Any, *args: Any, **kwargs: Any) -> Any:
-        with intercept():
+        with nn.intercept_methods(_interceptor):
             return fn(variables, *args, **kwargs)
 
     wrapped.__wrapped__ = fn  # type: ignore[attr-defined]

@@ -2,7 +2,9 @@
 
 :func:`factorize` replaces each selected kernel ``W`` (seen as an ``m x n`` matrix through its
 :class:`~jaxlr.matrices.MatrixView`) by a :class:`~jaxlr.nodes.Product` of ``N`` factors with
-``W = W_1 W_2 ... W_N``. It takes a parameter tree or a Flax NNX module:
+``W = W_1 W_2 ... W_N``. It selects jaxlr's default layers (every kernel but the model's output
+layer, :mod:`jaxlr.selection`); the paper's release factorizes the classifier too
+(``filter="all"``). It takes a parameter tree, a Flax NNX module or an Equinox module:
 
 * **Flax NNX.** ``factorize(model, ...)`` returns a copy of the module whose kernels are products
   of ``nnx.Param`` factors. NNX layers read their kernel as ``self.kernel[...]``, which multiplies
@@ -16,7 +18,7 @@
   and an unchanged Linen model runs on it: ``model.apply({"params": p}, x)`` reads each node as
   the dense kernel it stands for (a Flax ``AxisMetadata`` box, unboxed when the layer reads it),
   gradients reaching the factors (so do :func:`jaxlr.apply` and :class:`jaxlr.TrainState`);
-  :func:`collapse` gives plain arrays back.
+  :func:`jaxlr.collapse` gives plain arrays back.
 
 Weight decay on the factors, ``lambda * sum_i ||W_i||_F^2``, is a Schatten-``2/N`` quasi-norm
 penalty on ``W`` (LoRITa, Prop. 4.2), which drives ``W`` towards low rank without choosing a rank.
@@ -62,17 +64,13 @@ import numpy as np
 import optax
 
 from jaxlr import _equinox, _nnx, matrices, nodes, selection, sharding, svd
-from jaxlr._nnx import collapse
-from jaxlr.inference import ordered
 from jaxlr.nodes import Product
 
 __all__ = [
     "Placement",
-    "collapse",
     "coupled_adam",
     "factorize",
     "from_dense",
-    "ordered",
     "weight_decay_mask",
 ]
 
@@ -191,12 +189,12 @@ def factorize(
         already factorized, or a filter that selects nothing.
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp, jaxlr
       >>> params = {"Dense_0": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}
       >>> fparams = factorize(params, 3, jax.random.key(0))
       >>> [f.shape for f in fparams["Dense_0"]["kernel"].factors]
       [(4, 4), (4, 4), (4, 6)]
-      >>> bool(jnp.allclose(jnp.linalg.norm(collapse(fparams)["Dense_0"]["kernel"]),
+      >>> bool(jnp.allclose(jnp.linalg.norm(jaxlr.collapse(fparams)["Dense_0"]["kernel"]),
       ...                   jnp.linalg.norm(params["Dense_0"]["kernel"])))
       True
 
@@ -219,7 +217,8 @@ def factorize(
             or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,)))):
         raise TypeError(f"key must be a PRNG key (jax.random.key(seed)), got {key!r}.")
     if _holds_products(params):
-        raise ValueError("params is already factorized; collapse(params) first to refactor it.")
+        raise ValueError("params is already factorized; jaxlr.collapse(params) first to "
+                         "refactor it.")
     if _nnx.is_module(params):
         tree = _nnx.parameters(params)
         factorized = factorize(tree, depth, key, filter=filter, view=view, placement=placement,
@@ -260,11 +259,11 @@ def from_dense(ftree: Any, params: Any) -> Any:
         product's key or its kernel's shape differs.
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp, jaxlr
       >>> params = {"Dense_0": {"kernel": jnp.arange(12.0).reshape(3, 4)}}
       >>> ftree = factorize(params, 2, jax.random.key(0))
       >>> pretrained = {"Dense_0": {"kernel": jnp.ones((3, 4))}}
-      >>> collapse(from_dense(ftree, pretrained))["Dense_0"]["kernel"].round(5)
+      >>> jaxlr.collapse(from_dense(ftree, pretrained))["Dense_0"]["kernel"].round(5)
       Array([[1., 1., 1., 1.],
              [1., 1., 1., 1.],
              [1., 1., 1., 1.]], dtype=float32)
@@ -316,7 +315,7 @@ def weight_decay_mask(tree: Any, include_kernels: bool = True) -> Any:
     factorized module alike.
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp, jaxlr
       >>> params = {"Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
       >>> jax.tree.leaves(weight_decay_mask(factorize(params, 2, jax.random.key(0))))
       [False, True, True]

@@ -445,7 +445,7 @@ def energy_ranks(
       energy: the fraction of ``sum s^2`` kept, in ``(0, 1]``. A zero matrix keeps 1.
       filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
-      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.singular_values_tree`).
+      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values_tree`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -541,7 +541,7 @@ def gsvt_ranks(
         convolution pool of CNNs only).
       filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
-      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.singular_values_tree`),
+      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values_tree`),
         to sweep many budgets without decomposing again.
 
     Raises:
@@ -626,7 +626,7 @@ def target_ranks(
     """
     reduction = float(_fraction("reduction", reduction, closed_low=False, closed_high=False))
     if cost is not None and not hasattr(cost, "layers"):
-        raise TypeError(f"cost must be a jaxlr.ForwardCost (jaxlr.forward_cost of the dense "
+        raise TypeError(f"cost must be a jaxlr.cost.ForwardCost (jaxlr.forward_cost of the dense "
                         f"model) or None, got {type(cost).__name__}.")
     if policy not in ("gsvt", "lsvt"):
         raise ValueError(f"policy must be 'gsvt' or 'lsvt', got {policy!r}.")
@@ -648,8 +648,8 @@ def target_ranks(
     full = {key: leaf.full_rank for key, leaf in found.items()}
     if latency is not None:
         if not hasattr(latency, "snap"):
-            raise TypeError(f"latency must be a jaxlr.LatencyTable (jaxlr.measure_latency) or "
-                            f"None, got {type(latency).__name__}.")
+            raise TypeError("latency must be a jaxlr.latency.LatencyTable (jaxlr.measure_latency) "
+                            f"or None, got {type(latency).__name__}.")
         latency.snap(Ranks(full, full))  # every layer timed, with the same matrix shape
 
     if policy == "gsvt":

@@ -227,7 +227,8 @@ class LowRankProjectionState(NamedTuple):
         projection and two of its result, and the result's Frobenius norm (``(L, 5)``): the next
         update's weights must equal the result, which only holds when the transformation is last.
       ranks: per projected matrix, the rank of the last projection (int32 ``(L,)``, 0 before the
-        first), in the order of ``jaxlr.matrix_leaves(params, filter=options.filter)``: what a
+        first), in the order of
+        ``jaxlr.selection.matrix_leaves(params, filter=options.filter)``: what a
         schedule reached, readable under ``jit`` for logging.
       kept: the fraction of singular values the last projection kept, the mean over the matrices
         of rank / full rank (float32; 0 before the first), the papers' "retained singular

@@ -8,8 +8,8 @@ more LAPACK threads than with one (``experiments/benchmarks/svd_projection.py``;
 in BENCHMARKS.md). (The LAPACK calls of one jitted program mostly run one after the other, where
 programs dispatched from several Python threads run side by side; ``svd_projection --parts``.)
 
-jaxlr's eager entry points (:func:`jaxlr.project`, :func:`jaxlr.project_tree`,
-:func:`jaxlr.compress`, :func:`jaxlr.lsvt`, ...) therefore run their decompositions with one
+jaxlr's eager entry points (:func:`jaxlr.project`, :func:`jaxlr.compress`,
+:func:`jaxlr.gsvt_ranks`, ...) therefore run their decompositions with one
 LAPACK thread when they decompose two matrices or more on CPU devices, and give the library its
 previous setting back before they return (they wait for their results to do so). Nothing else is
 changed, and nothing outside the call: the limit is not in force after it returns. Within the
@@ -25,7 +25,7 @@ Example:
     >>> import jax, jaxlr
     >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))},
     ...           "Dense_1": {"kernel": jax.random.normal(jax.random.key(1), (32, 16))}}
-    >>> with jaxlr.lapack_threads(1):  # e.g. around a CPU training loop that projects
+    >>> with jaxlr.threads.lapack_threads(1):  # e.g. around a CPU training loop that projects
     ...     low = jaxlr.project(params, {"Dense_0/kernel": 8, "Dense_1/kernel": 4})
     >>> [int(jax.numpy.linalg.matrix_rank(low[k]["kernel"])) for k in ("Dense_0", "Dense_1")]
     [8, 4]
@@ -93,7 +93,7 @@ def lapack_threads(threads: int | None = 1) -> Iterator[None]:
 
     Example:
         >>> import jax.numpy as jnp, jaxlr
-        >>> with jaxlr.lapack_threads(1):
+        >>> with jaxlr.threads.lapack_threads(1):
         ...     w = jnp.linalg.eigh(jnp.eye(3))[0].block_until_ready()
         >>> w.tolist()
         [1.0, 1.0, 1.0]

@@ -104,5 +104,5 @@ class TrainState(train_state.TrainState):
         if not isinstance(tx, optax.GradientTransformation):
             raise TypeError(f"tx must be an optax GradientTransformation, got "
                             f"{type(tx).__name__}.")
-        return super().create(apply_fn=inference.apply_fn(apply_fn), params=params, tx=tx,
-                              **kwargs)
+        wrapped = inference._wrap_apply_fn(apply_fn)  # noqa: SLF001 - the package's own helper
+        return super().create(apply_fn=wrapped, params=params, tx=tx, **kwargs)

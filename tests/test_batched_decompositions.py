@@ -87,7 +87,7 @@ CONCURRENT = textwrap.dedent("""
                             float(np.max(np.abs(got_r - want)) / want[0]))
         return 3 * 250, worst
 
-    with jaxlr.lapack_threads(1), futures.ThreadPoolExecutor(4) as pool:
+    with jaxlr.threads.lapack_threads(1), futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(soak, range(4)))
     calls = sum(c for c, _ in results)
     worst = max(w for _, w in results)

@@ -45,7 +45,7 @@ def test_auto_names_are_paired_by_dataflow_not_by_number():
     assert linen_pairs(AutoNamed(), train=True) == {"Conv_1/kernel": "BatchNorm_0"}
     # The naming rule gets it wrong: Conv_0 -> BatchNorm_0 (documented as the fallback's limit).
     variables = AutoNamed().init(jax.random.key(0), IMAGES)
-    by_name = jaxlr.bn_pairs_by_name(variables["params"], variables["batch_stats"])
+    by_name = jaxlr.batchnorm.bn_pairs_by_name(variables["params"], variables["batch_stats"])
     assert by_name == {"Conv_0/kernel": "BatchNorm_0"}
 
 

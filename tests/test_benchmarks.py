@@ -110,7 +110,7 @@ def test_predicted_macs_equal_the_count_of_the_factored_model():
         return apply({**variables, "params": p}, x)
 
     dense = jaxlr.forward_cost(fn, params, x, xla=False)
-    leaves = jaxlr.matrix_leaves(params, filter="all")
+    leaves = jaxlr.selection.matrix_leaves(params, filter="all")
     ranks = lowrank_inference.conv_ranks(dense, leaves, 0.3, 1)
     assert dict(ranks)["stage2_block0/conv2/kernel"] == round(0.3 * 64)
     compressed = jaxlr.compress(params, ranks).compressed

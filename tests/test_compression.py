@@ -53,7 +53,7 @@ def test_compress_gives_the_truncated_tree_its_factor_pairs_and_a_hand_checked_r
 def test_compress_collapses_a_factorized_tree_first_and_accepts_gsvt_pools():
     params = linen_variables()["params"]
     fparams = lorita.factorize(params, 3, jax.random.key(0))
-    collapsed = lorita.collapse(fparams)
+    collapsed = jaxlr.collapse(fparams)
     ranks = jaxlr.gsvt_ranks(fparams, keep=0.5, pools="kind")  # the spectra of the products
     assert ranks == jaxlr.gsvt_ranks(collapsed, keep=0.5, pools="kind")
     result = jaxlr.compress(fparams, ranks)

@@ -92,7 +92,7 @@ def test_energy_fraction_by_hand():
 
 def test_matrix_view_round_trip_of_a_convolution_kernel():
     kernel = np.arange(3 * 3 * 2 * 4, dtype=np.float32).reshape(3, 3, 2, 4)
-    leaf = jaxlr.matrix_leaves({"conv": {"kernel": kernel}})["conv/kernel"]
+    leaf = jaxlr.selection.matrix_leaves({"conv": {"kernel": kernel}})["conv/kernel"]
     matrix = truncation._matrix(leaf, kernel)
     np.testing.assert_array_equal(matrix, kernel.reshape(18, 4))
     np.testing.assert_array_equal(truncation._kernel(leaf, matrix), kernel)
@@ -120,7 +120,7 @@ def test_truncation_curves_agree_with_jaxlr_compress(digits):
             ranks = jaxlr.lsvt_ranks(variables["params"], keep=row["budget"], filter=hidden)
         if ranks is not None:
             params = jaxlr.collapse(jaxlr.compress(variables["params"], ranks).compressed)
-            assert row["retained"] == pytest.approx(jaxlr.retained_fraction(ranks))
+            assert row["retained"] == pytest.approx(jaxlr.policies.retained_fraction(ranks))
         for split in ("validation", "test"):
             expected = evaluate(model, {"params": params}, digits, split)["accuracy"]
             assert abs(row[split] - expected) <= 1 / len(digits.split(split))

@@ -64,7 +64,7 @@ def test_nnx_states_and_modules(tmp_path):
     factorized = jaxlr.factorize(model, 2, jax.random.key(0), filter=jaxlr.kernel_filter(
         exclude="head"))
     jaxlr.export.save(tmp_path / "factorized", factorized)
-    restored = jaxlr.nnx_model(models.NNX["vgg"](nnx.Rngs(9)),
+    restored = jaxlr.inference.nnx_model(models.NNX["vgg"](nnx.Rngs(9)),
                                jaxlr.export.load(tmp_path / "factorized"))
     assert isinstance(restored.conv0.kernel, Product)
     np.testing.assert_array_equal(np.asarray(restored(IMAGES)), np.asarray(factorized(IMAGES)))
@@ -73,7 +73,7 @@ def test_nnx_states_and_modules(tmp_path):
     jaxlr.export.save(tmp_path / "small", small)
     loaded = jaxlr.export.load(tmp_path / "small")
     assert isinstance(loaded["conv1"]["kernel"], LowRank)
-    restored = jaxlr.nnx_model(models.NNX["vgg"](nnx.Rngs(9)), loaded)
+    restored = jaxlr.inference.nnx_model(models.NNX["vgg"](nnx.Rngs(9)), loaded)
     assert isinstance(restored.conv1, jaxlr.inference.LowRankLayer)
     np.testing.assert_array_equal(np.asarray(restored(IMAGES)), np.asarray(small(IMAGES)))
 

@@ -22,7 +22,7 @@ KINDS = ("mlp", "vgg", "resnet", "vit")
 
 def quarter_ranks(params):
     """A quarter of each matrix's full rank: every layer of the test models then saves."""
-    leaves = jaxlr.matrix_leaves(params)
+    leaves = jaxlr.selection.matrix_leaves(params)
     return {name: max(1, leaf.full_rank // 4) for name, leaf in leaves.items()}
 
 
@@ -70,7 +70,7 @@ def test_nnx_models_run_factored_and_match_the_dense_truncated_model(kind):
     nnx.update(truncated, jaxlr.collapse(result.compressed))
     dense = truncated(IMAGES)
 
-    factored_model = jaxlr.nnx_model(model, result.compressed)
+    factored_model = jaxlr.inference.nnx_model(model, result.compressed)
     replaced = [path for path, node in nnx.iter_graph(factored_model)
                 if isinstance(node, inference.LowRankLayer)]
     pairs = [n for n in jax.tree.leaves(result.compressed, is_leaf=jaxlr.nodes.is_node)
@@ -115,7 +115,7 @@ def test_linen_and_nnx_give_the_same_factored_outputs_from_the_same_numbers():
     nnx_state = nnx.state(nnx_resnet, nnx.Param)
     nnx_result = jaxlr.compress(nnx_state, {
         nnx_path(tuple(name.split("/"))): r for name, r in ranks.items()})  # tuple keys
-    nnx_out = jaxlr.nnx_model(nnx_resnet, nnx_result.compressed)(IMAGES)
+    nnx_out = jaxlr.inference.nnx_model(nnx_resnet, nnx_result.compressed)(IMAGES)
     np.testing.assert_allclose(nnx_out, linen_out, rtol=1e-4, atol=1e-4)
 
 
@@ -226,9 +226,10 @@ def test_bad_input_names_the_layer():
 
     nnx_model = nnx.Sequential(nnx.Conv(2, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="layer 'layers/0' \\(Conv\\).*grouped"):
-        jaxlr.nnx_model(nnx_model, {"layers": {0: {"kernel": grouped, "bias": jnp.zeros(4)}}})
+        jaxlr.inference.nnx_model(nnx_model,
+                                  {"layers": {0: {"kernel": grouped, "bias": jnp.zeros(4)}}})
     nnx_mlp = models.nnx_model("mlp")
     with pytest.raises(ValueError, match=r"layer 'fc2'.*\(90, 64\).*\(96, 64\)"):
-        jaxlr.nnx_model(nnx_mlp, {"fc2": {"kernel": wrong}})
+        jaxlr.inference.nnx_model(nnx_mlp, {"fc2": {"kernel": wrong}})
     with pytest.raises(KeyError, match="'fc7/kernel'"):
-        jaxlr.nnx_model(nnx_mlp, {"fc7": {"kernel": wrong}})
+        jaxlr.inference.nnx_model(nnx_mlp, {"fc7": {"kernel": wrong}})

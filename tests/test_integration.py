@@ -230,7 +230,7 @@ def test_5_checkpoints_of_nnx_training_with_a_checkpoint_manager(tmp_path):
         assert manager.all_steps() == [1]
         restored = manager.restore(1, args=jaxlr.export.Restore())
     assert isinstance(restored["fc1"]["kernel"], jaxlr.Product)
-    fresh = jaxlr.nnx_model(NNXMLP(nnx.Rngs(7)), restored)
+    fresh = jaxlr.inference.nnx_model(NNXMLP(nnx.Rngs(7)), restored)
     np.testing.assert_array_equal(np.asarray(fresh(X)), np.asarray(model(X)))
 
 
@@ -266,7 +266,7 @@ def test_7_keep_and_prune_mean_the_same_everywhere_and_energy_transfer_is_on_eve
     kernel = np.asarray(params["Conv_0"]["kernel"])
     assert np.linalg.norm(np.asarray(once["Conv_0"]["kernel"])) == pytest.approx(
         np.linalg.norm(kernel), rel=1e-5)  # energy transfer by default, in both
-    assert float(jnp.linalg.norm(jaxlr.project_matrix(kernel.reshape(27, 16), 8))) == (
+    assert float(jnp.linalg.norm(jaxlr.svd.project_matrix(kernel.reshape(27, 16), 8))) == (
         pytest.approx(np.linalg.norm(kernel), rel=1e-5))
 
 

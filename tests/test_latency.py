@@ -109,7 +109,7 @@ def test_target_ranks_with_latency_errors():
     partial = LatencyTable({"a/kernel": _table().layers["a/kernel"]}, "test")
     with pytest.raises(ValueError, match="no layer 'b/kernel'"):
         jaxlr.target_ranks(params, reduction=0.2, policy="lsvt", latency=partial, filter="all")
-    with pytest.raises(TypeError, match="latency must be a jaxlr.LatencyTable"):
+    with pytest.raises(TypeError, match="latency must be a jaxlr.latency.LatencyTable"):
         jaxlr.target_ranks(params, reduction=0.2, latency={"a/kernel": 3}, filter="all")
 
 
@@ -128,7 +128,7 @@ def test_measure_latency_times_every_matrix_at_the_ranks_that_save():
     params = model.init(jax.random.key(0), x)["params"]
     table = measure_latency(lambda p, x: model.apply({"params": p}, x), params, x,
                             ranks=[2, 4, 15, 16, 500], repeats=1, filter="all")
-    leaves = jaxlr.matrix_leaves(params, filter="all")
+    leaves = jaxlr.selection.matrix_leaves(params, filter="all")
     assert list(table.layers) == list(leaves)
     for key, layer in table.layers.items():
         assert layer.matrix_shape == leaves[key].matrix_shape and layer.dense > 0
@@ -244,8 +244,8 @@ def test_fastest_ranks_against_brute_force():
         "a/kernel": LayerLatency((64, 64), 1.0, {4: 0.3, 16: 0.2}),
         "b/kernel": LayerLatency((64, 64), 2.0, {4: 1.5, 16: 1.0}),
     }, "test")
-    cost = jaxlr.ForwardCost({"a/kernel": jaxlr.LayerCost(4096, 4096, 4096),
-                              "b/kernel": jaxlr.LayerCost(4096, 8192, 8192)}, 0, 0, 8192, None)
+    cost = jaxlr.cost.ForwardCost({"a/kernel": jaxlr.cost.LayerCost(4096, 4096, 4096),
+                              "b/kernel": jaxlr.cost.LayerCost(4096, 8192, 8192)}, 0, 0, 8192, None)
     options = (64, 4, 16)
 
     def reduction(ra, rb):

@@ -72,7 +72,7 @@ def test_factor_shapes_follow_the_placement(placement, expected):
 
 def test_depth_one_changes_nothing():
     params = linen_variables()["params"]
-    collapsed = lorita.collapse(lorita.factorize(params, 1, filter="all"))
+    collapsed = jaxlr.collapse(lorita.factorize(params, 1, filter="all"))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(collapsed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -83,7 +83,7 @@ def test_from_dense_round_trip_reproduces_the_tree():
     for placement in ("smaller", "input", "output"):
         ftree = lorita.factorize(params, 3, jax.random.key(2), placement=placement, filter="all")
         pretrained = linen_variables(seed=5)["params"]
-        restored = lorita.collapse(lorita.from_dense(ftree, pretrained))
+        restored = jaxlr.collapse(lorita.from_dense(ftree, pretrained))
         for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves(restored), strict=True):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(a), 1e-30)
@@ -91,7 +91,7 @@ def test_from_dense_round_trip_reproduces_the_tree():
         node = lorita.from_dense(ftree, pretrained)["Dense_0"]["kernel"]
         norms = [float(jnp.linalg.norm(f)) for f in node.factors]
         np.testing.assert_allclose(norms, norms[0], rtol=1e-4)
-    balanced = lorita.collapse(lorita.factorize(params, 3, init="balanced", filter="all"))
+    balanced = jaxlr.collapse(lorita.factorize(params, 3, init="balanced", filter="all"))
     np.testing.assert_allclose(np.asarray(balanced["Dense_0"]["kernel"]),
                                np.asarray(params["Dense_0"]["kernel"]), atol=1e-5)
 
@@ -117,8 +117,8 @@ def test_unchanged_linen_and_nnx_models_give_identical_results():
         for a, b in zip(f_linen[name]["kernel"].factors, f_nnx[name]["kernel"].factors,
                         strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    y_linen = CNN().apply({**variables, "params": lorita.collapse(f_linen)}, X)
-    y_nnx = nnx.merge(graphdef, lorita.collapse(f_nnx))(X)
+    y_linen = CNN().apply({**variables, "params": jaxlr.collapse(f_linen)}, X)
+    y_nnx = nnx.merge(graphdef, jaxlr.collapse(f_nnx))(X)
     np.testing.assert_allclose(np.asarray(y_linen), np.asarray(y_nnx), rtol=1e-5, atol=1e-6)
 
 
@@ -134,7 +134,7 @@ def test_gradient_through_collapse_is_the_chain_rule(depth):
     node = Product(factors, (5, 3), jaxlr.MatrixView((0,), (1,)))
 
     def loss(node):
-        return jnp.sum(jnp.sin(lorita.collapse({"k": node})["k"]))
+        return jnp.sum(jnp.sin(jaxlr.collapse({"k": node})["k"]))
 
     grads = jax.grad(loss)(node).factors
     f = [np.asarray(x, np.float64) for x in factors]
@@ -153,7 +153,7 @@ def test_collapsed_product_has_the_scale_of_the_layers_own_initialiser():
     for seed in range(20):
         own = linen_variables(seed)["params"]  # a fresh draw of each layer's own initialiser
         model_draw = linen_variables(100 + seed)["params"]
-        collapsed = lorita.collapse(lorita.factorize(model_draw, 3, jax.random.key(seed),
+        collapsed = jaxlr.collapse(lorita.factorize(model_draw, 3, jax.random.key(seed),
                                                      filter="all"))
         for name in ratios:
             ratios[name].append(float(jnp.std(collapsed[name]["kernel"]))
@@ -249,7 +249,7 @@ def _train_digits(depth, weight_decay=3e-3, steps=800):
     tx = lorita.coupled_adam(3e-3, weight_decay)
 
     def loss_fn(fparams):
-        logits = model.apply({"params": lorita.collapse(fparams)}, x)
+        logits = model.apply({"params": jaxlr.collapse(fparams)}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
@@ -261,7 +261,7 @@ def _train_digits(depth, weight_decay=3e-3, steps=800):
     state = tx.init(fparams)
     for _ in range(steps):
         fparams, state, loss = step(fparams, state)
-    params = lorita.collapse(fparams)
+    params = jaxlr.collapse(fparams)
 
     def accuracy(p):
         return float(np.mean(np.argmax(model.apply({"params": p}, x_val), -1) == y_val))
@@ -275,7 +275,7 @@ def test_depth_three_trains_to_lower_rank_and_truncates_with_less_loss():
     results = {}
     for depth in (1, 3):
         params, loss, accuracy = _train_digits(depth)
-        spectra = jaxlr.singular_values_tree(params, filter=hidden)
+        spectra = jaxlr.svd.singular_values_tree(params, filter=hidden)
         numerical_rank = sum(int(np.sum(np.asarray(s) > 1e-3 * float(s[0])))
                              for s in spectra.values())
         total = sum(len(s) for s in spectra.values())
@@ -331,7 +331,7 @@ def test_attention_kernels_factorize_through_their_views():
     # query (8, 4, 4) is an 8 x 16 matrix; out (4, 4, 8) a 16 x 8 matrix.
     assert [f.shape for f in fparams["query"]["kernel"].factors] == [(8, 8), (8, 16)]
     assert [f.shape for f in fparams["out"]["kernel"].factors] == [(16, 8), (8, 8)]
-    collapsed = lorita.collapse(fparams)
+    collapsed = jaxlr.collapse(fparams)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(collapsed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     y = model.apply({"params": collapsed}, x, x)
@@ -366,7 +366,7 @@ def test_nnx_modules_factorize_to_products_of_params_that_read_as_the_kernel():
     assert float(jnp.linalg.norm(fmodel.Dense_0.kernel[...])) == pytest.approx(
         float(jnp.linalg.norm(kernel)), rel=1e-5)
     # The model runs unchanged, on the products, and equals the collapsed model.
-    np.testing.assert_allclose(np.asarray(fmodel(X)), np.asarray(lorita.collapse(fmodel)(X)),
+    np.testing.assert_allclose(np.asarray(fmodel(X)), np.asarray(jaxlr.collapse(fmodel)(X)),
                                rtol=1e-5, atol=1e-6)
     # Its Param state holds the factors, which the weight-decay mask selects; not the biases.
     state = nnx.state(fmodel, nnx.Param)

@@ -132,7 +132,7 @@ def test_nnx_state_paths_drop_value_and_are_selected_like_linen():
     assert selected["attn/query/kernel"].matrix_shape == (4, 8)
     assert selected["attn/out/kernel"].matrix_shape == (8, 4)
     assert selected["conv/kernel"].matrix_shape == (27, 4)
-    assert jaxlr.kernel_kinds(state, filter="all") == {
+    assert jaxlr.selection.kernel_kinds(state, filter="all") == {
         "attn/key/kernel": "attention", "attn/out/kernel": "attention",
         "attn/query/kernel": "attention", "attn/value/kernel": "attention",
         "conv/kernel": "conv", "layers/0/kernel": "dense", "layers/1/kernel": "dense",
@@ -174,7 +174,7 @@ class Renamed(nn.Module):
 
 def test_attention_is_recognised_by_what_the_module_is():
     params = Renamed().init(jax.random.key(0), jnp.ones((1, 5, 6)))["params"]
-    kinds = jaxlr.kernel_kinds(params, view=lambda path, leaf: (
+    kinds = jaxlr.selection.kernel_kinds(params, view=lambda path, leaf: (
         MatrixView.split(3, 2) if path[-2] == "out" else default_view(path, leaf)), filter="all")
     assert kinds == {
         "DenseGeneral_0/kernel": "dense",

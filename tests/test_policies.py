@@ -74,12 +74,12 @@ def test_lsvt_ranks_by_hand():
 
 def test_fixed_ranks_and_their_limits():
     tree = tree_of((8, 6), (3, 3, 2, 5))
-    assert dict(jaxlr.fixed_ranks(tree, 5,
+    assert dict(jaxlr.policies.fixed_ranks(tree, 5,
                                   filter="all")) == {"layer0/kernel": 5, "layer1/kernel": 5}
     with pytest.raises(ValueError, match=r"'layer0/kernel' is 7; allowed 1 <= rank <= .* = 6"):
-        jaxlr.fixed_ranks(tree, 7, filter="all")
+        jaxlr.policies.fixed_ranks(tree, 7, filter="all")
     with pytest.raises(ValueError, match="is 0"):
-        jaxlr.fixed_ranks(tree, 0, filter="all")
+        jaxlr.policies.fixed_ranks(tree, 0, filter="all")
 
 
 def test_a_variables_dict_and_its_params_give_the_same_keys():
@@ -171,7 +171,7 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
 
     expected = {"conv/kernel": product("conv"), "fc1/kernel": product("fc1"),
                 "fc2/kernel": product("fc2")}
-    spectra = jaxlr.singular_values_tree(mixed, filter="all")
+    spectra = jaxlr.svd.singular_values_tree(mixed, filter="all")
     assert set(spectra) == set(expected)
     for name, matrix in expected.items():
         np.testing.assert_allclose(spectra[name], np.linalg.svd(matrix, compute_uv=False),
@@ -231,7 +231,7 @@ def test_target_ranks_meet_a_macs_target_counted_from_the_forward_pass():
 
 def test_retained_fraction_overrides_and_tuple_keys():
     ranks = Ranks({"a": 1, ("params", "b"): 4, "c": 3}, full={"a": 4, "b": 4, "c": 6})
-    assert jaxlr.retained_fraction(ranks) == pytest.approx((0.25 + 1.0 + 0.5) / 3)
+    assert jaxlr.policies.retained_fraction(ranks) == pytest.approx((0.25 + 1.0 + 0.5) / 3)
     assert ranks[("b",)] == ranks["b"] == ranks["params/b"] == 4 and ("b",) in ranks
     changed = ranks.with_overrides({("a",): 2})
     assert dict(changed) == {"a": 2, "b": 4, "c": 3} and dict(ranks)["a"] == 1
@@ -241,7 +241,7 @@ def test_retained_fraction_overrides_and_tuple_keys():
     with pytest.raises(ValueError, match="'c' is 7; allowed 1 <= rank <= min"):
         ranks.with_overrides({"c": 7})
     with pytest.raises(TypeError, match="needs a Ranks"):
-        jaxlr.retained_fraction({"a": 1})
+        jaxlr.policies.retained_fraction({"a": 1})
 
 
 @pytest.mark.parametrize("multiple", [1, 3, 8])

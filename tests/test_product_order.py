@@ -166,7 +166,7 @@ class NNXNet(nnx.Module):
 def test_nnx_ordered_model_has_the_same_outputs_gradients_and_training():
     model = jaxlr.lorita.factorize(NNXNet(nnx.Rngs(0)), 3, jax.random.key(1), placement="paper",
                                    filter="all")
-    fast = jaxlr.lorita.ordered(model)
+    fast = jaxlr.inference.ordered(model)
     layers = (fast.conv, fast.fc1, fast.LinearGeneral_0)
     assert {type(m).__name__ for m in layers} == {"ProductLayer"}
     assert type(model.fc1).__name__ == "Linear"  # the original is left alone
@@ -194,4 +194,4 @@ def test_nnx_ordered_model_has_the_same_outputs_gradients_and_training():
 
 def test_nnx_ordered_refuses_other_objects():
     with pytest.raises(TypeError, match="model must be a Flax NNX module"):
-        jaxlr.lorita.ordered({"kernel": jnp.ones((2, 2))})
+        jaxlr.inference.ordered({"kernel": jnp.ones((2, 2))})

@@ -504,7 +504,7 @@ def test_ranks_as_a_function_of_the_params_and_bfloat16_final_projection():
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), block_variables()["params"])
 
     def ranks(tree):
-        return jaxlr.fixed_ranks(tree, 3, filter="conv").with_overrides(
+        return jaxlr.policies.fixed_ranks(tree, 3, filter="conv").with_overrides(
             {"shortcut_conv/kernel": 1})
 
     out = project(params, ranks)

@@ -74,7 +74,7 @@ def test_projection_is_the_eckart_young_optimum(dtype_name, case):
     s = np_svd(x64)[1]
     norm = np.linalg.norm(x64)
 
-    projected = jaxlr.project_matrix(x, rank, energy_transfer=False)
+    projected = jaxlr.svd.project_matrix(x, rank, energy_transfer=False)
     assert projected.dtype == dtype and projected.shape == x.shape
     p64 = np.asarray(projected, np.float64)
     optimum = np.sqrt(np.sum(s[rank:] ** 2))
@@ -84,7 +84,7 @@ def test_projection_is_the_eckart_young_optimum(dtype_name, case):
     if rank < len(sp):
         assert sp[rank] <= tol * max(sp[0], 1e-30)
     # Idempotent.
-    again = jaxlr.project_matrix(projected, rank, energy_transfer=False)
+    again = jaxlr.svd.project_matrix(projected, rank, energy_transfer=False)
     assert np.linalg.norm(np.asarray(again, np.float64) - p64) <= tol * max(norm, 1e-30)
 
 
@@ -95,7 +95,8 @@ def test_energy_transfer_keeps_the_frobenius_norm(dtype_name, case):
     matrix, rank = case
     x = jnp.asarray(matrix, dtype)
     x64 = np.asarray(x, np.float64)
-    projected = np.asarray(jaxlr.project_matrix(x, rank), np.float64)  # energy transfer: default
+    # Energy transfer is the default.
+    projected = np.asarray(jaxlr.svd.project_matrix(x, rank), np.float64)
     assert np.linalg.norm(projected) == pytest.approx(np.linalg.norm(x64), rel=tol)
     # The same subspace as the plain projection, scaled by one common alpha.
     s = np_svd(x64)[1]
@@ -110,15 +111,15 @@ def test_energy_transfer_keeps_the_frobenius_norm(dtype_name, case):
 def test_half_precision_is_computed_in_float32(dtype):
     matrix = jnp.asarray(np.random.default_rng(0).standard_normal((50, 20)), dtype)
     for energy_transfer in (False, True):
-        half = jaxlr.project_matrix(matrix, 5, energy_transfer=energy_transfer, method="svd")
-        full = jaxlr.project_matrix(
+        half = jaxlr.svd.project_matrix(matrix, 5, energy_transfer=energy_transfer, method="svd")
+        full = jaxlr.svd.project_matrix(
             matrix.astype(jnp.float32), 5, energy_transfer=energy_transfer, method="svd"
         )
         assert half.dtype == dtype
         np.testing.assert_array_equal(np.asarray(half), np.asarray(full.astype(dtype)))
-    a, b = jaxlr.truncated_factors(matrix, 5)
+    a, b = jaxlr.svd.truncated_factors(matrix, 5)
     assert a.dtype == b.dtype == dtype
-    assert jaxlr.singular_values(matrix).dtype == jnp.float32
+    assert jaxlr.svd.singular_values(matrix).dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,11 +150,11 @@ def _spectral_cases():
 def test_auto_is_within_1e4_of_the_full_svd_on_flat_and_decaying_spectra():
     for name, matrix, rank in _spectral_cases():
         truth = np_truncate(matrix, rank)
-        auto = jaxlr.project_matrix(matrix, rank, energy_transfer=False, method="auto")
-        svd = jaxlr.project_matrix(matrix, rank, energy_transfer=False, method="svd")
+        auto = jaxlr.svd.project_matrix(matrix, rank, energy_transfer=False, method="auto")
+        svd = jaxlr.svd.project_matrix(matrix, rank, energy_transfer=False, method="svd")
         assert rel(auto, truth) <= 1e-4, (name, matrix.shape, rank)
         assert rel(auto, svd) <= 1e-4, (name, matrix.shape, rank)
-        a, b = jaxlr.truncated_factors(matrix, rank, method="auto")
+        a, b = jaxlr.svd.truncated_factors(matrix, rank, method="auto")
         assert rel(np.asarray(a, np.float64) @ np.asarray(b, np.float64), truth) <= 1e-4
 
 
@@ -183,8 +184,8 @@ def test_gram_error_estimate_is_honest_where_the_gram_path_is_taken():
 
 def test_gram_path_handles_wide_and_tall_matrices_alike():
     matrix = np.random.default_rng(3).standard_normal((30, 70)).astype(np.float32)
-    wide = jaxlr.project_matrix(matrix, 7, energy_transfer=False, method="gram")
-    tall = jaxlr.project_matrix(matrix.T, 7, energy_transfer=False, method="gram")
+    wide = jaxlr.svd.project_matrix(matrix, 7, energy_transfer=False, method="gram")
+    tall = jaxlr.svd.project_matrix(matrix.T, 7, energy_transfer=False, method="gram")
     np.testing.assert_allclose(np.asarray(wide), np.asarray(tall).T, atol=1e-5)
     assert rel(wide, np_truncate(matrix, 7)) <= 1e-5
 
@@ -197,9 +198,9 @@ def test_gram_path_handles_wide_and_tall_matrices_alike():
 @pytest.mark.parametrize("energy_transfer", [False, True])
 def test_zero_matrix_projects_to_itself(method, energy_transfer):
     zero = jnp.zeros((12, 5))
-    out = jaxlr.project_matrix(zero, 2, energy_transfer=energy_transfer, method=method)
+    out = jaxlr.svd.project_matrix(zero, 2, energy_transfer=energy_transfer, method=method)
     np.testing.assert_array_equal(np.asarray(out), np.zeros((12, 5)))
-    a, b = jaxlr.truncated_factors(zero, 2, method=method)
+    a, b = jaxlr.svd.truncated_factors(zero, 2, method=method)
     np.testing.assert_array_equal(np.asarray(a @ b), np.zeros((12, 5)))
 
 
@@ -216,7 +217,7 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
     with pytest.raises(ValueError, match="broken/kernel"):
         jaxlr.compress(tree, ranks)
     with pytest.raises(ValueError, match="broken/kernel"):
-        jaxlr.singular_values_tree(tree, filter="all")
+        jaxlr.svd.singular_values_tree(tree, filter="all")
 
     params = jax.jit(lambda t: jaxlr.project(t, ranks))(tree)
     np.testing.assert_array_equal(np.asarray(params["broken"]["kernel"]), np.asarray(broken))
@@ -225,23 +226,23 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
     alpha = np.sqrt(np.sum(s**2) / np.sum(s[:2] ** 2))
     assert rel(params["good"]["kernel"], alpha * np_truncate(good, 2)) <= 1e-5
 
-    single = jax.jit(lambda m: jaxlr.project_matrix(m, 2, energy_transfer=True))(broken)
+    single = jax.jit(lambda m: jaxlr.svd.project_matrix(m, 2, energy_transfer=True))(broken)
     np.testing.assert_array_equal(np.asarray(single), np.asarray(broken))
-    a, b = jax.jit(lambda m: jaxlr.truncated_factors(m, 2))(broken)
+    a, b = jax.jit(lambda m: jaxlr.svd.truncated_factors(m, 2))(broken)
     assert np.isnan(np.asarray(a)).all() and np.isnan(np.asarray(b)).all()
-    assert np.isnan(np.asarray(jax.jit(jaxlr.singular_values)(broken))).all()
+    assert np.isnan(np.asarray(jax.jit(jaxlr.svd.singular_values)(broken))).all()
 
     # The one-matrix functions raise eagerly as the tree functions do, naming the shape.
     for method in ("auto", "gram", "svd"):
         with pytest.raises(ValueError, match=r"matrix \(shape \(20, 6\)\) holds NaN or Inf"):
-            jaxlr.project_matrix(broken, 2, method=method)
+            jaxlr.svd.project_matrix(broken, 2, method=method)
         with pytest.raises(ValueError, match=r"matrix \(shape \(20, 6\)\) holds NaN or Inf"):
-            jaxlr.truncated_factors(broken, 2, method=method)
+            jaxlr.svd.truncated_factors(broken, 2, method=method)
     with pytest.raises(ValueError, match="holds NaN or Inf"):
-        jaxlr.singular_values(np.asarray(broken))
+        jaxlr.svd.singular_values(np.asarray(broken))
     # Nothing of it applies to a finite matrix, whatever its values.
     huge = good * 1e30
-    np.testing.assert_allclose(np.asarray(jaxlr.singular_values(huge)),
+    np.testing.assert_allclose(np.asarray(jaxlr.svd.singular_values(huge)),
                                np_svd(np.asarray(huge, np.float64))[1], rtol=1e-5)
 
 
@@ -252,7 +253,7 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
 @given(case=matrix_and_rank())
 def test_truncated_factors_are_balanced_and_multiply_to_the_truncation(case):
     matrix, rank = case
-    a, b = jaxlr.truncated_factors(matrix, rank)
+    a, b = jaxlr.svd.truncated_factors(matrix, rank)
     assert a.shape == (matrix.shape[0], rank) and b.shape == (rank, matrix.shape[1])
     norm = np.linalg.norm(matrix.astype(np.float64))
     s = np_svd(matrix)[1]
@@ -341,8 +342,8 @@ def test_linen_and_nnx_trees_give_identical_results():
     y_nnx = nnx.merge(graphdef, nnx_out)(x)
     np.testing.assert_allclose(np.asarray(y_linen), np.asarray(y_nnx), atol=1e-5)
 
-    spectra_linen = jaxlr.singular_values_tree(params, filter="all")
-    spectra_nnx = jaxlr.singular_values_tree(state, filter="all")
+    spectra_linen = jaxlr.svd.singular_values_tree(params, filter="all")
+    spectra_nnx = jaxlr.svd.singular_values_tree(state, filter="all")
     assert list(spectra_linen) == list(spectra_nnx)
     for name in spectra_linen:
         np.testing.assert_array_equal(np.asarray(spectra_linen[name]),
@@ -362,7 +363,7 @@ def test_attention_kernels_are_truncated_through_their_views():
     np.testing.assert_allclose(np.asarray(out["out"]["kernel"]),
                                np_truncate(proj.reshape(16, 8), 2).reshape(4, 4, 8), atol=1e-5)
 
-    spectra = jaxlr.singular_values_tree(params, filter="all")
+    spectra = jaxlr.svd.singular_values_tree(params, filter="all")
     np.testing.assert_allclose(np.asarray(spectra["value/kernel"]),
                                np_svd(np.asarray(params["value"]["kernel"]).reshape(8, 16))[1],
                                rtol=1e-5)
@@ -430,17 +431,17 @@ def test_repeated_tree_calls_finish_under_a_timeout():
 def test_bad_ranks_and_methods_are_rejected_when_called():
     matrix = jnp.ones((6, 4))
     with pytest.raises(ValueError, match=r"rank for matrix is 0; allowed 1 <= rank <= .* = 4"):
-        jaxlr.project_matrix(matrix, 0)
+        jaxlr.svd.project_matrix(matrix, 0)
     with pytest.raises(ValueError, match=r"rank for matrix is 5"):
-        jaxlr.truncated_factors(matrix, 5)
+        jaxlr.svd.truncated_factors(matrix, 5)
     with pytest.raises(TypeError, match="rank for matrix must be an int"):
-        jaxlr.project_matrix(matrix, 2.0)
+        jaxlr.svd.project_matrix(matrix, 2.0)
     with pytest.raises(ValueError, match="method must be one of"):
-        jaxlr.project_matrix(matrix, 2, method="qr")
+        jaxlr.svd.project_matrix(matrix, 2, method="qr")
     with pytest.raises(ValueError, match="matrix must be 2-D"):
-        jaxlr.project_matrix(jnp.ones((2, 3, 4)), 1)
+        jaxlr.svd.project_matrix(jnp.ones((2, 3, 4)), 1)
     with pytest.raises(TypeError, match="int32"):
-        jaxlr.project_matrix(jnp.ones((3, 3), jnp.int32), 1)
+        jaxlr.svd.project_matrix(jnp.ones((3, 3), jnp.int32), 1)
 
 
 def test_bad_tree_input_is_rejected_when_called():
@@ -457,7 +458,7 @@ def test_bad_tree_input_is_rejected_when_called():
         jaxlr.project(params, {"Dense_1/kernel": 1}, options=jaxlr.ProjectionOptions(
             view=jaxlr.MatrixView((0, 1), (2,))))
     with pytest.raises(ValueError, match="selected no matrix"):
-        jaxlr.singular_values_tree(params, filter=lambda path, leaf: False)
+        jaxlr.svd.singular_values_tree(params, filter=lambda path, leaf: False)
 
 
 @pytest.mark.parametrize("tail_scale", [0.0, 0.25, 0.9])
@@ -471,13 +472,13 @@ def test_soft_projection_scales_the_tail_and_keeps_the_norm(tail_scale, energy_t
     alpha = np.sqrt((kept + tail - tail_scale**2 * tail) / kept) if energy_transfer else 1.0
     expected = (u * np.concatenate([alpha * s[:rank], tail_scale * s[rank:]])) @ vt
     for method in ("auto", "svd"):
-        out = jaxlr.project_matrix(matrix, rank, energy_transfer=energy_transfer,
+        out = jaxlr.svd.project_matrix(matrix, rank, energy_transfer=energy_transfer,
                                    tail_scale=tail_scale, method=method)
         assert rel(out, expected) <= 1e-5
     if energy_transfer:
         assert np.linalg.norm(np.asarray(out, np.float64)) == pytest.approx(
             np.linalg.norm(matrix.astype(np.float64)), rel=1e-5)
     with pytest.raises(ValueError, match=r"tail_scale must be a number in \[0, 1\)"):
-        jaxlr.project_matrix(matrix, rank, tail_scale=1.0)
+        jaxlr.svd.project_matrix(matrix, rank, tail_scale=1.0)
     with pytest.raises(TypeError, match="energy_transfer must be True or False"):
-        jaxlr.project_matrix(matrix, rank, energy_transfer="False")
+        jaxlr.svd.project_matrix(matrix, rank, energy_transfer="False")

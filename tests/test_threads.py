@@ -57,13 +57,13 @@ def four(params: dict) -> dict:
 
 
 def test_block_sets_and_restores(three_threads):
-    with jaxlr.lapack_threads(1):
+    with jaxlr.threads.lapack_threads(1):
         assert blas_threads() == {1}
-        with jaxlr.lapack_threads(2):
+        with jaxlr.threads.lapack_threads(2):
             assert blas_threads() == {2}
         assert blas_threads() == {1}
     assert blas_threads() == {3}
-    with pytest.raises(RuntimeError, match="inside"), jaxlr.lapack_threads(1):
+    with pytest.raises(RuntimeError, match="inside"), jaxlr.threads.lapack_threads(1):
         raise RuntimeError("inside")
     assert blas_threads() == {3}
 
@@ -75,9 +75,9 @@ def test_eager_tree_calls_use_one_thread_then_restore(three_threads, seen, entry
         out = jaxlr.project(params, four(params))
         assert int(jnp.linalg.matrix_rank(out["Dense_1"]["kernel"])) == 4
     elif entry == "compress":
-        jaxlr.compress(params, jaxlr.fixed_ranks(params, 3))
+        jaxlr.compress(params, jaxlr.policies.fixed_ranks(params, 3))
     else:
-        jaxlr.singular_values_tree(params)
+        jaxlr.svd.singular_values_tree(params)
     assert seen and all(counts == {1} for counts in seen)
     assert blas_threads() == {3}
 
@@ -85,9 +85,9 @@ def test_eager_tree_calls_use_one_thread_then_restore(three_threads, seen, entry
 def test_left_alone_for_one_matrix_traced_calls_and_user_blocks(three_threads, seen):
     jaxlr.project(tree(1), four(tree(1)))  # one matrix: both threads help a single decomposition
     jax.jit(lambda p: jaxlr.project(p, four(p)))(tree(3))  # traced: runs after jaxlr returns
-    with jaxlr.lapack_threads(None):
+    with jaxlr.threads.lapack_threads(None):
         jaxlr.project(tree(3), four(tree(3)))
-    with jaxlr.lapack_threads(2):
+    with jaxlr.threads.lapack_threads(2):
         jaxlr.project(tree(3), four(tree(3)))
     assert seen == [{3}, {3}, {2}]  # the jitted call does not go through the eager functions
     assert blas_threads() == {3}
@@ -96,7 +96,7 @@ def test_left_alone_for_one_matrix_traced_calls_and_user_blocks(three_threads, s
 def test_results_do_not_depend_on_threads():
     params = tree(4)
     limited = jaxlr.project(params, four(params))
-    with jaxlr.lapack_threads(None):
+    with jaxlr.threads.lapack_threads(None):
         free = jaxlr.project(params, four(params))
     for name in params:
         np.testing.assert_allclose(limited[name]["kernel"], free[name]["kernel"], rtol=1e-5,
@@ -107,12 +107,12 @@ def test_scopes_closed_out_of_order_in_threads_end_at_the_baseline(three_threads
     opened, release = threading.Event(), threading.Event()
 
     def other() -> None:
-        with jaxlr.lapack_threads(2):
+        with jaxlr.threads.lapack_threads(2):
             opened.set()
             release.wait(10)
 
     worker = threading.Thread(target=other)
-    block = jaxlr.lapack_threads(1)
+    block = jaxlr.threads.lapack_threads(1)
     block.__enter__()
     worker.start()
     assert opened.wait(10)
@@ -125,4 +125,4 @@ def test_scopes_closed_out_of_order_in_threads_end_at_the_baseline(three_threads
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_bad_thread_counts_are_refused(bad):
     with pytest.raises(ValueError, match="threads must be None or an integer >= 1"):
-        jaxlr.lapack_threads(bad).__enter__()
+        jaxlr.threads.lapack_threads(bad).__enter__()

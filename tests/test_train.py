@@ -141,7 +141,7 @@ def test_lorita_step_updates_the_factors_by_the_chain_rule():
         logits = model.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    grads = jax.grad(dense_loss)(lorita.collapse(fparams))
+    grads = jax.grad(dense_loss)(jaxlr.collapse(fparams))
     w1, w2 = (np.asarray(f, np.float64) for f in fparams["fc0"]["kernel"].factors)
     g = np.asarray(grads["fc0"]["kernel"], np.float64)
     n1, n2 = new.params["fc0"]["kernel"].factors

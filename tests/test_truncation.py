@@ -54,7 +54,7 @@ def test_sweep_against_numpy():
         assert row["params"] == 1482 - saved
     assert rows[0]["params"] == 1482 and rows[0]["retained"] == 1.0
     with pytest.raises(ValueError, match="policies"):
-        truncation.sweep(model, variables, data, (0.5,), filter=jaxlr.is_kernel,
+        truncation.sweep(model, variables, data, (0.5,), filter=jaxlr.matrices.is_kernel,
                          policies=("RSVT",))
 
 

@@ -63,7 +63,7 @@ MODELS = {
 }
 
 
-def conv_ranks(cost: jaxlr.ForwardCost, leaves: dict, ratio: float, align: int) -> jaxlr.Ranks:
+def conv_ranks(cost: jaxlr.cost.ForwardCost, leaves: dict, ratio: float, align: int) -> jaxlr.Ranks:
     """``round(ratio * min(m, n))`` (rounded up to a multiple of ``align``) per convolution."""
     convs = {name: leaf for name, leaf in leaves.items()
              if len(leaf.shape) == 4 and name in cost.layers}
@@ -72,7 +72,7 @@ def conv_ranks(cost: jaxlr.ForwardCost, leaves: dict, ratio: float, align: int) 
     return jaxlr.Ranks(ranks, full).rounded_up(align)
 
 
-def predicted_macs(cost: jaxlr.ForwardCost, leaves: dict, ranks: dict[str, int]) -> int:
+def predicted_macs(cost: jaxlr.cost.ForwardCost, leaves: dict, ranks: dict[str, int]) -> int:
     """Multiply-accumulates after factoring, from the dense per-layer counts."""
     total = cost.other_macs
     for name, layer in cost.layers.items():
@@ -95,7 +95,7 @@ def ratio_for_reduction(cost, leaves, target: float, align: int) -> tuple[float,
     return low, conv_ranks(cost, leaves, low, align)
 
 
-def fastest_ranks(table: jaxlr.LatencyTable, cost: jaxlr.ForwardCost, target: float,
+def fastest_ranks(table: jaxlr.latency.LatencyTable, cost: jaxlr.cost.ForwardCost, target: float,
                   band: float | None = None, units: int = 20_000) -> jaxlr.Ranks:
     """The options of ``table`` (dense or a timed rank, per layer) with the least summed time
     whose MAC reduction lies between ``target`` and ``target + band`` (no upper limit for
@@ -150,8 +150,8 @@ def _time(fn, *args) -> float:
 
 def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
           choice: str = "uniform", latency_repeats: int = 10, band: float = 0.01,
-          table: jaxlr.LatencyTable | None = None, chunk: int | None = None,
-          dtype: str = "float32") -> tuple[dict[str, Any], jaxlr.LatencyTable | None]:
+          table: jaxlr.latency.LatencyTable | None = None, chunk: int | None = None,
+          dtype: str = "float32") -> tuple[dict[str, Any], jaxlr.latency.LatencyTable | None]:
     """Builds, compresses and times one network; returns a row of figures and the latency table.
 
     ``table`` (measured here when a choice needs one and none is given) lets the choices of one
@@ -232,7 +232,7 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
         "ranked_layers": len(ranks),
         "ranks": dict(sorted(collections.Counter(  # "full rank -> rank": layers
             f"{ranks.full[key]} -> {rank}" for key, rank in ranks.items()).items())),
-        "retained": round(jaxlr.retained_fraction(ranks), 4),
+        "retained": round(jaxlr.policies.retained_fraction(ranks), 4),
         "params_before": dense_cost.params,
         "params_after": factored_cost.params,
         "macs_before": dense_cost.macs,
@@ -262,7 +262,7 @@ def bench(name: str, batch: int, repeats: int, align: int = 1, seed: int = 0,
     return row, table
 
 
-def by_shape(table: jaxlr.LatencyTable) -> list[dict[str, Any]]:
+def by_shape(table: jaxlr.latency.LatencyTable) -> list[dict[str, Any]]:
     """The measured table, one entry per distinct measurement (layers with the same product, the
     same matrix shape on the same input, are timed once): the matrix shape, the number of layers,
     the dense time and the time per timed rank, in milliseconds, in tree order."""

@@ -85,7 +85,8 @@ def epoch_overhead(sgd_step_s: float, sgd_s: float, off_s: float, project_s: flo
 
 
 def at_count(opt_state: Any, count: int, pending: bool) -> Any:
-    """``opt_state`` with every :class:`jaxlr.LowRankProjectionState` in it at update ``count``,
+    """``opt_state`` with every :class:`jaxlr.projection.LowRankProjectionState` in it at update
+    ``count``,
     its ``pending`` flag (a projection to check at the next update) set to ``pending``."""
     def move(node: Any) -> Any:
         if _is_state(node):
@@ -98,13 +99,13 @@ def at_count(opt_state: Any, count: int, pending: bool) -> Any:
     return jax.tree.map(move, opt_state, is_leaf=_is_state)
 
 
-def projection_states(opt_state: Any) -> list[jaxlr.LowRankProjectionState]:
-    """Every :class:`jaxlr.LowRankProjectionState` in ``opt_state``."""
+def projection_states(opt_state: Any) -> list[jaxlr.projection.LowRankProjectionState]:
+    """Every :class:`jaxlr.projection.LowRankProjectionState` in ``opt_state``."""
     return [n for n in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(n)]
 
 
 def _is_state(node: Any) -> bool:
-    return isinstance(node, jaxlr.LowRankProjectionState)
+    return isinstance(node, jaxlr.projection.LowRankProjectionState)
 
 
 def alternating_medians(runs: dict[str, Callable[[], Any]], repeats: int,
@@ -191,7 +192,7 @@ def bench(name: str, batch: int = 128, repeats: int = 10, prune: float = 0.6,
         fn = updates[key]
         return lambda: jax.block_until_ready(fn(grads, state.opt_state, params, stats))
 
-    threads = jaxlr.lapack_threads(1) if jax.default_backend() == "cpu" else \
+    threads = jaxlr.threads.lapack_threads(1) if jax.default_backend() == "cpu" else \
         contextlib.nullcontext()
     with threads:
         compiled = time.perf_counter()

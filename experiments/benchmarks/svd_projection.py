@@ -173,7 +173,7 @@ def eigh_seconds(size: int, repeats: int) -> float:
         gram = jnp.asarray(np.broadcast_to(w.T @ w, (copies, size, size)), jnp.float32)
         jax.block_until_ready(eigh(gram))
         for threads in (1, None):
-            with jaxlr.lapack_threads(threads):
+            with jaxlr.threads.lapack_threads(threads):
                 jax.block_until_ready(eigh(gram))
                 run = lambda gram=gram: jax.block_until_ready(eigh(gram))  # noqa: E731
                 times.append(_median_seconds(run, repeats) / copies)
@@ -253,7 +253,7 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
         row[f"jaxlr_{method}_max_rel_error"] = _max_error(results, references)
 
     def free_threads() -> Any:  # the same call with LAPACK's own thread count
-        with jaxlr.lapack_threads(None):
+        with jaxlr.threads.lapack_threads(None):
             return jax.block_until_ready(jaxlr.project(tree, ranks))
 
     runs["jaxlr_auto_free_threads_s"] = free_threads
@@ -346,7 +346,7 @@ def decomposition_parts(rows: int = 4608, cols: int = 512, ratio: float = 0.6,
     eigh = jax.jit(jnp.linalg.eigh)
     qr = jax.jit(lambda x: jnp.linalg.qr(x, mode="r"))
     square_svd = jax.jit(lambda r: jaxlr_svd.thin_svd(r))
-    project = {method: jax.jit(lambda x, method=method: jaxlr.project_matrix(x, rank,
+    project = {method: jax.jit(lambda x, method=method: jaxlr.svd.project_matrix(x, rank,
                                                                              method=method))
                for method in ("svd", "auto", "gram")}
     g, r = gram(a), qr(a)
@@ -370,7 +370,7 @@ def decomposition_parts(rows: int = 4608, cols: int = 512, ratio: float = 0.6,
     runs["jaxlr_4_qr_four_threads_s"] = four_threads
     for run in runs.values():
         run()  # compile
-    with jaxlr.lapack_threads(1):
+    with jaxlr.threads.lapack_threads(1):
         medians = block_medians(runs, repeats)
     out = {"shape": f"{rows} x {cols}", "rank": rank, **medians}
     try:
