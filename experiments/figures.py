@@ -1,16 +1,18 @@
-"""Every figure of the README and docs/reproducing.md, regenerated from the current code.
+"""Every figure of the guides docs/experiments.md, docs/evidence.md and docs/reproducing.md,
+regenerated from the current code.
 
 ``python -m experiments.figures`` runs, from scratch in a temporary directory:
 
 * the main job's ``default`` preset (what ``python -m experiments`` runs) for seeds 0, 1 and 2,
-  and writes the README's block between ``<!-- main-job:begin -->`` and ``<!-- main-job:end -->``
+  and writes docs/experiments.md's block between ``<!-- main-job:begin -->`` and
+  ``<!-- main-job:end -->``
   (seed 0's LRPET table, its LoRITa truncation sweep, which is the data of the figure, its
   accepted budgets, and the machine that computed them), the block ``main-job-seeds`` (the
   headline numbers of every seed, and what they say, worded from the numbers: which method leads,
   and whether it does in every seed), the block ``main-job-spread`` (seeds 1 and 2, and seed 0
   again with XLA compiling for each older instruction set of :data:`SPREAD_ISAS` the processor
-  has: how far the numbers move on another machine, and the tolerance the README's test allows
-  there) and
+  has: how far the numbers move on another machine, and the tolerance ``tests/test_readme.py``
+  allows there) and
   ``docs/accuracy_drop.png`` (seed 0's figure). Each run is a new Python process
   (:func:`fresh_run`), so the same machine repeats it bit for bit;
 * the ``default`` preset of every paper module (``lorita_fcn``, ``lorita_vit``, ``lorita_cnn``,
@@ -19,16 +21,17 @@
   ``docs/lorita_fcn_default.png``.
 
 * with ``--part evidence``: :mod:`experiments.evidence`'s ``default`` preset (real MNIST, 5 seeds),
-  and writes the README's block ``evidence`` (summaries, verdicts, worded from them, and the
+  and writes docs/evidence.md's block ``evidence`` (summaries, verdicts, worded from them, and the
   figures ``docs/evidence_*.png``) and docs/reproducing.md's block ``evidence-runs`` (the tuning
   and per-seed tables).
 
 No number in these blocks is typed by hand. ``tests/test_readme.py`` runs seed 0 of the main job
-again and checks the README against it. Options: ``--part readme|docs|evidence|all`` (default
-all; on a 2-core CPU the README part takes about 5 minutes, the docs part about 6, the evidence
-part about 20), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs there instead of
-a temporary directory; runs found there are reused, so a directory holding runs of older code
-gives their numbers), ``--check`` (compare only, exit status 1 on a difference),
+again and checks docs/experiments.md against it. Options: ``--part readme|docs|evidence|all``
+(default all; ``readme`` is the main job's blocks of docs/experiments.md, ``docs`` the default
+presets of docs/reproducing.md; on a 2-core CPU the first takes about 5 minutes, the second about
+6, the evidence part about 20), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs
+there instead of a temporary directory; runs found there are reused, so a directory holding runs
+of older code gives their numbers), ``--check`` (compare only, exit status 1 on a difference),
 ``--no-progress``.
 """
 
@@ -82,7 +85,9 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+# The guides that hold the generated blocks: the main job's three, and the evidence.
+EXPERIMENTS = ROOT / "docs" / "experiments.md"
+EVIDENCE = ROOT / "docs" / "evidence.md"
 REPRODUCING = ROOT / "docs" / "reproducing.md"
 FIGURE = ROOT / "docs" / "accuracy_drop.png"
 FCN_FIGURE = ROOT / "docs" / "lorita_fcn_default.png"
@@ -125,7 +130,8 @@ def _sweep_rows(sweeps: Mapping[int, Sequence[Mapping[str, Any]]]) -> tuple[list
 
 
 def block(out: Mapping[str, Any], config: main_job.Config, where: str) -> str:
-    """The README's first block from one run of the main job (``main.run``'s return)."""
+    """docs/experiments.md's first block (``main-job``) from one run of the main job
+    (``main.run``'s return)."""
     lrpet = markdown_table(out["lrpet"]["rows"], [
         Column("method", f"method (CNN, p = {config.prune:g})"), Column("ranks", "conv ranks"),
         Column("params_fraction", "params kept", ".1%"),
@@ -154,7 +160,8 @@ def block(out: Mapping[str, Any], config: main_job.Config, where: str) -> str:
         "",
         accepted,
         "",
-        "![Test accuracy drop against retained singular values](docs/accuracy_drop.png)",
+        # docs/experiments.md shows it: the path is relative to docs/.
+        "![Test accuracy drop against retained singular values](accuracy_drop.png)",
     ])
 
 
@@ -191,7 +198,8 @@ def _order(deltas: Sequence[float], ahead: str, behind: str, image: float) -> st
 
 def seeds_block(numbers: Sequence[Mapping[str, Any]], seconds: Sequence[float],
                 test_images: int, depths: Sequence[int]) -> str:
-    """The README's second block: every seed's headline numbers and what they say."""
+    """docs/experiments.md's second block (``main-job-seeds``): every seed's headline numbers and
+    what they say."""
     low, high = min(depths), max(depths)
     compare, policy = f"GSVT {COMPARE_BUDGET:g}", POLICY_BUDGET
     rows = [{"seed": seed, **n, "LRPET - LRP": n["LRPET"] - n["LRP"],
@@ -278,8 +286,8 @@ def block_change(reference: str, other: str) -> float:
 def spread_block(seed_runs: Sequence[Mapping[str, Any]],
                  isa_runs: Mapping[str, Mapping[str, Any]], test_images: int,
                  depths: Sequence[int]) -> str:
-    """The README's block ``main-job-spread``: how far the first block's numbers move with the
-    seed and with the instruction set XLA compiles for, and the tolerance another machine is
+    """docs/experiments.md's block ``main-job-spread``: how far the first block's numbers move with
+    the seed and with the instruction set XLA compiles for, and the tolerance another machine is
     checked with (the largest such change, :func:`tolerance`).
 
     Args:
@@ -352,10 +360,10 @@ def _table_rows(text: str, first_cell: str) -> list[list[str]]:
     return rows
 
 
-def tolerance(readme: str) -> float:
-    """The tolerance :func:`spread_block` states, read again from the README's spread table: the
-    largest of its "largest change" column."""
-    return max(float(row[-1]) for row in _table_rows(read_block(readme, "main-job-spread"),
+def tolerance(text: str) -> float:
+    """The tolerance :func:`spread_block` states, read again from the spread table of ``text``
+    (docs/experiments.md's text): the largest of its "largest change" column."""
+    return max(float(row[-1]) for row in _table_rows(read_block(text, "main-job-spread"),
                                                      r"seed \d+.*"))
 
 
@@ -399,7 +407,7 @@ FRESH_RUN = "figures_run.json"
 def fresh_run(seed: int, output: Path, progress: bool, isa: str | None = None
               ) -> dict[str, Any]:
     """Runs seed ``seed`` of the main job's default preset in a new Python process, under
-    ``output``, and returns what the README's blocks need of it.
+    ``output``, and returns what docs/experiments.md's blocks need of it.
 
     A new process computes the same numbers bit for bit on the same machine; a long-lived one
     (a test suite that has run other programs first) may round one reduction differently.
@@ -413,7 +421,7 @@ def fresh_run(seed: int, output: Path, progress: bool, isa: str | None = None
         :data:`experiments.machine.ISAS`' names); default this machine's.
 
     Returns:
-      ``{"block": the README's main-job block of this run, "headline": :func:`headline`'s
+      ``{"block": the main-job block of this run, "headline": :func:`headline`'s
       numbers, "seconds": the run's time, "examples": the split sizes, "machine":
       :func:`machine` in that process}``.
 
@@ -448,7 +456,7 @@ def _write_fresh_run(seed: int, output: Path, progress: bool) -> None:
 
 
 def spread_isas() -> list[str]:
-    """The instruction sets older than this machine's that the README's spread table measures:
+    """The instruction sets older than this machine's that the spread table measures:
     those of :data:`SPREAD_ISAS` below the one XLA compiles for here."""
     names = [name for name, _ in machine_lib.ISAS]
     here = machine_lib.isa()
@@ -464,7 +472,8 @@ def run(seeds: int, output: Path, progress: bool, spread: bool = True
     ``output/{isa}``, each in a new process (:func:`fresh_run`).
 
     Returns:
-      The README's blocks (``{"main-job": ..., "main-job-seeds": ..., "main-job-spread": ...}``,
+      docs/experiments.md's blocks (``{"main-job": ..., "main-job-seeds": ...,
+      "main-job-spread": ...}``,
       the last only with ``spread``), each seed's headline numbers and seconds, and the split
       sizes.
     """
@@ -596,7 +605,7 @@ def presets_block(done: Mapping[str, tuple[float, str]], main_seconds: float, wh
                   examples: Mapping[str, int]) -> str:
     """docs/reproducing.md's block: per module, its command, time and findings."""
     rows = [{"command": "`python -m experiments` (the main job)", "time": f"{main_seconds:.0f} s",
-             "shows": "the README's figures (LoRITa N = 1 / 3 and LRPET against LRP)"}]
+             "shows": "the main job's figures (LoRITa N = 1 / 3 and LRPET against LRP)"}]
     rows += [{"command": f"`python -m experiments.{name}`", "time": f"{seconds:.0f} s",
               "shows": text} for name, (seconds, text) in done.items()]
     return "\n".join([
@@ -607,7 +616,7 @@ def presets_block(done: Mapping[str, tuple[float, str]], main_seconds: float, wh
         "",
         f"One seed each, {examples['validation']} validation and {examples['test']} test images "
         f"(one image is {100 / examples['test']:.2f} points): differences of a point or two are "
-        "within what a change of seed moves (the README's seed table).",
+        "within what a change of seed moves (the main job's seed table).",
         "",
         "![LoRITa on digits: the deepest FCN of lorita_fcn's default preset]"
         "(lorita_fcn_default.png)",
@@ -652,15 +661,15 @@ def _pivot(rows: Sequence[Mapping[str, Any]], ratios: Sequence[float],
 
 def evidence_blocks(out: Mapping[str, Any], config: evidence.Config, where: str
                     ) -> tuple[str, str]:
-    """The README's ``evidence`` block and docs/reproducing.md's ``evidence-runs`` block from a
-    run of :func:`experiments.evidence.run`."""
+    """docs/evidence.md's ``evidence`` block and docs/reproducing.md's ``evidence-runs`` block
+    from a run of :func:`experiments.evidence.run` (figure paths relative to docs/)."""
 
     verdict_columns = [c for c in evidence.VERDICT_COLUMNS if c.key not in ("rule",)]
     summary = evidence.summaries(out["lorita"], ("model", "N"), ("test", "budget", "drop",
                                                                   "energy"), config.confidence)
     lrpet_table, lrpet_columns = _pivot(out["lrpet"], config.ratios, config.confidence)
     command = "python -m experiments.evidence"
-    readme = "\n".join([
+    summary_block = "\n".join([
         f"`{command}` on {where}, {out['seconds'] / 60:.0f} minutes; {out['where']}. Each "
         f"number is the mean ± standard deviation over the seeds, with the "
         f"{config.confidence:.0%} Student-t interval in brackets.",
@@ -699,12 +708,12 @@ def evidence_blocks(out: Mapping[str, Any], config: evidence.Config, where: str
         *_worded(out["lrpet_verdicts"]),
         "",
         "![LoRITa: test accuracy drop against retained singular values, with 95% bands]"
-        "(docs/evidence_accuracy_drop.png)",
+        "(evidence_accuracy_drop.png)",
         "",
         "![LoRITa: singular values of the first two hidden matrices, with 95% bands]"
-        "(docs/evidence_spectra.png)",
+        "(evidence_spectra.png)",
         "",
-        "![LRPET ablation: test accuracy per seed with 95% intervals](docs/evidence_lrpet.png)",
+        "![LRPET ablation: test accuracy per seed with 95% intervals](evidence_lrpet.png)",
     ])
     docs = "\n".join([
         f"`{command}` on {where}; {out['where']}.",
@@ -734,7 +743,7 @@ def evidence_blocks(out: Mapping[str, Any], config: evidence.Config, where: str
             Column("seed"), Column("ratio", "p", "g"), Column("method"), Column("ranks"),
             Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")]),
     ])
-    return readme, docs
+    return summary_block, docs
 
 
 def run_evidence(output: Path, progress: bool) -> tuple[str, str]:
@@ -748,7 +757,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.figures",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=["readme", "docs", "evidence", "all"], default="all",
-                        help="which figures (default: all)")
+                        help="which figures (default: all; readme: the main job's blocks of "
+                             "docs/experiments.md)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="keep the runs here (default: a temporary directory)")
@@ -768,10 +778,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             blocks, _, seconds, examples = run(
                 args.seeds if readme_part else 1, output / "main", progress, spread=readme_part)
         if args.part in ("readme", "all"):
-            text = README.read_text()
+            text = EXPERIMENTS.read_text()
             for name, content in blocks.items():
                 text = replace_block(text, name, content)
-            updates[README] = text
+            updates[EXPERIMENTS] = text
             figures[FIGURE] = output / "main" / "seed0" / "accuracy_drop.png"
         if args.part in ("docs", "all"):
             done = run_modules(output, progress)
@@ -780,9 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                examples))
             figures[FCN_FIGURE] = output / "lorita_fcn" / fcn_figure_name()
         if args.part in ("evidence", "all"):
-            readme_block, docs_block = run_evidence(output / "evidence", progress)
-            updates[README] = replace_block(updates.get(README, README.read_text()), "evidence",
-                                            readme_block)
+            evidence_block, docs_block = run_evidence(output / "evidence", progress)
+            updates[EVIDENCE] = replace_block(EVIDENCE.read_text(), "evidence", evidence_block)
             updates[REPRODUCING] = replace_block(updates.get(REPRODUCING,
                                                              REPRODUCING.read_text()),
                                                  "evidence-runs", docs_block)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import _equinox, _nnx, inference, nodes, selection, sharding, svd
+from jaxlr import _checks, _equinox, _nnx, inference, nodes, selection, sharding, svd
 from jaxlr.policies import Ranks, RankSpec, retained_fraction, select
 from jaxlr.projection import ProjectionOptions
 
@@ -189,9 +189,9 @@ def _compress_tree(params: Any, request: dict[str, Any], options: ProjectionOpti
     pairs, finite = svd.factor_leaves(selected, [leaf.view for leaf in cut.values()],
                                       [chosen[key] for key in cut], method=method,
                                       mesh=mesh) if cut else ([], np.zeros(0, bool))
-    if not svd.is_traced([leaves[leaf.index] for leaf in found.values()]):
+    if not _checks.is_traced([leaves[leaf.index] for leaf in found.values()]):
         whole = [key for key in found if key not in cut]
-        svd.raise_if_nonfinite(list(cut) + whole, np.concatenate([
+        _checks.raise_if_nonfinite(list(cut) + whole, np.concatenate([
             np.asarray(finite, bool).reshape(-1),
             [bool(jnp.isfinite(leaves[found[key].index]).all()) for key in whole]]))
     layers = {}

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlr import _equinox, _nnx, matrices, nodes, selection, sharding, svd
+from jaxlr import _checks, _equinox, _linalg, _nnx, matrices, nodes, selection, sharding
 from jaxlr.nodes import Product
 
 __all__ = [
@@ -121,7 +121,7 @@ def _balanced_factors(matrix: jax.Array, shapes: list[tuple[int, int]]) -> tuple
     """
     depth = len(shapes)
     work = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
-    u, s, vt = svd.thin_svd(work)
+    u, s, vt = _linalg.thin_svd(work)
     root = s ** (1.0 / depth)
     k = s.shape[0]
     factors = []
@@ -320,7 +320,7 @@ def weight_decay_mask(tree: Any, include_kernels: bool = True) -> Any:
       >>> jax.tree.leaves(weight_decay_mask(factorize(params, 2, jax.random.key(0))))
       [False, True, True]
     """
-    svd.check_flag("include_kernels", include_kernels)
+    _checks.check_flag("include_kernels", include_kernels)
 
     def mark(path: Any, node: Any) -> Any:
         if isinstance(node, Product):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlr import matrices, nodes, selection, svd
-from jaxlr.svd import check_rank
+from jaxlr._checks import check_rank
 
 if TYPE_CHECKING:
     from jaxlr.cost import ForwardCost

@@ -91,7 +91,18 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxlr import _nnx, batchnorm, inference, matrices, nodes, policies, selection, sharding, svd
+from jaxlr import (
+    _checks,
+    _nnx,
+    batchnorm,
+    inference,
+    matrices,
+    nodes,
+    policies,
+    selection,
+    sharding,
+    svd,
+)
 
 __all__ = [
     "LowRankProjectionState",
@@ -180,12 +191,12 @@ class ProjectionOptions:
     bn_epsilon: float = 1e-5
     filter: matrices.Filter | None = None
     view: matrices.View = None
-    method: svd.Method = "auto"
+    method: _checks.Method = "auto"
     mesh: Any = "auto"
 
     def __post_init__(self) -> None:
-        svd.check_flag("energy_transfer", self.energy_transfer)
-        object.__setattr__(self, "tail_scale", svd.check_tail_scale(self.tail_scale))
+        _checks.check_flag("energy_transfer", self.energy_transfer)
+        object.__setattr__(self, "tail_scale", _checks.check_tail_scale(self.tail_scale))
         epsilon = self.bn_epsilon
         if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (
                 math.isfinite(epsilon) and epsilon > 0):
@@ -205,7 +216,7 @@ class ProjectionOptions:
             object.__setattr__(self, "bn_pairs", _FrozenMap(frozen))
         matrices.resolve_filter(self.filter)
         matrices.resolve_view(self.view)
-        svd.check_method(self.method)
+        _checks.check_method(self.method)
         sharding.check_mesh(self.mesh)
 
     @property
@@ -483,7 +494,7 @@ def _bn_scales(params: Any, batch_stats: Any, plan: _Plan, options: ProjectionOp
 
 
 def _check_variance(bn: str, variance: Any) -> None:
-    if not svd.is_traced(variance) and np.any(np.asarray(variance) < 0):
+    if not _checks.is_traced(variance) and np.any(np.asarray(variance) < 0):
         raise ValueError(f"the running variance {bn + '/var'!r} of batch_stats is negative "
                          "somewhere; a variance is >= 0.")
 
@@ -602,8 +613,8 @@ def project(
         return inference.nnx_model(params, tree)
     plan = _cached_plan(params, spec, options)
     out, flags = _project(params, _stats_from(params, batch_stats), plan, None, options)
-    if not svd.is_traced(out):
-        svd.raise_if_nonfinite(plan.keys, flags)
+    if not _checks.is_traced(out):
+        _checks.raise_if_nonfinite(plan.keys, flags)
     return out
 
 
@@ -858,7 +869,7 @@ def low_rank_projection(
             raise ValueError(
                 "low_rank_projection needs params: put it last in the optax chain and call "
                 "optimizer.update(grads, state, params).")
-        if svd.is_traced((updates, state, params, batch_stats)):
+        if _checks.is_traced((updates, state, params, batch_stats)):
             out, new_state, _ = step(updates, state, params, batch_stats)
             return out, new_state
         _check_variances(batch_stats, options)

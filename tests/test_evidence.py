@@ -190,6 +190,6 @@ def test_readme_blocks_word_each_verdict_as_its_row_says(tmp_path):
         part = line.split(f"**{row['verdict']}** for ")[1].split(";")[0]
         assert row["where"] in part, (row, line)
     for name in figures.EVIDENCE_FIGURES.values():
-        assert f"(docs/{name.name})" in readme
+        assert f"]({name.name})" in readme
     # Every seed's run is in the docs block.
     assert docs.count("\n| FCN-3 |") >= len(config.seeds) * len(config.depths)

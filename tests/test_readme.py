@@ -1,11 +1,12 @@
-"""The README's main-job figures are those of the current code: seed 0 of the default preset is
-run again in a new process and compared with the README's generated blocks and
-docs/accuracy_drop.png (regenerate them with ``python -m experiments.figures``).
+"""The main job's figures (docs/experiments.md, which the README links as the main job's figures)
+are those of the current code: seed 0 of the default preset is run again in a new process and
+compared with docs/experiments.md's generated blocks and docs/accuracy_drop.png (regenerate them
+with ``python -m experiments.figures``).
 
 On the machine the first block names (processor model, the instruction set XLA compiles for,
 cores, jax and jaxlib: :func:`experiments.machine.describe`), a new process repeats the figures
 bit for bit, so they must be equal. Elsewhere float32 sums round differently and training ends
-a few test images apart: the same tables and words, each number within the tolerance the README's
+a few test images apart: the same tables and words, each number within the tolerance the
 spread block measured (the largest change of a number of the first block over seeds and
 instruction sets). Every comparison reports a short difference, never a diff of whole files."""
 
@@ -24,12 +25,17 @@ REGENERATE = ("is stale or another machine moved it too far: regenerate the figu
 pytestmark = pytest.mark.slow
 
 
+# The guide that holds the generated main-job blocks.
+FIGURES = ROOT / "docs" / "experiments.md"
+
+
 def readme() -> str:
-    return (ROOT / "README.md").read_text()
+    """The text of docs/experiments.md (the main job's figures moved there from the README)."""
+    return FIGURES.read_text()
 
 
 def written_machine() -> str:
-    """The machine named in the README's first block's first line."""
+    """The machine named in the first main-job block's first line."""
     first = figures.read_block(readme(), "main-job").splitlines()[0]
     return re.search(r"\((.*)\), as `python -m experiments`", first)[1]
 
@@ -47,8 +53,8 @@ def first_difference(a: str, b: str) -> str:
     lines_a, lines_b = a.splitlines(), b.splitlines()
     for number, (x, y) in enumerate(zip(lines_a, lines_b, strict=False), 1):
         if x != y:
-            return f"line {number}: README {x[:300]!r}, this run {y[:300]!r}"
-    return f"README has {len(lines_a)} lines, this run {len(lines_b)}"
+            return f"line {number}: docs/experiments.md {x[:300]!r}, this run {y[:300]!r}"
+    return f"docs/experiments.md has {len(lines_a)} lines, this run {len(lines_b)}"
 
 
 def differences(written: str, generated: str, tolerance: float) -> str:
@@ -82,7 +88,7 @@ def check_block(run: dict, tolerance: float) -> None:
         problem = first_difference(written, run["block"])
     else:  # the first line names the machine
         problem = differences(written, run["block"], tolerance)
-    assert not problem, f"README.md's main-job block {REGENERATE} {problem}"
+    assert not problem, f"docs/experiments.md's main-job block {REGENERATE} {problem}"
 
 
 def test_the_first_block_names_what_decides_the_numbers():
@@ -97,7 +103,7 @@ def test_the_readme_block_is_what_seed_0_of_the_default_preset_gives(fresh):
 
 
 def test_the_other_machine_branch_under_an_older_instruction_set(tmp_path):
-    """Seed 0 with XLA compiling for another instruction set than the README's machine: a
+    """Seed 0 with XLA compiling for another instruction set than the block's machine: a
     different machine, checked within the tolerance (on every host, so the branch is run)."""
     written = written_machine()
     here = machine_lib.isa()

@@ -81,14 +81,14 @@ def programs(monkeypatch):
     """``(name, shapes of the leaves, method, thread name)`` of every jitted whole-tree program
     an eager call runs."""
     runs: list[tuple[str, tuple, str | None, str]] = []
-    for name, method_at in (("_jit_project_leaves", 5), ("_jit_first_projections", None),
-                            ("_jit_factor_leaves", 3), ("_jit_first_factors", None),
-                            ("_jit_spectra", None)):
+    for name, by_method in (("_jit_project_leaves", True), ("_jit_first_projections", False),
+                            ("_jit_factor_leaves", True), ("_jit_first_factors", False),
+                            ("_jit_spectra", False)):
         original = getattr(svd, name)
 
-        def spy(*args, original=original, name=name, method_at=method_at):
+        def spy(*args, original=original, name=name, by_method=by_method):
             shapes = tuple(tuple(leaf.shape) for leaf in args[0])
-            runs.append((name, shapes, None if method_at is None else args[method_at],
+            runs.append((name, shapes, args[1].method if by_method else None,
                          threading.current_thread().name))
             return original(*args)
 

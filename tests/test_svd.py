@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxlr
-from jaxlr import svd as jsvd
+from jaxlr import _linalg
 
 # ----------------------------------------------------------------------------------------------
 # Independent references.
@@ -161,8 +161,8 @@ def test_auto_is_within_1e4_of_the_full_svd_on_flat_and_decaying_spectra():
 def test_gram_error_estimate_is_honest_where_the_gram_path_is_taken():
     @partial(jax.jit, static_argnums=1)
     def gram_path(matrix, rank):
-        top, estimate = jsvd._gram_subspace(matrix, rank)
-        return jsvd._triplets_from_subspace(matrix, top), estimate
+        top, estimate = _linalg.gram_subspace(matrix, rank)
+        return _linalg.triplets_from_subspace(matrix, top), estimate
 
     taken = {name: 0 for name in SPECTRA}
     for name, matrix, rank in _spectral_cases():
@@ -173,7 +173,7 @@ def test_gram_error_estimate_is_honest_where_the_gram_path_is_taken():
         ) / np.linalg.norm(matrix.astype(np.float64))
         # The estimate may overstate the error, but never understates it by more than 1/0.8.
         assert actual <= max(float(error) / 0.8, 2e-6), (name, matrix.shape, rank, error, actual)
-        if float(error) <= jsvd._GRAM_TOLERANCE:
+        if float(error) <= _linalg.GRAM_TOLERANCE:
             taken[name] += 1
             assert rel(gram, np_truncate(matrix, rank)) <= 1e-4
     # The fast path is used where it is accurate: nearly always on flat spectra (a random gap at

@@ -49,7 +49,6 @@ import numpy as np
 
 import jaxlr
 from experiments.benchmarks import write_rows
-from jaxlr import svd as jaxlr_svd
 from jaxlr import threads as jaxlr_threads
 
 VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
@@ -228,8 +227,8 @@ def bench_tree(name: str, tree: dict[str, Any], ratio: float, repeats: int,
                                        [ranks[p] for p in tall], rate, eigh_s)
 
     # How many matrices `auto` keeps on the Gram path (its error estimate under the tolerance).
-    estimate = jax.jit(jaxlr_svd._gram_subspace, static_argnums=1)  # noqa: SLF001 - diagnostics
-    tolerance = jaxlr_svd._GRAM_TOLERANCE  # noqa: SLF001
+    estimate = jax.jit(jaxlr._linalg.gram_subspace, static_argnums=1)  # noqa: SLF001 - diagnostics
+    tolerance = jaxlr._linalg.GRAM_TOLERANCE  # noqa: SLF001
     row["gram_accepted"] = sum(
         float(estimate(jnp.asarray(tall[p]), ranks[p])[1]) <= tolerance for p in kernels
     )
@@ -345,7 +344,7 @@ def decomposition_parts(rows: int = 4608, cols: int = 512, ratio: float = 0.6,
     gram = jax.jit(lambda x: jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST))
     eigh = jax.jit(jnp.linalg.eigh)
     qr = jax.jit(lambda x: jnp.linalg.qr(x, mode="r"))
-    square_svd = jax.jit(lambda r: jaxlr_svd.thin_svd(r))
+    square_svd = jax.jit(lambda r: jaxlr._linalg.thin_svd(r))
     project = {method: jax.jit(lambda x, method=method: jaxlr.svd.project_matrix(x, rank,
                                                                              method=method))
                for method in ("svd", "auto", "gram")}
