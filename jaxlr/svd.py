@@ -260,8 +260,12 @@ def spectra_of(leaves: Sequence[Any], views: Sequence[MatrixView]
 @partial(jax.jit, static_argnums=(1,))
 def _jit_spectra(leaves: tuple[Any, ...], views: tuple[MatrixView, ...]
                  ) -> tuple[list[jax.Array], jax.Array]:
-    mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
-    return [_linalg.spectrum(m) for m in mats], _stacked([jnp.all(jnp.isfinite(m)) for m in mats])
+    def run(leaves: tuple[Any, ...], _: Any) -> tuple[list[jax.Array], jax.Array]:
+        mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
+        return ([_linalg.spectrum(m) for m in mats],
+                _stacked([jnp.all(jnp.isfinite(m)) for m in mats]))
+
+    return _untyped(run, leaves, None, ([P()] * len(leaves), P()))
 
 
 def _stacked(flags: list[jax.Array]) -> jax.Array:
@@ -383,13 +387,16 @@ def _project_leaves(leaves: tuple[jax.Array, ...], settings: _Settings,
             return _project_spread(leaves, layouts, spread, settings, traced, specs)
 
         return _on_mesh(run, leaves, traced_ranks, settings.mesh, (list(specs), P()))
-    mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, settings.views, strict=True)]
-    projected, flags, _ = _linalg.project_many(
-        mats, list(settings.ranks), settings.energy_transfer, settings.tail_scale,
-        settings.method, None if traced_ranks is None else list(traced_ranks))
-    out = [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(projected, leaves, settings.views,
-                                                                strict=True)]
-    return out, _stacked(flags)
+
+    def run(leaves: tuple[jax.Array, ...], traced: Any) -> tuple[list[jax.Array], jax.Array]:
+        mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, settings.views, strict=True)]
+        projected, flags, _ = _linalg.project_many(
+            mats, list(settings.ranks), settings.energy_transfer, settings.tail_scale,
+            settings.method, None if traced is None else list(traced))
+        return [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(
+            projected, leaves, settings.views, strict=True)], _stacked(flags)
+
+    return _untyped(run, leaves, traced_ranks, (_specs_or_whole(leaves), P()))
 
 
 _jit_project_leaves = jax.jit(_project_leaves, static_argnums=(1,))
@@ -401,13 +408,16 @@ def _jit_first_projections(leaves: tuple[jax.Array, ...], settings: _Settings
     """The first phase of an eager ``auto`` projection (:func:`_side_by_side`): each leaf
     projected as ``auto`` does, except a ``settings.deferred`` one whose estimate is not accepted
     (a placeholder); finite flags and whether each result is final."""
-    mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, settings.views, strict=True)]
-    projected, flags, accepted = _linalg.project_many(
-        mats, list(settings.ranks), settings.energy_transfer, settings.tail_scale, "auto",
-        defer=settings.deferred)
-    out = [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(projected, leaves, settings.views,
-                                                                strict=True)]
-    return out, _stacked(flags), _stacked(accepted)
+    def run(leaves: tuple[jax.Array, ...], _: Any
+            ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+        mats = [v.to_matrix(leaf) for leaf, v in zip(leaves, settings.views, strict=True)]
+        projected, flags, accepted = _linalg.project_many(
+            mats, list(settings.ranks), settings.energy_transfer, settings.tail_scale, "auto",
+            defer=settings.deferred)
+        return [v.from_matrix(p, leaf.shape) for p, leaf, v in zip(
+            projected, leaves, settings.views, strict=True)], _stacked(flags), _stacked(accepted)
+
+    return _untyped(run, leaves, None, (_specs_or_whole(leaves), P(), P()))
 
 
 def _on_mesh(fn: Any, leaves: Any, traced: Any, mesh: Any, out_specs: Any) -> Any:
@@ -418,6 +428,22 @@ def _on_mesh(fn: Any, leaves: Any, traced: Any, mesh: Any, out_specs: Any) -> An
     abstract = mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh
     with jax.sharding.use_abstract_mesh(abstract):
         return jax.sharding.auto_axes(fn, out_sharding=out_specs)(leaves, traced)
+
+
+def _untyped(fn: Any, leaves: Any, traced: Any, out_specs: Any) -> Any:
+    """``fn(leaves, traced)``, the single-device maths, on leaves that may be traced on a mesh of
+    ``Explicit`` axes (where one device, or XLA's partitioner, decomposes each matrix): it runs
+    with ``Auto`` axes, and its outputs get ``out_specs(explicit leaves' specs)``."""
+    typed = [x for x in jax.tree.leaves(leaves) if sharding.is_explicit(x)]
+    if not typed:
+        return fn(leaves, traced)
+    with jax.sharding.use_abstract_mesh(jax.typeof(typed[0]).sharding.mesh):
+        return jax.sharding.auto_axes(fn, out_sharding=out_specs)(leaves, traced)
+
+
+def _specs_or_whole(leaves: Sequence[Any]) -> list[Any]:
+    """Each leaf's explicit spec, ``P()`` where it has none."""
+    return [sharding.explicit_spec(leaf) or P() for leaf in leaves]
 
 
 def _project_spread(leaves: tuple[jax.Array, ...], layouts: list[Any],
@@ -503,9 +529,13 @@ def _factor_leaves(leaves: tuple[Any, ...], settings: _Settings
                    ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
     views, ranks, method, mesh = settings.views, settings.ranks, settings.method, settings.mesh
     if mesh is None:
-        mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
-        pairs, finite, _ = _linalg.factors_many(mats, list(ranks), method)
-        return pairs, _stacked(finite)
+        def plain(leaves: tuple[Any, ...], _: Any
+                  ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+            mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, views, strict=True)]
+            pairs, finite, _ = _linalg.factors_many(mats, list(ranks), method)
+            return pairs, _stacked(finite)
+
+        return _untyped(plain, leaves, None, ([(P(), P())] * len(leaves), P()))
     specs = settings.specs if settings.specs is not None else (None,) * len(leaves)
     factor_specs = [sharding.factor_specs(spec, view) for spec, view in zip(specs, views,
                                                                              strict=True)]
@@ -544,10 +574,14 @@ def _jit_first_factors(leaves: tuple[Any, ...], settings: _Settings
                        ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array, jax.Array]:
     """The first phase of an eager ``auto`` factorization (:func:`_side_by_side`), as
     :func:`_jit_first_projections`."""
-    mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, settings.views, strict=True)]
-    pairs, finite, accepted = _linalg.factors_many(mats, list(settings.ranks), "auto",
-                                                   defer=settings.deferred)
-    return pairs, _stacked(finite), _stacked(accepted)
+    def run(leaves: tuple[Any, ...], _: Any
+            ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array, jax.Array]:
+        mats = [leaf_matrix(leaf, v) for leaf, v in zip(leaves, settings.views, strict=True)]
+        pairs, finite, accepted = _linalg.factors_many(mats, list(settings.ranks), "auto",
+                                                       defer=settings.deferred)
+        return pairs, _stacked(finite), _stacked(accepted)
+
+    return _untyped(run, leaves, None, ([(P(), P())] * len(leaves), P(), P()))
 
 
 def singular_values_tree(

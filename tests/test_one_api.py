@@ -255,3 +255,28 @@ def test_10_jit_on_an_auto_mesh_gathers_no_whole_kernel(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          timeout=240, check=True)
     assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_10_weights_on_a_mesh_of_explicit_axes_are_projected_compressed_and_measured():
+    """The single-device maths on arrays typed with an Explicit sharding (a one-device mesh, or
+    mesh=None): the results of the unsharded arrays, with the input's sharding."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))  # Explicit axes by default
+    rng = np.random.default_rng(3)
+    plain = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)},
+             "head": {"kernel": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)}}
+    placed = jax.device_put(plain, NamedSharding(mesh, P(None, "fsdp")))
+    for options in (None, jaxlr.ProjectionOptions(mesh=None)):
+        out = jaxlr.project(placed, prune=0.5, options=options)
+        np.testing.assert_allclose(np.asarray(out["Dense_0"]["kernel"]),
+                                   np.asarray(jaxlr.project(plain, prune=0.5)["Dense_0"]["kernel"]),
+                                   atol=1e-5)
+        assert out["Dense_0"]["kernel"].sharding.spec == P(None, "fsdp")
+    small = jaxlr.compress(placed, keep=0.5).compressed["Dense_0"]["kernel"]
+    u, s, vt = np.linalg.svd(np.asarray(plain["Dense_0"]["kernel"], np.float64))
+    np.testing.assert_allclose(np.asarray(small.kernel()), (u[:, :16] * s[:16]) @ vt[:16],
+                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jaxlr.svd.singular_values_tree(placed)["Dense_0/kernel"]),
+                               s, rtol=1e-5)
