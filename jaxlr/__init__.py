@@ -31,6 +31,7 @@ from jaxlr import (
     lorita,
     matrices,
     nodes,
+    options,
     policies,
     projection,
     selection,
@@ -49,13 +50,9 @@ from jaxlr.latency import measure_latency
 from jaxlr.lorita import factorize
 from jaxlr.matrices import MatrixView, kernel_filter
 from jaxlr.nodes import LowRank, Product
+from jaxlr.options import ProjectionOptions
 from jaxlr.policies import Ranks, energy_ranks, gsvt_ranks, lsvt_ranks, target_ranks
-from jaxlr.projection import (
-    ProjectionOptions,
-    low_rank_projection,
-    project,
-    with_low_rank_projection,
-)
+from jaxlr.projection import low_rank_projection, project, with_low_rank_projection
 from jaxlr.train_state import TrainState
 
 __version__ = "1.0.0"

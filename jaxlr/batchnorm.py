@@ -19,21 +19,38 @@ Both return ``{kernel key: BatchNorm key}`` (keys as :func:`jaxlr.matrices.path_
 ``jaxlr.ProjectionOptions(bn_pairs=...)``. :func:`find_bn_pairs`'s BatchNorm keys are
 :class:`BatchNormKey` s: strings that also carry the BatchNorm's ``epsilon``, which the projection
 then uses (``ProjectionOptions.bn_epsilon`` serves pairs given as plain strings).
+
+**BN rectification** (paper eq. 16) for the kernels of ``ProjectionOptions.bn_pairs``
+(:func:`rectification_scales`, :func:`scale_columns`). With ``a = gamma / sqrt(running_var +
+bn_epsilon)`` of the BatchNorm after a kernel (per output channel), the matrix ``M = W diag(a)`` is
+projected and ``W <- M_r diag(a / (a^2 + 1e-5))``. A channel whose ``a^2 < 1e-5`` (its BatchNorm
+all but silences it) is neither folded nor unfolded: eq. 16's regularised inverse would shrink it
+to ``a^2 / 1e-5`` of its size (a BatchNorm with every scale near 0 would shrink the kernel to
+nothing). Folding and unfolding are inverse only up to ``a^2 / (a^2 + 1e-5)``, so a BN-rectified
+projection of weights already of rank ``<= r`` shrinks each channel by that factor again: after a
+last training step that projected, the weights are final; otherwise project them once with the
+training's options. ``gamma`` is read from ``params`` and the
+running variance from the ``batch_stats`` extra argument: Linen's ``variables["batch_stats"]``
+(:class:`jaxlr.TrainState` passes it) or NNX's ``nnx.state(model, nnx.BatchStat)``
+(``optimizer.update(model, grads, batch_stats=...)``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
 
-from jaxlr import _nnx, matrices, nodes, selection
+from jaxlr import _checks, _nnx, matrices, nodes, selection, sharding
 
-__all__ = ["BatchNormKey", "bn_pairs_by_name", "find_bn_pairs"]
+__all__ = ["INVERSE_EPSILON", "BatchNormKey", "bn_pairs_by_name", "check_variances",
+           "find_bn_pairs", "rectification_scales", "scale_columns", "stats_from"]
 
 
 class BatchNormKey(str):
@@ -217,3 +234,116 @@ def bn_pairs_by_name(params: Any, batch_stats: Any) -> dict[str, str]:
                 pairs[matrices.path_key(path)] = matrices.path_key(candidate)
                 break
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# BN rectification (LRPET, eq. 16): the projection of a kernel through the BatchNorm after it.
+
+INVERSE_EPSILON = 1e-5
+"""Paper eq. 16: the regulariser of the inverse of the BatchNorm scale."""
+
+
+def _named_leaves(tree: Any, strip: str) -> dict[str, Any]:
+    out = {}
+    for path, leaf in selection.flatten(tree)[0]:
+        if path and path[0] == strip:
+            path = path[1:]
+        out[matrices.path_key(path)] = leaf
+    return out
+
+
+def stats_from(params: Any, batch_stats: Any) -> Any:
+    """``batch_stats``, or the ``batch_stats`` collection of a Linen variable dict given as
+    ``params``."""
+    if batch_stats is None and isinstance(params, Mapping) and "batch_stats" in params \
+            and "params" in params:
+        return params["batch_stats"]
+    return batch_stats
+
+
+def _check_variance(bn: str, variance: Any) -> None:
+    if not _checks.is_traced(variance) and np.any(np.asarray(variance) < 0):
+        raise ValueError(f"the running variance {bn + '/var'!r} of batch_stats is negative "
+                         "somewhere; a variance is >= 0.")
+
+
+def check_variances(batch_stats: Any, pairs: Mapping[str, str] | None) -> None:
+    """The values of the paired BatchNorms' variances, checked before a jitted update."""
+    if batch_stats is None or not pairs:
+        return
+    stat_leaves = _named_leaves(batch_stats, "batch_stats")
+    for bn in set(pairs.values()):
+        if f"{bn}/var" in stat_leaves:
+            _check_variance(bn, stat_leaves[f"{bn}/var"])
+
+
+def rectification_scales(params: Any, batch_stats: Any, pairs: Mapping[str, str],
+                         widths: Mapping[str, int], epsilon: float, mesh: Any = None
+                         ) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Per kernel of ``pairs`` (``{kernel key: BatchNorm key}``, the kernel's output width in
+    ``widths``): the per-channel factors that fold its BatchNorm into it,
+    ``a = gamma / sqrt(var + epsilon)`` (a :class:`BatchNormKey`'s own epsilon first), and unfold
+    it, ``a / (a^2 + 1e-5)`` (eq. 16); a channel whose ``a^2 < 1e-5`` (silenced by its
+    BatchNorm) is neither folded nor unfolded. ``gamma`` is read from ``params`` (1 without a
+    scale), the running variance from ``batch_stats``.
+
+    Raises:
+      ValueError: without ``batch_stats``, for a BatchNorm without a running variance, a scale or
+        variance of another width than the kernel's outputs, or a negative variance.
+    """
+    if not pairs:
+        return {}
+    if batch_stats is None:
+        raise ValueError(
+            "BN rectification needs the BatchNorm statistics: call "
+            "update(updates, state, params, batch_stats=variables['batch_stats']) (Linen; "
+            "jaxlr.TrainState passes them) or optimizer.update(model, grads, "
+            "batch_stats=nnx.state(model, nnx.BatchStat)) (NNX).")
+    param_leaves = _named_leaves(params, "params")
+    stat_leaves = _named_leaves(batch_stats, "batch_stats")
+    scales = {}
+    for key, bn in pairs.items():
+        variance = stat_leaves.get(f"{bn}/var")
+        if variance is None:
+            raise ValueError(f"bn_pairs pairs {key!r} with the BatchNorm {bn!r}, which has no "
+                             f"running variance {bn + '/var'!r} in batch_stats.")
+        gamma = param_leaves.get(f"{bn}/scale")
+        n = widths[key]
+        # The params decide whether the pairing fits; the statistics, whether they are these
+        # params' statistics.
+        if gamma is not None and np.shape(gamma) != (n,):
+            raise ValueError(f"bn_pairs pairs the kernel {key!r} ({n} outputs) with the "
+                             f"BatchNorm {bn!r}, whose scale in the params has "
+                             f"{np.shape(gamma)} channels: not the BatchNorm that follows it.")
+        if np.shape(variance) != (n,):
+            fits = (f"the BatchNorm {bn!r} in the params and the kernel {key!r} have {n} channels"
+                    if gamma is not None else f"the kernel {key!r} paired with it has {n} "
+                    "outputs")
+            raise ValueError(f"batch_stats holds a running variance {bn + '/var'!r} of shape "
+                             f"{np.shape(variance)}, but {fits}: batch_stats are not the "
+                             "statistics of these params.")
+        if gamma is None:
+            gamma = jnp.ones_like(variance)
+        _check_variance(bn, variance)
+        a = gamma / jnp.sqrt(variance + getattr(bn, "epsilon", epsilon))
+        live = a * a >= INVERSE_EPSILON
+        fold, unfold = jnp.where(live, a, 1), jnp.where(live, a / (a * a + INVERSE_EPSILON), 1)
+        if mesh is not None and not sharding.is_explicit(fold):
+            # Whole on every device: the kernel's sharding must not spread to the BatchNorm.
+            whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            fold, unfold = (jax.lax.with_sharding_constraint(x, whole) for x in (fold, unfold))
+        scales[key] = (fold, unfold)
+    return scales
+
+
+def scale_columns(leaf: jax.Array, view: matrices.MatrixView, factors: jax.Array) -> jax.Array:
+    """``view.from_matrix(view.to_matrix(leaf) * factors)``, without reshaping the leaf (which
+    would move a sharded kernel's data): ``factors`` is broadcast over the column axes."""
+    cols = tuple(view.col_axes)
+    block = jnp.reshape(factors.astype(leaf.dtype), tuple(leaf.shape[a] for a in cols))
+    order = tuple(sorted(cols))
+    block = jnp.transpose(block, tuple(cols.index(a) for a in order))
+    shape = [1] * leaf.ndim
+    for a in order:
+        shape[a] = leaf.shape[a]
+    return leaf * jnp.reshape(block, shape)

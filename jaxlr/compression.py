@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlr import _checks, _equinox, _nnx, inference, nodes, selection, sharding, svd
-from jaxlr.policies import Ranks, RankSpec, retained_fraction, select
-from jaxlr.projection import ProjectionOptions
+from jaxlr.options import ProjectionOptions
+from jaxlr.policies import RankRequest, Ranks, RankSpec, rank_request, retained_fraction, select
 
 __all__ = ["CompressionResult", "CompressionReport", "LayerReport", "compress"]
 
@@ -161,12 +161,10 @@ def compress(
             "compress truncates: options.bn_pairs and options.tail_scale shape the projection "
             "during training, not the final cut. Project once with them (jaxlr.project(params, "
             "..., options=...)), then compress the projected weights.")
-    request = {"ranks": ranks, "keep": keep, "prune": prune}
-    given = [name for name, value in request.items() if value is not None]
-    if len(given) != 1:
-        raise ValueError("give exactly one of ranks (a Ranks, {path: rank} or a function of the "
-                         "params), keep (the fraction of singular values kept, in (0, 1]) and "
-                         f"prune (the fraction pruned, in [0, 1)); got {given or 'none'}.")
+    request = rank_request(ranks=ranks, keep=keep, prune=prune)
+    if request.traced:
+        raise TypeError("compress takes a fixed keep= or prune= number; schedules belong to "
+                        "jaxlr.low_rank_projection.")
     if _nnx.is_module(params):
         tree, report = _compress_tree(_nnx.parameters(params), request, options)
         return CompressionResult(inference.nnx_model(params, tree), report)
@@ -175,12 +173,11 @@ def compress(
                              report)
 
 
-def _compress_tree(params: Any, request: dict[str, Any], options: ProjectionOptions
+def _compress_tree(params: Any, request: RankRequest, options: ProjectionOptions
                    ) -> tuple[Any, CompressionReport]:
     params = nodes.collapse_tree(params)
     method, mesh = options.method, options.mesh
-    chosen, found = select(params, request["ranks"], keep=request["keep"],
-                           prune=request["prune"], filter=options.filter, view=options.view)
+    chosen, found = select(params, request, filter=options.filter, view=options.view)
     flat, treedef = selection.flatten(params)
     leaves = [leaf for _, leaf in flat]
     # A matrix kept at full rank stays as it is: exact, and no decomposition to pay for.

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Pools",
+    "RankRequest",
     "RankSpec",
     "Ranks",
     "energy_ranks",
@@ -53,6 +54,7 @@ __all__ = [
     "kept_fraction",
     "local_rank",
     "lsvt_ranks",
+    "rank_request",
     "resolve_ranks",
     "retained_fraction",
     "select",
@@ -290,31 +292,113 @@ def resolve_ranks(spec: RankSpec, params: Any, view: matrices.View = None) -> Ra
       ValueError: for a key that is not a leaf of the tree, or a rank out of range.
       TypeError: for a spec that is neither a mapping nor a function returning one.
     """
-    return select(params, spec, view=view)[0]
+    return select(params, rank_request(ranks=spec), view=view)[0]
+
+
+class RankRequest(NamedTuple):
+    """A rank request, read once by :func:`rank_request`: explicit ``ranks``, or a fraction of
+    singular values (``keep`` or ``prune``), static (a number) or traced (a schedule of the step,
+    or a scalar array).
+
+    Attributes:
+      ranks: a :data:`RankSpec`, or ``None`` for a fraction.
+      name: ``"keep"`` or ``"prune"`` for a fraction, else ``None``.
+      fraction: the number, schedule or scalar array given.
+      traced: whether the fraction is a schedule or an array (known only at run time).
+    """
+
+    ranks: RankSpec | None
+    name: str | None
+    fraction: Any
+    traced: bool
+
+    @property
+    def kept(self) -> Fraction:
+        """The kept fraction of a static fraction request (:func:`kept_fraction`)."""
+        if self.traced or self.name is None:
+            raise TypeError("a kept fraction is known only for a fixed keep= or prune= number.")
+        return _kept(self.name, self.fraction)
+
+
+def _kept(name: str, value: Any) -> Fraction:
+    return kept_fraction(keep=value) if name == "keep" else kept_fraction(prune=value)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray)
+
+
+def rank_request(*, ranks: Any = None, keep: Any = None, prune: Any = None) -> RankRequest:
+    """Reads and checks the rank request every entry point takes: exactly one of ``ranks`` (a
+    :class:`Ranks`, ``{path: rank}`` or a function of the params), ``keep`` (the fraction of
+    singular values kept, in ``(0, 1]``) and ``prune`` (the fraction pruned, in ``[0, 1)``); a
+    fraction may be a number, a schedule (a function of the step, its first value checked) or a
+    scalar array.
+
+    Raises:
+      ValueError: for none or several, an empty ``ranks`` or a fraction out of range.
+      TypeError: for a ``ranks`` that is no rank specification (a number: fractions are named) or
+        a fraction of another type.
+
+    Example:
+      >>> rank_request(prune=0.5).kept
+      Fraction(1, 2)
+    """
+    given = [name for name, v in (("prune", prune), ("keep", keep), ("ranks", ranks))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of prune (the fraction of singular values pruned, in "
+                         "[0, 1)), keep (the fraction kept, in (0, 1]) and ranks (a Ranks, "
+                         f"{{path: rank}} or a function of the params); got {given or 'none'}.")
+    if ranks is not None:
+        if not (isinstance(ranks, Mapping) or callable(ranks)):
+            refuse_rank_spec(ranks)
+        if isinstance(ranks, Mapping) and not ranks:
+            raise ValueError("ranks is empty: name at least one matrix.")
+        return RankRequest(ranks, None, None, False)
+    name, value = ("prune", prune) if prune is not None else ("keep", keep)
+    if _is_number(value):
+        _kept(name, value)
+        return RankRequest(None, name, value, False)
+    if callable(value):
+        first = value(0)
+        if _is_array(first) and not isinstance(first, jax.core.Tracer):
+            first = float(first)
+        if _is_number(first):
+            _kept(name, first)  # the schedule's first value
+        return RankRequest(None, name, value, True)
+    if _is_array(value) and jnp.ndim(value) == 0:
+        if not isinstance(value, jax.core.Tracer):
+            _kept(name, float(value))
+        return RankRequest(None, name, value, True)
+    raise TypeError(f"{name} must be a number, a schedule (a function of the step) or a scalar "
+                    f"array; got {value!r} of type {type(value).__name__}.")
 
 
 def select(
     params: Any,
-    ranks: RankSpec | None = None,
+    request: RankRequest,
     *,
-    keep: Any = None,
-    prune: Any = None,
     filter: matrices.Filter | None = None,  # noqa: A002
     view: matrices.View = None,
 ) -> tuple[Ranks, dict[str, selection.MatrixLeaf]]:
-    """The matrices a rank specification selects, with their ranks, in one pass over the tree.
+    """The matrices a static rank request selects, with their ranks, in one pass over the tree.
 
-    ``ranks`` (a :class:`Ranks`, ``{path: rank}`` or a function of the params) names its matrices;
-    otherwise ``keep`` or ``prune`` give the matrices of ``filter`` their LSVT rank
-    (:func:`local_rank`). :func:`jaxlr.project`, :func:`jaxlr.low_rank_projection` and
-    :func:`jaxlr.compress` read their rank arguments through it.
+    Explicit ``ranks`` name their matrices; a fraction gives the matrices of ``filter`` their
+    LSVT rank (:func:`local_rank`). :func:`jaxlr.project`, :func:`jaxlr.low_rank_projection`,
+    :func:`jaxlr.compress` and :func:`lsvt_ranks` read their requests through it.
 
     Returns:
       ``(ranks, matrices)``: the :class:`Ranks` and ``{key: MatrixLeaf}`` of the same matrices,
       in tree order.
     """
+    ranks = request.ranks
     if ranks is None:
-        kept = kept_fraction(keep, prune)
+        kept = request.kept
         found = selection.matrix_leaves(params, filter=filter, view=view)
         return Ranks({key: _rank(kept, leaf.full_rank) for key, leaf in found.items()},
                      {key: leaf.full_rank for key, leaf in found.items()}), found
@@ -427,7 +511,11 @@ def lsvt_ranks(
       Linear Layers Composition". LRPET: "Compact Model Training by Low-Rank Projection with Energy
       Transfer", arXiv:2204.05566.
     """
-    return select(params, keep=keep, prune=prune, filter=filter, view=view)[0]
+    request = rank_request(keep=keep, prune=prune)
+    if request.traced:
+        raise TypeError("lsvt_ranks takes a fixed keep= or prune= number; schedules belong to "
+                        "jaxlr.low_rank_projection.")
+    return select(params, request, filter=filter, view=view)[0]
 
 
 def energy_ranks(

@@ -48,19 +48,11 @@ training's request and options cuts exactly what was projected. The paper projec
 convolutions only: ``ProjectionOptions(filter="conv")``. With ``ranks=``, exactly the matrices it
 names.
 
-**BN rectification** (paper eq. 16) for the kernels of ``ProjectionOptions.bn_pairs``
-(:func:`jaxlr.find_bn_pairs`, which traces the model). With ``a = gamma / sqrt(running_var +
-bn_epsilon)`` of the BatchNorm after a kernel (per output channel), the matrix ``M = W diag(a)`` is
-projected and ``W <- M_r diag(a / (a^2 + 1e-5))``. A channel whose ``a^2 < 1e-5`` (its BatchNorm
-all but silences it) is neither folded nor unfolded: eq. 16's regularised inverse would shrink it
-to ``a^2 / 1e-5`` of its size (a BatchNorm with every scale near 0 would shrink the kernel to
-nothing). Folding and unfolding are inverse only up to ``a^2 / (a^2 + 1e-5)``, so a BN-rectified
-projection of weights already of rank ``<= r`` shrinks each channel by that factor again: after a
-last training step that projected, the weights are final; otherwise project them once with the
-training's options. ``gamma`` is read from ``params`` and the
-running variance from the ``batch_stats`` extra argument: Linen's ``variables["batch_stats"]``
-(:class:`jaxlr.TrainState` passes it) or NNX's ``nnx.state(model, nnx.BatchStat)``
-(``optimizer.update(model, grads, batch_stats=...)``).
+**BN rectification** (paper eq. 16) projects the kernels of ``ProjectionOptions.bn_pairs``
+(:func:`jaxlr.find_bn_pairs`) through the BatchNorm after them (the maths:
+:mod:`jaxlr.batchnorm`); the running variances come from the ``batch_stats`` extra argument:
+Linen's ``variables["batch_stats"]`` (:class:`jaxlr.TrainState` passes it) or NNX's
+``nnx.state(model, nnx.BatchStat)`` (``optimizer.update(model, grads, batch_stats=...)``).
 
 **Soft projection.** ``ProjectionOptions(tail_scale=f)`` multiplies the dropped singular values by
 ``f`` instead of zeroing them (the LRPET release's ``--redu_fac``); energy transfer then scales the
@@ -79,10 +71,8 @@ References:
 from __future__ import annotations
 
 import collections
-import dataclasses
-import math
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -94,6 +84,7 @@ from jax import lax
 from jaxlr import (
     _checks,
     _nnx,
+    _placement,
     batchnorm,
     inference,
     matrices,
@@ -103,127 +94,14 @@ from jaxlr import (
     sharding,
     svd,
 )
+from jaxlr.options import ProjectionOptions
 
 __all__ = [
     "LowRankProjectionState",
-    "ProjectionOptions",
     "low_rank_projection",
     "project",
     "with_low_rank_projection",
 ]
-
-# Paper eq. 16: the regulariser of the inverse of the BatchNorm scale.
-_BN_INVERSE_EPSILON = 1e-5
-
-
-class _FrozenMap(Mapping[str, str]):
-    """An immutable, hashable ``{key: key}`` mapping (options are static arguments of ``jit``);
-    a value's ``epsilon`` (:class:`jaxlr.batchnorm.BatchNormKey`) counts in equality and hash."""
-
-    def __init__(self, items: Mapping[str, str]):
-        self._items = dict(items)
-
-    def __getitem__(self, key: Any) -> str:
-        return self._items[matrices.path_key(key)]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _described(self) -> tuple[tuple[str, str, float | None], ...]:
-        return tuple(sorted((k, str(v), getattr(v, "epsilon", None))
-                            for k, v in self._items.items()))
-
-    def __hash__(self) -> int:
-        return hash(self._described())
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, _FrozenMap):
-            return self._described() == other._described()
-        return isinstance(other, Mapping) and dict(self) == dict(other)
-
-    def __repr__(self) -> str:
-        return repr(self._items)
-
-
-@dataclasses.dataclass(frozen=True)
-class ProjectionOptions:
-    """How jaxlr selects, decomposes and projects: shared by :func:`low_rank_projection`,
-    :func:`with_low_rank_projection`, :func:`project` and :func:`jaxlr.compress` (which reads
-    the selection, view, method and mesh).
-
-    Attributes:
-      energy_transfer: keep each matrix's Frobenius norm (``False``: plain LRP).
-      tail_scale: multiply the dropped singular values by this, ``0 <= tail_scale < 1`` (``0``,
-        the default, is the hard projection; the LRPET release's ``--redu_fac``).
-      bn_pairs: ``{kernel path: BatchNorm path}`` of the kernels projected through their
-        BatchNorm (BN rectification), e.g. :func:`jaxlr.find_bn_pairs`, whose BatchNorm paths
-        carry each BatchNorm's epsilon; ``None`` or empty: none.
-      bn_epsilon: the epsilon of the BatchNorms given by plain path strings (Flax's default is
-        1e-5); a path that carries its own (:func:`jaxlr.find_bn_pairs`) uses that.
-      filter: which kernels ``prune=`` / ``keep=`` select: ``None``, the default selection (every
-        kernel but the model's output layer, :mod:`jaxlr.selection`); ``"all"``; a kind name or
-        tuple of them (``"conv"``: the LRPET paper's); or a ``(path, leaf) -> bool`` function.
-      view: how each kernel is seen as a matrix (:mod:`jaxlr.matrices`).
-      method: the decomposition (:mod:`jaxlr.svd`): ``"auto"``, ``"gram"`` or ``"svd"``.
-      mesh: the devices the decompositions are spread over (:mod:`jaxlr.sharding`): ``"auto"``
-        (the default: the mesh of the weights, or of ``jax.set_mesh``), a
-        ``jax.sharding.Mesh``, or ``None`` (where XLA's partitioner puts them).
-
-    Raises:
-      TypeError / ValueError: at construction, naming the field, for a value of the wrong type or
-        out of range.
-
-    Example:
-      >>> ProjectionOptions(energy_transfer=False, filter="conv").filter
-      'conv'
-      >>> ProjectionOptions(tail_scale=1.5)
-      Traceback (most recent call last):
-        ...
-      ValueError: tail_scale must be a number in [0, 1) (0: the hard projection), got 1.5.
-    """
-
-    energy_transfer: bool = True
-    tail_scale: float = 0.0
-    bn_pairs: Mapping[Any, Any] | None = None
-    bn_epsilon: float = 1e-5
-    filter: matrices.Filter | None = None
-    view: matrices.View = None
-    method: _checks.Method = "auto"
-    mesh: Any = "auto"
-
-    def __post_init__(self) -> None:
-        _checks.check_flag("energy_transfer", self.energy_transfer)
-        object.__setattr__(self, "tail_scale", _checks.check_tail_scale(self.tail_scale))
-        epsilon = self.bn_epsilon
-        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not (
-                math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"bn_epsilon must be a number > 0, got {epsilon!r}.")
-        pairs = self.bn_pairs
-        if pairs is not None:
-            if not isinstance(pairs, Mapping):
-                raise TypeError(f"bn_pairs must be a mapping {{kernel path: BatchNorm path}} "
-                                f"(jaxlr.find_bn_pairs gives one), got {type(pairs).__name__}.")
-            try:
-                frozen = {k: batchnorm.BatchNormKey(matrices.path_key(v), v.epsilon)
-                          if isinstance(v, batchnorm.BatchNormKey) else matrices.path_key(v)
-                          for k, v in matrices.keyed(pairs, "bn_pairs").items()}
-            except TypeError as error:
-                raise TypeError(f"bn_pairs must map kernel paths to BatchNorm paths: {error}"
-                                ) from None
-            object.__setattr__(self, "bn_pairs", _FrozenMap(frozen))
-        matrices.resolve_filter(self.filter)
-        matrices.resolve_view(self.view)
-        _checks.check_method(self.method)
-        sharding.check_mesh(self.mesh)
-
-    @property
-    def bn_rectification(self) -> bool:
-        """Whether some kernel is projected through its BatchNorm."""
-        return bool(self.bn_pairs)
-
 
 class LowRankProjectionState(NamedTuple):
     """State of :func:`low_rank_projection`.
@@ -271,55 +149,6 @@ class LowRankProjectionState(NamedTuple):
 # What is projected, and to which rank.
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray)
-
-
-class _Spec(NamedTuple):
-    """The rank specification: ranks, or a kept/pruned fraction (static, or traced)."""
-
-    ranks: policies.RankSpec | None
-    name: str | None  # "keep" or "prune"
-    fraction: Any  # a number (static), or a schedule / scalar array (traced)
-    traced: bool
-
-
-def _spec(prune: Any, keep: Any, rank_spec: Any) -> _Spec:
-    given = [name for name, v in (("prune", prune), ("keep", keep), ("ranks", rank_spec))
-             if v is not None]
-    if len(given) != 1:
-        raise ValueError("give exactly one of prune (the fraction of singular values pruned, in "
-                         "[0, 1)), keep (the fraction kept, in (0, 1]) and ranks (a Ranks, "
-                         f"{{path: rank}} or a function of the params); got {given or 'none'}.")
-    if rank_spec is not None:
-        if not (isinstance(rank_spec, Mapping) or callable(rank_spec)):
-            policies.refuse_rank_spec(rank_spec)
-        if isinstance(rank_spec, Mapping) and not rank_spec:
-            raise ValueError("ranks is empty: name at least one matrix.")
-        return _Spec(rank_spec, None, None, False)
-    name, value = ("prune", prune) if prune is not None else ("keep", keep)
-    if _is_number(value):
-        policies.kept_fraction(**{name: value})
-        return _Spec(None, name, value, False)
-    if callable(value):
-        first = value(0)
-        if _is_array(first) and not isinstance(first, jax.core.Tracer):
-            first = float(first)
-        if _is_number(first):
-            policies.kept_fraction(**{name: first})  # validates the schedule's first value
-        return _Spec(None, name, value, True)
-    if _is_array(value) and jnp.ndim(value) == 0:
-        if not isinstance(value, jax.core.Tracer):
-            policies.kept_fraction(**{name: float(value)})
-        return _Spec(None, name, value, True)
-    raise TypeError(f"{name} must be a number, a schedule (a function of the step) or a scalar "
-                    f"array; got {value!r} of type {type(value).__name__}.")
-
-
 class _Plan(NamedTuple):
     """The projected matrices (static): their keys, leaves, and ranks (bounds when traced)."""
 
@@ -340,7 +169,7 @@ def _refuse_nodes(params: Any) -> None:
                          "compressed already; project the dense tree (jaxlr.collapse).")
 
 
-def _plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
+def _plan(params: Any, spec: policies.RankRequest, options: ProjectionOptions) -> _Plan:
     _refuse_nodes(params)
     if options.bn_pairs:
         present = {matrices.path_key(path) for path, _ in selection.flatten(params)[0]}
@@ -352,10 +181,8 @@ def _plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
         found = selection.matrix_leaves(params, filter=options.filter, view=options.view)
         bounds = tuple(leaf.full_rank for leaf in found.values())
         return _Plan(tuple(found), tuple(found.values()), bounds, True)
-    fraction = {} if spec.name is None else {spec.name: spec.fraction}
     try:
-        chosen, found = policies.select(params, spec.ranks, filter=options.filter,
-                                        view=options.view, **fraction)
+        chosen, found = policies.select(params, spec, filter=options.filter, view=options.view)
     except jax.errors.ConcretizationTypeError as error:
         raise TypeError(
             "the ranks function read the values of the params, which are traced during a "
@@ -376,7 +203,7 @@ def _by_structure(choice: Any) -> bool:
         isinstance(choice, tuple) and all(isinstance(kind, str) for kind in choice))
 
 
-def _plan_key(params: Any, spec: _Spec, options: ProjectionOptions) -> Any:
+def _plan_key(params: Any, spec: policies.RankRequest, options: ProjectionOptions) -> Any:
     """What the plan of an eager :func:`project` depends on, or ``None`` where that is not only
     the tree's structure, shapes and dtypes (a function of the params for ``ranks``, a filter or
     view function), or is not hashable."""
@@ -398,7 +225,7 @@ def _plan_key(params: Any, spec: _Spec, options: ProjectionOptions) -> Any:
     return key
 
 
-def _cached_plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
+def _cached_plan(params: Any, spec: policies.RankRequest, options: ProjectionOptions) -> _Plan:
     """:func:`_plan`, reused for calls on trees of the same structure, shapes and dtypes with the
     same ranks and options (an eager call's planning costs about as much as decomposing a small
     network's matrices); recomputed where the plan could depend on the values."""
@@ -418,7 +245,8 @@ def _cached_plan(params: Any, spec: _Spec, options: ProjectionOptions) -> _Plan:
     return plan
 
 
-def _traced_ranks(plan: _Plan, spec: _Spec, count: jax.Array) -> list[jax.Array] | None:
+def _traced_ranks(plan: _Plan, spec: policies.RankRequest, count: jax.Array
+                  ) -> list[jax.Array] | None:
     if not plan.traced:
         return None
     value = spec.fraction(count) if callable(spec.fraction) else spec.fraction
@@ -431,96 +259,22 @@ def _traced_ranks(plan: _Plan, spec: _Spec, count: jax.Array) -> list[jax.Array]
 # The projection.
 
 
-def _named_leaves(tree: Any, strip: str) -> dict[str, Any]:
-    out = {}
-    for path, leaf in selection.flatten(tree)[0]:
-        if path and path[0] == strip:
-            path = path[1:]
-        out[matrices.path_key(path)] = leaf
-    return out
-
-
-def _bn_scales(params: Any, batch_stats: Any, plan: _Plan, options: ProjectionOptions,
-               mesh: Any = None) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """Per projected kernel with a BatchNorm: the per-channel factors that fold it,
-    ``a = gamma / sqrt(var + eps)``, and unfold it, ``a / (a^2 + 1e-5)`` (eq. 16); a channel whose
-    ``a^2 < 1e-5`` (silenced by its BatchNorm) is neither folded nor unfolded."""
-    given = options.bn_pairs or {}
-    pairs = {key: given[key] for key in plan.keys if key in given}
-    if not pairs:
-        return {}
-    if batch_stats is None:
-        raise ValueError(
-            "BN rectification needs the BatchNorm statistics: call "
-            "update(updates, state, params, batch_stats=variables['batch_stats']) (Linen; "
-            "jaxlr.TrainState passes them) or optimizer.update(model, grads, "
-            "batch_stats=nnx.state(model, nnx.BatchStat)) (NNX).")
-    param_leaves = _named_leaves(params, "params")
-    stat_leaves = _named_leaves(batch_stats, "batch_stats")
-    scales = {}
-    for key, bn in pairs.items():
-        variance = stat_leaves.get(f"{bn}/var")
-        if variance is None:
-            raise ValueError(f"bn_pairs pairs {key!r} with the BatchNorm {bn!r}, which has no "
-                             f"running variance {bn + '/var'!r} in batch_stats.")
-        gamma = param_leaves.get(f"{bn}/scale")
-        leaf = plan.leaves[plan.keys.index(key)]
-        n = leaf.matrix_shape[1]
-        # The params decide whether the pairing fits; the statistics, whether they are these
-        # params' statistics.
-        if gamma is not None and np.shape(gamma) != (n,):
-            raise ValueError(f"bn_pairs pairs the kernel {key!r} ({n} outputs) with the "
-                             f"BatchNorm {bn!r}, whose scale in the params has "
-                             f"{np.shape(gamma)} channels: not the BatchNorm that follows it.")
-        if np.shape(variance) != (n,):
-            fits = (f"the BatchNorm {bn!r} in the params and the kernel {key!r} have {n} channels"
-                    if gamma is not None else f"the kernel {key!r} paired with it has {n} "
-                    "outputs")
-            raise ValueError(f"batch_stats holds a running variance {bn + '/var'!r} of shape "
-                             f"{np.shape(variance)}, but {fits}: batch_stats are not the "
-                             "statistics of these params.")
-        if gamma is None:
-            gamma = jnp.ones_like(variance)
-        _check_variance(bn, variance)
-        a = gamma / jnp.sqrt(variance + getattr(bn, "epsilon", options.bn_epsilon))
-        live = a * a >= _BN_INVERSE_EPSILON
-        fold, unfold = jnp.where(live, a, 1), jnp.where(live, a / (a * a + _BN_INVERSE_EPSILON), 1)
-        if mesh is not None and not sharding.is_explicit(fold):
-            # Whole on every device: the kernel's sharding must not spread to the BatchNorm.
-            whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            fold, unfold = (jax.lax.with_sharding_constraint(x, whole) for x in (fold, unfold))
-        scales[key] = (fold, unfold)
-    return scales
-
-
-def _check_variance(bn: str, variance: Any) -> None:
-    if not _checks.is_traced(variance) and np.any(np.asarray(variance) < 0):
-        raise ValueError(f"the running variance {bn + '/var'!r} of batch_stats is negative "
-                         "somewhere; a variance is >= 0.")
-
-
-def _check_variances(batch_stats: Any, options: ProjectionOptions) -> None:
-    """The values of the paired BatchNorms' variances, checked before a jitted update."""
-    if batch_stats is None or not options.bn_pairs:
-        return
-    stat_leaves = _named_leaves(batch_stats, "batch_stats")
-    for bn in set(options.bn_pairs.values()):
-        if f"{bn}/var" in stat_leaves:
-            _check_variance(bn, stat_leaves[f"{bn}/var"])
-
-
 def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array] | None,
              options: ProjectionOptions) -> tuple[Any, list[jax.Array]]:
     """The projected tree (every unprojected leaf the input's own) and the finiteness flags."""
     flat, treedef = selection.flatten(params)
     leaves = [leaf for _, leaf in flat]
     mesh = sharding.mesh_of([leaves[leaf.index] for leaf in plan.leaves], options.mesh)
-    scales = _bn_scales(params, batch_stats, plan, options, mesh)
+    given = options.bn_pairs or {}
+    pairs = {key: given[key] for key in plan.keys if key in given}
+    widths = {key: plan.leaves[plan.keys.index(key)].matrix_shape[1] for key in pairs}
+    scales = batchnorm.rectification_scales(params, batch_stats, pairs, widths,
+                                            options.bn_epsilon, mesh)
     folded = []
     for key, leaf in zip(plan.keys, plan.leaves, strict=True):
         array = leaves[leaf.index]
         if key in scales:  # fold diag(a) into the output channels (the matrix's columns)
-            array = _scale_columns(array, leaf.view, scales[key][0])
+            array = batchnorm.scale_columns(array, leaf.view, scales[key][0])
         folded.append(array)
     projected, flags = svd.project_leaves(
         folded, [leaf.view for leaf in plan.leaves], plan.ranks,
@@ -528,31 +282,9 @@ def _project(params: Any, batch_stats: Any, plan: _Plan, traced: list[jax.Array]
         method=options.method, traced_ranks=traced, mesh=mesh)
     for key, leaf, new in zip(plan.keys, plan.leaves, projected, strict=True):
         if key in scales:  # unfold with the regularised inverse a / (a^2 + 1e-5)
-            new = _scale_columns(new, leaf.view, scales[key][1])
+            new = batchnorm.scale_columns(new, leaf.view, scales[key][1])
         leaves[leaf.index] = new
     return jax.tree_util.tree_unflatten(treedef, leaves), flags
-
-
-def _scale_columns(leaf: jax.Array, view: matrices.MatrixView, factors: jax.Array) -> jax.Array:
-    """``view.from_matrix(view.to_matrix(leaf) * factors)``, without reshaping the leaf (which
-    would move a sharded kernel's data): ``factors`` is broadcast over the column axes."""
-    cols = tuple(view.col_axes)
-    block = jnp.reshape(factors.astype(leaf.dtype), tuple(leaf.shape[a] for a in cols))
-    order = tuple(sorted(cols))
-    block = jnp.transpose(block, tuple(cols.index(a) for a in order))
-    shape = [1] * leaf.ndim
-    for a in order:
-        shape[a] = leaf.shape[a]
-    return leaf * jnp.reshape(block, shape)
-
-
-def _stats_from(params: Any, batch_stats: Any) -> Any:
-    """``batch_stats``, or the ``batch_stats`` collection of a Linen variable dict given as
-    ``params``."""
-    if batch_stats is None and isinstance(params, Mapping) and "batch_stats" in params \
-            and "params" in params:
-        return params["batch_stats"]
-    return batch_stats
 
 
 def project(
@@ -599,7 +331,7 @@ def project(
       2
     """
     options = _options(options)
-    spec = _spec(prune, keep, ranks)
+    spec = policies.rank_request(ranks=ranks, keep=keep, prune=prune)
     if spec.traced:
         raise TypeError("project takes a fixed prune or keep fraction; schedules belong to "
                         "low_rank_projection.")
@@ -612,7 +344,7 @@ def project(
                        batch_stats=batch_stats, options=options)
         return inference.nnx_model(params, tree)
     plan = _cached_plan(params, spec, options)
-    out, flags = _project(params, _stats_from(params, batch_stats), plan, None, options)
+    out, flags = _project(params, batchnorm.stats_from(params, batch_stats), plan, None, options)
     if not _checks.is_traced(out):
         _checks.raise_if_nonfinite(plan.keys, flags)
     return out
@@ -632,7 +364,7 @@ def _check_step(name: str, value: Any, low: int) -> Any:
     ``optax.inject_hyperparams`` passes it) ``>= low``."""
     if value is None:
         return None
-    if _is_array(value):
+    if isinstance(value, jax.Array | np.ndarray):
         if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.integer):
             raise TypeError(f"{name} must be an int, got an array of shape {jnp.shape(value)} "
                             f"and dtype {jnp.result_type(value)}.")
@@ -646,61 +378,17 @@ def _check_step(name: str, value: Any, low: int) -> Any:
     return int(value)
 
 
-# Sketches of the placement check: two random sign pairs (u, v) per matrix.
-_SKETCHES = 2
-
-
-def _sketches(mats: list[jax.Array]) -> jax.Array:
-    rows = []
-    for i, matrix in enumerate(mats):
-        rng = np.random.default_rng(1_000_003 + i)
-        m, n = matrix.shape
-        u = jnp.asarray(rng.choice([-1.0, 1.0], (_SKETCHES, m)), jnp.float32)
-        v = jnp.asarray(rng.choice([-1.0, 1.0], (_SKETCHES, n)), jnp.float32)
-        work = matrix.astype(jnp.float32)
-        left = jnp.matmul(u, work, precision=jax.lax.Precision.HIGHEST)
-        rows.append(jnp.sum(left * v, axis=1))
-    return jnp.stack(rows) if rows else jnp.zeros((0, _SKETCHES), jnp.float32)
-
-
 def _matrices_of(tree: Any, plan: _Plan) -> list[jax.Array]:
     leaves = [leaf for _, leaf in selection.flatten(tree)[0]]
     return [leaf.view.to_matrix(leaves[leaf.index]) for leaf in plan.leaves]
 
 
-def _raise_misplaced(misplaced: Any) -> None:
-    if bool(misplaced):
-        raise ValueError(
-            "low_rank_projection is not the last transformation of its optax chain: the weights "
-            "after its projection step are not the projection it computed, because a "
-            "transformation after it changed its output. Put it last, "
-            "optax.chain(..., jaxlr.low_rank_projection(...)), or wrap the optimizer: "
-            "jaxlr.with_low_rank_projection(optimizer, ...). (If the weights were changed on "
-            "purpose between steps, pass check_placement=False.)")
-
-
 def _misplaced(params: Any, state: LowRankProjectionState, plan: _Plan) -> jax.Array:
-    """Whether the weights after the last projection step are not its result although they
-    changed: a transformation after the projection rescaled its output. Costs nothing on the
-    other steps (``jax.lax.cond`` on ``state.pending``)."""
-    no = jnp.zeros((), bool)
-    if not plan.keys:
-        return no
-    eps = max(float(jnp.finfo(jnp.result_type(leaf.dtype)).eps)
-              for leaf in _matrices_of(params, plan))
-    if eps > 1e-6:  # half precision: its rounding hides the signal
-        return no
-
-    def check() -> jax.Array:
-        now = _sketches(_matrices_of(params, plan))
-        before, target = state.sketch[:, :_SKETCHES], state.sketch[:, _SKETCHES:2 * _SKETCHES]
-        scale = jnp.maximum(state.sketch[:, -1:], jnp.finfo(jnp.float32).tiny)
-        tolerance = 1000 * eps
-        moved = jnp.abs(now - before) / scale > tolerance
-        off = jnp.abs(now - target) / scale > tolerance
-        return jnp.any(moved & off)
-
-    return jax.lax.cond(state.pending, check, lambda: no)
+    """Whether a transformation after this one changed the last projection (:mod:`_placement`)."""
+    flat = selection.flatten(params)[0]
+    dtypes = [jnp.result_type(flat[leaf.index][1]) for leaf in plan.leaves]
+    return _placement.misplaced(lambda: _matrices_of(params, plan), dtypes, state.sketch,
+                                state.pending)
 
 
 def _when_due(due: jax.Array, projected: Callable[[Any], tuple[Any, ...]], updates: Any,
@@ -778,7 +466,7 @@ def low_rank_projection(
     References:
       "Compact Model Training by Low-Rank Projection with Energy Transfer", arXiv:2204.05566.
     """
-    spec = _spec(prune, keep, ranks)
+    spec = policies.rank_request(ranks=ranks, keep=keep, prune=prune)
     options = _options(options)
     if not (isinstance(check_placement, bool) or check_placement == "raise"):
         raise TypeError(f"check_placement must be True, False or 'raise', got "
@@ -796,7 +484,7 @@ def low_rank_projection(
         return LowRankProjectionState(
             count=jnp.zeros([], jnp.int32), nonfinite=jnp.zeros([], jnp.int32),
             misplaced=jnp.zeros([], jnp.int32), pending=jnp.zeros([], bool),
-            sketch=jnp.zeros((len(plan.keys), 2 * _SKETCHES + 1), jnp.float32),
+            sketch=jnp.zeros((len(plan.keys), 2 * _placement.SKETCHES + 1), jnp.float32),
             ranks=jnp.zeros((len(plan.keys),), jnp.int32), kept=jnp.zeros([], jnp.float32))
 
     def step(updates: Any, state: LowRankProjectionState, params: Any,
@@ -809,7 +497,7 @@ def low_rank_projection(
                              "params.")
         found = _misplaced(params, state, plan) if check_placement else jnp.zeros((), bool)
         if check_placement == "raise":
-            jax.debug.callback(_raise_misplaced, found)
+            jax.debug.callback(_placement.raise_if_misplaced, found)
         number = state.count + 1  # this update's number, 1-based
         due = (number >= first) & ((number - first) % every == 0)
         if end is not None:
@@ -829,7 +517,7 @@ def low_rank_projection(
             target, flags = _project(new, batch_stats, plan, traced, options)
             goals = _matrices_of(target, plan)
             sketch = jnp.concatenate([
-                _sketches(_matrices_of(params, plan)), _sketches(goals),
+                _placement.sketches(_matrices_of(params, plan)), _placement.sketches(goals),
                 jnp.stack([jnp.linalg.norm(g.astype(jnp.float32)) for g in goals])[:, None]
                 if goals else jnp.zeros((0, 1), jnp.float32)], axis=1)
             skipped = jnp.sum(~flags, dtype=jnp.int32)
@@ -872,10 +560,10 @@ def low_rank_projection(
         if _checks.is_traced((updates, state, params, batch_stats)):
             out, new_state, _ = step(updates, state, params, batch_stats)
             return out, new_state
-        _check_variances(batch_stats, options)
+        batchnorm.check_variances(batch_stats, options.bn_pairs)
         out, new_state, found = eager_step(updates, state, params, batch_stats)
         if check_placement is True:
-            _raise_misplaced(found)
+            _placement.raise_if_misplaced(found)
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -162,7 +162,7 @@ def test_4_compress_takes_the_rank_request_and_options_of_project():
     with pytest.raises(ValueError, match="bn_pairs"):
         jaxlr.compress(params, prune=0.5,
                        options=jaxlr.ProjectionOptions(bn_pairs={"conv/kernel": "bn"}))
-    with pytest.raises(ValueError, match="exactly one of ranks"):
+    with pytest.raises(ValueError, match="exactly one of prune"):
         jaxlr.compress(params, keep=0.5, prune=0.5)
 
 
