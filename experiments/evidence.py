@@ -311,9 +311,6 @@ def lrpet_part(config: Config, datasets: Mapping[int, data_lib.Dataset], results
         def fit(ranks: Mapping[str, int] | None, energy: bool = False, bnr: bool = False,
                 model: nn.Module = model, steps: int = steps, seed: int = seed,
                 data: data_lib.Dataset = data, bn_pairs: Any = bn_pairs) -> dict[str, Any]:
-            projection = () if ranks is None else (jaxlr.low_rank_projection(
-                ranks=dict(ranks), every=steps, options=jaxlr.ProjectionOptions(
-                    energy_transfer=energy, bn_pairs=bn_pairs if bnr else None)),)
             settings = {"part": "lrpet", "data": config.data, "model": config.model,
                         "seed": seed, "epochs": config.lrpet_epochs,
                         "batch_size": config.batch_size,
@@ -323,8 +320,13 @@ def lrpet_part(config: Config, datasets: Mapping[int, data_lib.Dataset], results
                         "energy_transfer": energy, "bn_rectification": bnr}
             label = ("sgd" if ranks is None else f"r{sum(ranks.values())}_et{int(energy)}"
                      f"_bnr{int(bnr)}") + f"_seed{seed}"
-            task = Task(model, step_decay_sgd(config.sgd_learning_rate, config.sgd_weight_decay,
-                                              config.lrpet_epochs * steps, *projection))
+            optimizer = step_decay_sgd(config.sgd_learning_rate, config.sgd_weight_decay,
+                                       config.lrpet_epochs * steps)
+            if ranks is not None:
+                optimizer = jaxlr.with_low_rank_projection(
+                    optimizer, ranks=dict(ranks), every=steps, options=jaxlr.ProjectionOptions(
+                        energy_transfer=energy, bn_pairs=bn_pairs if bnr else None))
+            task = Task(model, optimizer)
             return train(task, data, TrainConfig(
                 config.lrpet_epochs, config.batch_size, seed,
                 checkpoint_every=config.checkpoint_every, progress=progress,

@@ -193,12 +193,12 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         options = jaxlr.ProjectionOptions(
             energy_transfer=energy,
             bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample) if bnr else None)
-        projection = None if ranks is None else jaxlr.low_rank_projection(
-            ranks=ranks, every=every, options=options)
-        task = Task(model, step_decay_sgd(config.learning_rate, config.weight_decay,
-                                           epochs * steps_per_epoch,
-                                           *([projection] if projection else [])),
-                    grad_norms=_first_convs(shapes))
+        optimizer = step_decay_sgd(config.learning_rate, config.weight_decay,
+                                   epochs * steps_per_epoch)
+        if ranks is not None:
+            optimizer = jaxlr.with_low_rank_projection(optimizer, ranks=ranks, every=every,
+                                                       options=options)
+        task = Task(model, optimizer, grad_norms=_first_convs(shapes))
         train_config = TrainConfig(epochs, config.batch_size, config.seed, augmentation,
                                    checkpoint_every=config.checkpoint_every, progress=progress,
                                  parallel=config.parallel)

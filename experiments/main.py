@@ -162,17 +162,14 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
     lrp = jaxlr.ProjectionOptions(energy_transfer=False, filter="conv")  # the paper's layers
     lrpet = jaxlr.ProjectionOptions(bn_pairs=jaxlr.find_bn_pairs(model, shapes, sample),
                                     filter="conv")
-    variants = {
-        "no projection": None,
-        "LRP": jaxlr.low_rank_projection(prune=config.prune, every=steps_per_epoch, options=lrp),
-        "LRPET": jaxlr.low_rank_projection(prune=config.prune, every=steps_per_epoch,
-                                           options=lrpet),
-    }
+    variants = {"no projection": None, "LRP": lrp, "LRPET": lrpet}
     rows, histories = [], {}
-    for name, projection in variants.items():
+    for name, options in variants.items():
         optimizer = step_decay_sgd(config.sgd_learning_rate, config.sgd_weight_decay,
-                                   config.lrpet_epochs * steps_per_epoch,
-                                   *([projection] if projection is not None else []))
+                                   config.lrpet_epochs * steps_per_epoch)
+        if options is not None:
+            optimizer = jaxlr.with_low_rank_projection(
+                optimizer, prune=config.prune, every=steps_per_epoch, options=options)
         slug = name.lower().replace(" ", "_")
         settings = run_settings(config, exclude=_NOT_LRPET, variant=name)
         result = train(Task(model, optimizer), data, TrainConfig(
@@ -183,7 +180,7 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
         histories[name] = result.history
         variables = result.best
         dense_macs = truncation.forward_macs(model, variables, sample)
-        if projection is None:
+        if options is None:
             rows.append({"method": "no projection, dense", "ranks": "full", "params_fraction": 1.0,
                          "macs_fraction": 1.0, "best_epoch": result.best_epoch,
                          **{s: evaluate(model, variables, data, s)["accuracy"]

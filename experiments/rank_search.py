@@ -101,11 +101,9 @@ PRESETS = {
 }
 
 
-def _sgd(config: Config, learning_rate: float, projection: Any = None
-         ) -> optax.GradientTransformation:
-    parts = [optax.add_decayed_weights(config.weight_decay),
-             optax.sgd(learning_rate, momentum=0.9)]
-    return optax.chain(*parts, *([projection] if projection is not None else []))
+def _sgd(config: Config, learning_rate: float) -> optax.GradientTransformation:
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(learning_rate, momentum=0.9))
 
 
 def run(config: Config, results: Results, progress: bool = True) -> dict[str, Any]:
@@ -153,8 +151,9 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         ratios = {keys[k]: float(v) for k, v in point.items()}
         ranks = {name: jaxlr.policies.local_rank(n, prune=ratios[name])
                  for name, n in full.items()}
-        projection = jaxlr.low_rank_projection(ranks=ranks, every=steps_per_epoch)
-        tuned = train(Task(model, _sgd(config, config.learning_rate / 10, projection)), data,
+        sgd = jaxlr.with_low_rank_projection(_sgd(config, config.learning_rate / 10),
+                                             ranks=ranks, every=steps_per_epoch)
+        tuned = train(Task(model, sgd), data,
                       TrainConfig(config.trial_epochs, config.batch_size, config.seed,
                                   progress=False,
                                  parallel=config.parallel),

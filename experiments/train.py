@@ -5,8 +5,9 @@ reparameterisation of its parameters. The methods plug in without a copy of the 
 
 * LoRITa: :func:`lorita_task` trains :func:`jaxlr.lorita.factorize` d parameters (the model runs
   on their products; the variables it returns are collapsed to dense kernels).
-* LRPET: put :func:`jaxlr.low_rank_projection` last in the optimizer; the step passes the new
-  BatchNorm statistics as its ``batch_stats`` extra argument.
+* LRPET: wrap the optimizer with :func:`jaxlr.with_low_rank_projection`; the state is a
+  :class:`jaxlr.TrainState`, whose ``apply_gradients`` passes the new BatchNorm statistics to the
+  optimizer as its ``batch_stats`` extra argument.
 
 :func:`train` evaluates on the validation split after every epoch, keeps the best variables (by
 validation accuracy; the test split is never read here), writes one JSON line per epoch to
@@ -49,7 +50,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import jaxlr
 from experiments import data as data_lib
-from jaxlr import export, lorita
+from jaxlr import TrainState, export, lorita
 from jaxlr.matrices import path_key
 
 __all__ = [
@@ -58,11 +59,11 @@ __all__ = [
     "Task",
     "TrainConfig",
     "TrainResult",
-    "TrainState",
     "cross_entropy",
     "evaluate",
     "lorita_task",
     "make_step",
+    "new_state",
     "placement",
     "step_decay_sgd",
     "train",
@@ -137,18 +138,16 @@ def step_decay_sgd(
     learning_rate: float,
     weight_decay: float,
     total_steps: int,
-    *after: optax.GradientTransformation,
+    *,
     mask: Any = None,
 ) -> optax.GradientTransformation:
     """The papers' SGD: coupled weight decay, momentum 0.9, the learning rate divided by 10 at
-    50% and 75% of ``total_steps``; then ``after`` (e.g. LRPET's projection, which must come after
-    the update).
+    50% and 75% of ``total_steps`` (LRPET wraps it: :func:`jaxlr.with_low_rank_projection`).
 
     Args:
       learning_rate: the initial learning rate.
       weight_decay: coupled L2 decay (added to the gradient before momentum).
       total_steps: the steps of the whole run.
-      *after: transformations chained after SGD.
       mask: which leaves decay (``optax.add_decayed_weights``' mask), e.g.
         :func:`jaxlr.lorita.weight_decay_mask`; ``None``: all.
 
@@ -163,7 +162,7 @@ def step_decay_sgd(
     schedule = optax.piecewise_constant_schedule(
         learning_rate, {total_steps // 2: 0.1, (3 * total_steps) // 4: 0.1})
     return optax.chain(optax.add_decayed_weights(weight_decay, mask),
-                       optax.sgd(schedule, momentum=0.9), *after)
+                       optax.sgd(schedule, momentum=0.9))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,22 +284,6 @@ def placement(config: TrainConfig) -> Placement:
     return Placement(mesh, fsdp=config.parallel == "fsdp")
 
 
-class TrainState(NamedTuple):
-    """Everything a step changes.
-
-    Attributes:
-      step: the number of steps taken (int32 scalar).
-      params: the trained tree (factors for LoRITa).
-      batch_stats: the model's BatchNorm statistics (``{}`` without BatchNorm).
-      opt_state: the optimizer's state.
-    """
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
-
 class TrainResult(NamedTuple):
     """What :func:`train` returns.
 
@@ -336,6 +319,14 @@ def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+def new_state(task: Task, params: Any, batch_stats: Any) -> TrainState:
+    """The :class:`jaxlr.TrainState` a run starts from: step 0 (an int32 array, so the state is
+    placed and checkpointed as arrays), ``task``'s optimizer initialised on ``params``."""
+    state = TrainState.create(apply_fn=task.model.apply, params=params, tx=task.optimizer,
+                              batch_stats=batch_stats)
+    return state.replace(step=jnp.zeros([], jnp.int32))
+
+
 def make_step(task: Task, dropout_key: jax.Array, state: TrainState | None = None,
               where: Placement | None = None) -> Callable[..., Any]:
     """The jitted training step :func:`train` runs, for benchmarks and tests.
@@ -357,12 +348,11 @@ def make_step(task: Task, dropout_key: jax.Array, state: TrainState | None = Non
       >>> task = Task(models.FCN(depth=1, width=8), optax.sgd(0.1))
       >>> x, y = jnp.ones((4, 8, 8, 1)), jnp.zeros(4, jnp.int32)
       >>> params = task.model.init(jax.random.key(0), x, train=False)["params"]
-      >>> state = TrainState(jnp.zeros([], jnp.int32), params, {}, task.optimizer.init(params))
+      >>> state = new_state(task, params, {})
       >>> state, loss, correct, _ = make_step(task, jax.random.key(1))(state, x, y)
       >>> int(state.step), loss.shape
       (1, ())
     """
-    optimizer = optax.with_extra_args_support(task.optimizer)
     if where is None or where.mesh is None or state is None:
         jit = jax.jit
     else:  # the state keeps its placement from step to step (the step compiles once)
@@ -385,14 +375,12 @@ def make_step(task: Task, dropout_key: jax.Array, state: TrainState | None = Non
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
-        updates, opt_state = optimizer.update(
-            grads, state.opt_state, state.params, batch_stats=batch_stats)
-        params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
         norms = {path_key(p): jnp.linalg.norm(g)
                  for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
                  if path_key(p) in task.grad_norms}
-        return TrainState(state.step + 1, params, batch_stats, opt_state), loss, correct, norms
+        # The new statistics reach the optimizer (BN rectification) as its extra argument.
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, correct, norms
 
     return step
 
@@ -595,8 +583,7 @@ def train(
     where = placement(config)
     batch_stats = variables.get("batch_stats", {})
     params, batch_stats = where.tree(params), where.tree(batch_stats)
-    state = where.tree(TrainState(jnp.zeros([], jnp.int32), params, batch_stats,
-                                  task.optimizer.init(params)))
+    state = where.tree(new_state(task, params, batch_stats))
     params = state.params
     best = _variables(task.model_params(params), batch_stats)
     best_epoch, best_accuracy, start_epoch = 0, -1.0, 0

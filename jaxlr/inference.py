@@ -496,16 +496,32 @@ def apply(model: nn.Module, variables: Any, *args: Any, **kwargs: Any) -> Any:
         return model.apply(variables, *args, **kwargs)
 
 
-def _wrap_apply_fn(fn: Any) -> Any:
+class _FactoredApply:
     """``fn`` (a ``model.apply``) running factor pairs as :func:`apply` does: what
-    :class:`jaxlr.TrainState` stores as its ``apply_fn``."""
+    :class:`jaxlr.TrainState` stores as its ``apply_fn``. Two of the same ``fn`` are equal (and
+    hash alike), so states made apart have one tree structure: ``jit`` compiles once for them and
+    a restored state matches a fresh one."""
 
-    def wrapped(variables: Any, *args: Any, **kwargs: Any) -> Any:
+    def __init__(self, fn: Any):
+        self.__wrapped__ = fn
+
+    def __call__(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         with nn.intercept_methods(_interceptor):
-            return fn(variables, *args, **kwargs)
+            return self.__wrapped__(variables, *args, **kwargs)
 
-    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
-    return wrapped
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _FactoredApply and other.__wrapped__ == self.__wrapped__
+
+    def __hash__(self) -> int:
+        return hash(self.__wrapped__)
+
+    def __repr__(self) -> str:
+        return f"factored({self.__wrapped__!r})"
+
+
+def _wrap_apply_fn(fn: Any) -> _FactoredApply:
+    """:class:`_FactoredApply` of ``fn`` (the same for an already wrapped ``fn``)."""
+    return fn if isinstance(fn, _FactoredApply) else _FactoredApply(fn)
 
 
 # --- Flax NNX: replace the layers ---------------------------------------------------------------

@@ -189,7 +189,7 @@ def test_lrpet_overhead_times_the_states_an_epoch_goes_through():
     import jaxlr
     from experiments import models
     from experiments.benchmarks import lrpet_overhead
-    from experiments.train import TrainState, make_step
+    from experiments.train import make_step, new_state
 
     model = models.create("vgg:config=8/M/16")
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
@@ -200,7 +200,7 @@ def test_lrpet_overhead_times_the_states_an_epoch_goes_through():
     pairs = jaxlr.find_bn_pairs(model, variables, x, train=True)
     tasks = lrpet_overhead._tasks(model, ranks, pairs, every=5)
     task = tasks["lrpet"]
-    state = TrainState(jnp.zeros([], jnp.int32), params, stats, task.optimizer.init(params))
+    state = new_state(task, params, stats)
     step = make_step(task, jax.random.key(2))
 
     def conv_ranks(tree):  # each kernel (kh, kw, cin, cout) as a (kh kw cin) x cout matrix
@@ -210,7 +210,7 @@ def test_lrpet_overhead_times_the_states_an_epoch_goes_through():
                                                tol=1e-4)) for key in ranks}
 
     off, *_ = step(state, x, y)
-    projected, *_ = step(state._replace(opt_state=lrpet_overhead.at_count(state.opt_state, 4,
+    projected, *_ = step(state.replace(opt_state=lrpet_overhead.at_count(state.opt_state, 4,
                                                                           False)), x, y)
     full = conv_ranks(params)
     assert conv_ranks(off.params) == full

@@ -9,7 +9,7 @@ import pytest
 
 import jaxlr
 from experiments import models
-from experiments.train import Task, TrainState, make_step
+from experiments.train import Task, make_step, new_state
 
 CIFAR = jnp.zeros((1, 32, 32, 3))
 
@@ -122,7 +122,7 @@ def test_one_training_step_of_each_model(name):
     variables = quick_init(model, images)
     task = Task(model, optax.sgd(1e-3))
     params, stats = variables["params"], variables.get("batch_stats", {})
-    state = TrainState(jnp.zeros([], jnp.int32), params, stats, task.optimizer.init(params))
+    state = new_state(task, params, stats)
 
     @jax.jit
     def loss(p):  # the training-mode loss

@@ -14,10 +14,10 @@ from experiments import models
 from experiments.train import (
     Task,
     TrainConfig,
-    TrainState,
     evaluate,
     lorita_task,
     make_step,
+    new_state,
     train,
 )
 from jaxlr import lorita
@@ -134,7 +134,7 @@ def test_lorita_step_updates_the_factors_by_the_chain_rule():
     params = model.init(jax.random.key(1), x)["params"]
     task = lorita_task(model, optax.sgd(0.1), depth=2)
     fparams = task.reparameterize(params, jax.random.key(2))
-    state = TrainState(jnp.zeros([], jnp.int32), fparams, {}, task.optimizer.init(fparams))
+    state = new_state(task, fparams, {})
     new, _, _, _ = make_step(task, jax.random.key(3))(state, x, y)
 
     def dense_loss(p):

@@ -73,3 +73,23 @@ def test_apply_fn_runs_factor_pairs_factored_and_products_as_their_kernels():
     np.testing.assert_allclose(np.asarray(state.apply_fn({"params": fparams}, x)),
                                np.asarray(model.apply({"params": jaxlr.collapse(fparams)}, x)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_states_made_apart_from_one_model_share_a_structure_and_a_compiled_step():
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    tx = optax.sgd(0.1)
+    first, second = (jaxlr.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+                     for _ in range(2))
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+    traces = []
+
+    @jax.jit
+    def step(state):
+        traces.append(1)
+        grads = jax.grad(lambda p: jnp.sum(state.apply_fn({"params": p}, jnp.ones((1, 4)))))(
+            state.params)
+        return state.apply_gradients(grads=grads)
+
+    step(first), step(second)
+    assert len(traces) == 1

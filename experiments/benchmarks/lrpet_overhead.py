@@ -54,7 +54,7 @@ import optax
 import jaxlr
 from experiments import models
 from experiments.benchmarks import machine_line, write_rows
-from experiments.train import Task, TrainState, make_step, step_decay_sgd
+from experiments.train import Task, make_step, new_state, step_decay_sgd
 
 MODELS = ("resnet56", "vgg16")  # experiments.models.create names
 CIFAR_TRAIN = 50_000
@@ -132,15 +132,15 @@ def alternating_medians(runs: dict[str, Callable[[], Any]], repeats: int,
 def _tasks(model: Any, ranks: Any, pairs: dict[str, str], every: int) -> dict[str, Task]:
     options = jaxlr.ProjectionOptions(bn_pairs=pairs)
 
-    def sgd(*after: optax.GradientTransformation) -> optax.GradientTransformation:
-        return step_decay_sgd(0.1, 5e-4, 200 * every, *after)
+    def sgd() -> optax.GradientTransformation:
+        return step_decay_sgd(0.1, 5e-4, 200 * every)
 
     return {
         "sgd": Task(model, sgd()),
-        "lrpet": Task(model, sgd(jaxlr.low_rank_projection(ranks=ranks, every=every,
-                                                           options=options))),
-        "every_step": Task(model, sgd(jaxlr.low_rank_projection(ranks=ranks, every=1,
-                                                                options=options))),
+        "lrpet": Task(model, jaxlr.with_low_rank_projection(sgd(), ranks=ranks, every=every,
+                                                            options=options)),
+        "every_step": Task(model, jaxlr.with_low_rank_projection(sgd(), ranks=ranks, every=1,
+                                                                 options=options)),
     }
 
 
@@ -165,17 +165,17 @@ def bench(name: str, batch: int = 128, repeats: int = 10, prune: float = 0.6,
     pairs = jaxlr.find_bn_pairs(model, variables, x[:1], train=True)
     tasks = _tasks(model, ranks, pairs, every)
     steps = {key: make_step(task, jax.random.key(3)) for key, task in tasks.items()}
-    fresh = {key: TrainState(jnp.zeros([], jnp.int32), params, stats, task.optimizer.init(params))
+    fresh = {key: new_state(task, params, stats)
              for key, task in tasks.items()}
     lrpet = fresh["lrpet"]
     states = {  # (step, state): the states an epoch's steps start from
         "sgd": (steps["sgd"], fresh["sgd"]),
         "off": (steps["lrpet"], lrpet),
-        "project": (steps["lrpet"], lrpet._replace(
+        "project": (steps["lrpet"], lrpet.replace(
             opt_state=at_count(lrpet.opt_state, every - 1, False))),
-        "check": (steps["lrpet"], lrpet._replace(
+        "check": (steps["lrpet"], lrpet.replace(
             opt_state=at_count(lrpet.opt_state, every, True))),
-        "every_step": (steps["every_step"], fresh["every_step"]._replace(
+        "every_step": (steps["every_step"], fresh["every_step"].replace(
             opt_state=at_count(fresh["every_step"].opt_state, 0, True))),
     }
     # The gradients of one step, for the update-only timings (one jitted update per optimizer).
@@ -234,7 +234,7 @@ def _loss(model: Any, params: Any, stats: Any, x: jax.Array, y: jax.Array) -> ja
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _direct(steps: dict[str, Any], fresh: dict[str, TrainState], x: jax.Array, y: jax.Array,
+def _direct(steps: dict[str, Any], fresh: dict[str, jaxlr.TrainState], x: jax.Array, y: jax.Array,
             every: int) -> dict[str, float]:
     """Seconds of one whole epoch (``every`` steps, the state carried) of SGD and of LRPET."""
     seconds = {}
