@@ -36,7 +36,8 @@ Triplets = tuple[jax.Array, jax.Array, jax.Array]
 
 
 # A matrix at least this many times taller than wide is first reduced by a QR decomposition: the
-# SVD of its small triangular factor costs less than the SVD of the matrix (2x on 4608 x 512).
+# SVD of its small triangular factor costs less than the SVD of the matrix
+# (`python -m experiments.benchmarks.svd_projection --parts`; BENCHMARKS.md).
 QR_FIRST = 2
 
 

@@ -19,9 +19,9 @@ Two conventions for convolutions:
 Neither counts bias additions, normalisation, activations or pooling (ptflops adds one operation
 per output element for a bias, below ``1 / (k_h k_w c_in)`` of the layer's count). XLA's
 ``flops`` counts a multiply-accumulate as two operations and every elementwise operation as one,
-so ``xla_flops / 2`` is ``macs_in_bounds`` plus the elementwise work: 0.2% to 4% on the dense
-test models (an MLP, a VGG-style CNN, a ResNet, a ViT block), 0.7% to 12% on their factored
-versions, whose products shrink while the elementwise work stays. Between a dense model and its
+so ``xla_flops / 2`` is ``macs_in_bounds`` plus the elementwise work, a larger share of a
+factored model's count than of its dense model's (its products shrink while the elementwise work
+stays). Between a dense model and its
 factored version, XLA's count changes by exactly twice the change of ``macs_in_bounds`` (tested).
 XLA's figure is read from a CPU compilation by default (:func:`xla_flops`).
 

@@ -1,9 +1,9 @@
 """Measured time of every layer, dense and factored, on the backend at hand; ranks chosen from it.
 
-Multiply-accumulates do not set the time of a factored layer. On XLA's CPU backend a convolution
-with 13 filters took twice as long as one with 16; a ``3 x 3`` convolution with 16 channels on a
-``32 x 32`` map ran no faster factored at any rank; on a GPU a small network's layers are bound by
-launches and memory traffic (``BENCHMARKS.md``). :func:`measure_latency` therefore times each
+Multiply-accumulates do not set the time of a factored layer: on XLA's CPU backend a convolution
+with a number of filters that is not a multiple of 8 can take longer than one with more, and a
+narrow convolution may run no faster factored at any rank; on a GPU a small network's layers are
+bound by launches and memory traffic (``BENCHMARKS.md`` measures both, with the commands). :func:`measure_latency` therefore times each
 layer's own product, as the forward pass runs it, on the device the inputs live on: once dense and
 once factored (a product with ``A``, then one with ``B``, as :mod:`jaxlr.inference` runs a
 :class:`~jaxlr.nodes.LowRank` pair) at a grid of ranks. Layers with the same product are timed
