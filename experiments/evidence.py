@@ -219,7 +219,7 @@ def _measure(config: Config, data: data_lib.Dataset, fit: dict[str, Any]) -> dic
     def smallest(policy: str, split: str) -> float:
         return truncation.smallest_budget(curves, policy, split, config.tolerance)
 
-    spectra = jaxlr.svd.singular_values_tree(fit["variables"]["params"], filter=filter_)
+    spectra = jaxlr.svd.singular_values(fit["variables"]["params"], filter=filter_)
     return {
         **{k: fit[k] for k in ("model", "N", "learning_rate", "weight_decay", "seed",
                                "best_epoch")},

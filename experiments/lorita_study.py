@@ -147,7 +147,7 @@ def study_truncation(
                              "marker": "s" if policy == "LSVT" else "o"}
         spectra[f"N = {depth} (weight decay {run['weight_decay']:g})"] = {
             path: np.asarray(values) for path, values in
-            jaxlr.svd.singular_values_tree(run["variables"]["params"], filter=filter).items()}
+            jaxlr.svd.singular_values(run["variables"]["params"], filter=filter).items()}
     return {"rows": rows, "accepted": accepted, "curves": curves, "styles": styles,
             "spectra": spectra}
 

@@ -79,7 +79,7 @@ def sweep(
     if unknown:
         raise ValueError(f"policies must be among {POLICIES}, got {unknown}.")
     params = variables["params"]
-    spectra = jaxlr.svd.singular_values_tree(params, filter=filter)
+    spectra = jaxlr.svd.singular_values(params, filter=filter)
     total = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
 
     def row(policy: str, budget: float, ranks: jaxlr.Ranks | None) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def curves(
     factors = {path: np.linalg.svd(_matrix(leaves[path], kernel).astype(np.float64),
                                    full_matrices=False) for path, kernel in kernels.items()}
     # The ranks come from the library's own spectra (float32), as a user's would.
-    spectra = jaxlr.svd.singular_values_tree(params, filter=filter)
+    spectra = jaxlr.svd.singular_values(params, filter=filter)
 
     def score(policy: str, budget: float, ranks: jaxlr.Ranks | None) -> dict[str, Any]:
         cut = params

@@ -1,7 +1,7 @@
 """jaxlr: training compact low-rank neural networks in JAX and Flax, and compressing them after.
 
 The names below are the library's front door, one way to do each thing; everything else lives in
-its module (``jaxlr.svd.singular_values_tree``, ``jaxlr.policies.fixed_ranks``, ...):
+its module (``jaxlr.svd.singular_values``, ``jaxlr.policies.fixed_ranks``, ...):
 
 * LoRITa: :func:`factorize` kernels into products of matrices, :func:`collapse` them back
   (:mod:`jaxlr.lorita`: weight decay, placement, pre-trained starts).

@@ -3,11 +3,11 @@
 Multiply-accumulates do not set the time of a factored layer: on XLA's CPU backend a convolution
 with a number of filters that is not a multiple of 8 can take longer than one with more, and a
 narrow convolution may run no faster factored at any rank; on a GPU a small network's layers are
-bound by launches and memory traffic (``BENCHMARKS.md`` measures both, with the commands). :func:`measure_latency` therefore times each
-layer's own product, as the forward pass runs it, on the device the inputs live on: once dense and
-once factored (a product with ``A``, then one with ``B``, as :mod:`jaxlr.inference` runs a
-:class:`~jaxlr.nodes.LowRank` pair) at a grid of ranks. Layers with the same product are timed
-once.
+bound by launches and memory traffic (``BENCHMARKS.md`` measures both, with the commands).
+:func:`measure_latency` therefore times each layer's own product, as the forward pass runs it, on
+the device the inputs live on: once dense and once factored (a product with ``A``, then one with
+``B``, as :mod:`jaxlr.inference` runs a :class:`~jaxlr.nodes.LowRank` pair) at a grid of ranks.
+Layers with the same product are timed once.
 
 The :class:`LatencyTable` it returns says, per layer, which ranks are *worth* running factored
 (:meth:`LayerLatency.efficient_ranks`: faster than the dense layer and than every larger rank by

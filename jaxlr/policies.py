@@ -433,7 +433,7 @@ def _spectra(params: Any, filter: matrices.Filter | None, view: matrices.View,  
     first, as float64."""
     found = selection.matrix_leaves(params, filter=filter, view=view)
     if spectra is None:
-        given = svd.singular_values_tree(params, filter=_named(set(found)), view=view)
+        given = svd.singular_values(params, filter=_named(set(found)), view=view)
     else:
         given = matrices.keyed(spectra, "spectra")
         missing = sorted(set(found) - set(given))
@@ -533,7 +533,7 @@ def energy_ranks(
       energy: the fraction of ``sum s^2`` kept, in ``(0, 1]``. A zero matrix keeps 1.
       filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
-      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values_tree`).
+      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -629,7 +629,7 @@ def gsvt_ranks(
         convolution pool of CNNs only).
       filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
-      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values_tree`),
+      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values`),
         to sweep many budgets without decomposing again.
 
     Raises:

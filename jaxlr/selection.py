@@ -12,7 +12,7 @@ tuple of them (``filter="conv"``).
 
 **The default selection** (``filter=None``, the same in every entry point of jaxlr: the policies,
 ``factorize``, ``project`` and the projection transformation, ``compress``, ``target_ranks``,
-``singular_values_tree``): every kernel (leaves named ``kernel`` of two or more dimensions; in an
+``singular_values``): every kernel (leaves named ``kernel`` of two or more dimensions; in an
 Equinox module the ``weight`` of its layers, its ``Embedding`` s excepted) **except the model's
 output layer** (a classifier, an LM head), as both papers leave it. Embeddings are never kernels.
 From the tree alone, the output layer is the one kernel whose output no other kernel can read,

@@ -1,17 +1,19 @@
 """Jitted singular-value truncation: the numerical core of every jaxlr method.
 
-For one matrix:
+The names follow one scheme: a function of one matrix ends in ``_matrix``; the same verb without
+it takes a tree (:func:`jaxlr.project` and :func:`jaxlr.compress` are the tree versions of
+:func:`project_matrix` and :func:`factor_matrix`). For one matrix:
 
-* :func:`singular_values`: the spectrum, largest first.
+* :func:`singular_values_matrix`: the spectrum, largest first.
 * :func:`project_matrix`: the best rank-``r`` approximation ``W_r = U_r S_r V_r^T`` (Eckart-Young)
   with LRPET's *energy transfer* (on by default, as everywhere in jaxlr): the kept singular values
   are multiplied by ``alpha = sqrt(sum_all s^2 / sum_kept s^2)`` so that ``||W_r||_F = ||W||_F``.
   ``tail_scale`` makes the projection *soft*: the dropped singular values are multiplied by it
   instead of zeroed (``0``, the default, is the hard projection).
-* :func:`truncated_factors`: ``A = U_r sqrt(S_r)`` (``m x r``) and ``B = sqrt(S_r) V_r^T``
+* :func:`factor_matrix`: ``A = U_r sqrt(S_r)`` (``m x r``) and ``B = sqrt(S_r) V_r^T``
   (``r x n``), whose product is the rank-``r`` approximation.
 
-For every selected matrix of a tree, in one jitted call: :func:`singular_values_tree`, and the
+For every selected matrix of a tree, in one jitted call: :func:`singular_values`, and the
 functions :mod:`jaxlr.projection`, :mod:`jaxlr.compression` and :mod:`jaxlr.policies` build on
 (:func:`project_leaves`, :func:`factor_leaves`, :func:`spectra_of`).
 
@@ -72,12 +74,12 @@ from jaxlr.matrices import MatrixView
 
 __all__ = [
     "factor_leaves",
+    "factor_matrix",
     "project_leaves",
     "project_matrix",
     "singular_values",
-    "singular_values_tree",
+    "singular_values_matrix",
     "spectra_of",
-    "truncated_factors",
 ]
 
 _WHOLE = MatrixView((0,), (1,))  # a matrix seen as itself
@@ -108,7 +110,7 @@ class _Settings:
 # One matrix.
 
 
-def singular_values(matrix: jax.typing.ArrayLike) -> jax.Array:
+def singular_values_matrix(matrix: jax.typing.ArrayLike) -> jax.Array:
     """Singular values of a matrix, largest first, in float32 or wider.
 
     Raises:
@@ -117,7 +119,7 @@ def singular_values(matrix: jax.typing.ArrayLike) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> singular_values(jnp.diag(jnp.array([1.0, 3.0, 2.0])))
+      >>> singular_values_matrix(jnp.diag(jnp.array([1.0, 3.0, 2.0])))
       Array([3., 2., 1.], dtype=float32)
     """
     _checks.check_matrix(matrix)
@@ -189,7 +191,7 @@ def _jit_project(matrix: jax.Array, settings: _Settings) -> tuple[jax.Array, jax
     return out[0], finite[0]
 
 
-def truncated_factors(
+def factor_matrix(
     matrix: jax.typing.ArrayLike, rank: int, *, method: _checks.Method = "svd"
 ) -> tuple[jax.Array, jax.Array]:
     """Factors ``A = U_r sqrt(S_r)`` and ``B = sqrt(S_r) V_r^T`` of the rank-``rank`` truncation.
@@ -212,7 +214,7 @@ def truncated_factors(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> a, b = truncated_factors(jnp.diag(jnp.array([4.0, 1.0])), 1)
+      >>> a, b = factor_matrix(jnp.diag(jnp.array([4.0, 1.0])), 1)
       >>> (a @ b).round(4)
       Array([[4., 0.],
              [0., 0.]], dtype=float32)
@@ -584,7 +586,7 @@ def _jit_first_factors(leaves: tuple[Any, ...], settings: _Settings
     return _untyped(run, leaves, None, ([(P(), P())] * len(leaves), P(), P()))
 
 
-def singular_values_tree(
+def singular_values(
     tree: Any,
     *,
     filter: matrices.Filter | None = None,  # noqa: A002
@@ -609,9 +611,12 @@ def singular_values_tree(
     Example:
       >>> import jax.numpy as jnp
       >>> params = {"Dense_0": {"kernel": jnp.diag(jnp.array([2.0, 5.0]))}}
-      >>> singular_values_tree(params)
+      >>> singular_values(params)
       {'Dense_0/kernel': Array([5., 2.], dtype=float32)}
     """
+    if isinstance(tree, jax.Array | np.ndarray):
+        raise TypeError("singular_values takes a tree of kernels; for one matrix call "
+                        "jaxlr.svd.singular_values_matrix(matrix).")
     found = selection.matrix_leaves(tree, filter=filter, view=view)
     flat = [leaf for _, leaf in selection.flatten(tree)[0]]
     leaves = [flat[leaf.index] for leaf in found.values()]

@@ -275,7 +275,7 @@ def test_depth_three_trains_to_lower_rank_and_truncates_with_less_loss():
     results = {}
     for depth in (1, 3):
         params, loss, accuracy = _train_digits(depth)
-        spectra = jaxlr.svd.singular_values_tree(params, filter=hidden)
+        spectra = jaxlr.svd.singular_values(params, filter=hidden)
         numerical_rank = sum(int(np.sum(np.asarray(s) > 1e-3 * float(s[0])))
                              for s in spectra.values())
         total = sum(len(s) for s in spectra.values())

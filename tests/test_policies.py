@@ -171,7 +171,7 @@ def test_gsvt_of_a_partly_collapsed_lorita_tree_pools_every_layer():
 
     expected = {"conv/kernel": product("conv"), "fc1/kernel": product("fc1"),
                 "fc2/kernel": product("fc2")}
-    spectra = jaxlr.svd.singular_values_tree(mixed, filter="all")
+    spectra = jaxlr.svd.singular_values(mixed, filter="all")
     assert set(spectra) == set(expected)
     for name, matrix in expected.items():
         np.testing.assert_allclose(spectra[name], np.linalg.svd(matrix, compute_uv=False),

@@ -163,7 +163,7 @@ def test_compress_side_by_side_matches_numpy(lanes, programs, method):
 def test_spectra_side_by_side_match_numpy(lanes, programs):
     tree, _ = mixed_tree()
     lanes(2)
-    spectra = jaxlr.svd.singular_values_tree(tree, filter="all")
+    spectra = jaxlr.svd.singular_values(tree, filter="all")
     assert len(programs) == 2
     for name, t in tree.items():
         want = np.linalg.svd(np.asarray(t["kernel"], np.float64), compute_uv=False)
@@ -180,7 +180,7 @@ def test_a_nonfinite_matrix_is_named_side_by_side(lanes, entry):
         if entry == "compress":
             jaxlr.compress(tree, ranks)
         elif entry == "spectra":
-            jaxlr.svd.singular_values_tree(tree, filter="all")
+            jaxlr.svd.singular_values(tree, filter="all")
         else:
             method = entry.split("_")[1]
             jaxlr.project(tree, ranks, options=jaxlr.ProjectionOptions(method=method))

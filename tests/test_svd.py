@@ -117,9 +117,9 @@ def test_half_precision_is_computed_in_float32(dtype):
         )
         assert half.dtype == dtype
         np.testing.assert_array_equal(np.asarray(half), np.asarray(full.astype(dtype)))
-    a, b = jaxlr.svd.truncated_factors(matrix, 5)
+    a, b = jaxlr.svd.factor_matrix(matrix, 5)
     assert a.dtype == b.dtype == dtype
-    assert jaxlr.svd.singular_values(matrix).dtype == jnp.float32
+    assert jaxlr.svd.singular_values_matrix(matrix).dtype == jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_auto_is_within_1e4_of_the_full_svd_on_flat_and_decaying_spectra():
         svd = jaxlr.svd.project_matrix(matrix, rank, energy_transfer=False, method="svd")
         assert rel(auto, truth) <= 1e-4, (name, matrix.shape, rank)
         assert rel(auto, svd) <= 1e-4, (name, matrix.shape, rank)
-        a, b = jaxlr.svd.truncated_factors(matrix, rank, method="auto")
+        a, b = jaxlr.svd.factor_matrix(matrix, rank, method="auto")
         assert rel(np.asarray(a, np.float64) @ np.asarray(b, np.float64), truth) <= 1e-4
 
 
@@ -200,7 +200,7 @@ def test_zero_matrix_projects_to_itself(method, energy_transfer):
     zero = jnp.zeros((12, 5))
     out = jaxlr.svd.project_matrix(zero, 2, energy_transfer=energy_transfer, method=method)
     np.testing.assert_array_equal(np.asarray(out), np.zeros((12, 5)))
-    a, b = jaxlr.svd.truncated_factors(zero, 2, method=method)
+    a, b = jaxlr.svd.factor_matrix(zero, 2, method=method)
     np.testing.assert_array_equal(np.asarray(a @ b), np.zeros((12, 5)))
 
 
@@ -217,7 +217,7 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
     with pytest.raises(ValueError, match="broken/kernel"):
         jaxlr.compress(tree, ranks)
     with pytest.raises(ValueError, match="broken/kernel"):
-        jaxlr.svd.singular_values_tree(tree, filter="all")
+        jaxlr.svd.singular_values(tree, filter="all")
 
     params = jax.jit(lambda t: jaxlr.project(t, ranks))(tree)
     np.testing.assert_array_equal(np.asarray(params["broken"]["kernel"]), np.asarray(broken))
@@ -228,21 +228,21 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
 
     single = jax.jit(lambda m: jaxlr.svd.project_matrix(m, 2, energy_transfer=True))(broken)
     np.testing.assert_array_equal(np.asarray(single), np.asarray(broken))
-    a, b = jax.jit(lambda m: jaxlr.svd.truncated_factors(m, 2))(broken)
+    a, b = jax.jit(lambda m: jaxlr.svd.factor_matrix(m, 2))(broken)
     assert np.isnan(np.asarray(a)).all() and np.isnan(np.asarray(b)).all()
-    assert np.isnan(np.asarray(jax.jit(jaxlr.svd.singular_values)(broken))).all()
+    assert np.isnan(np.asarray(jax.jit(jaxlr.svd.singular_values_matrix)(broken))).all()
 
     # The one-matrix functions raise eagerly as the tree functions do, naming the shape.
     for method in ("auto", "gram", "svd"):
         with pytest.raises(ValueError, match=r"matrix \(shape \(20, 6\)\) holds NaN or Inf"):
             jaxlr.svd.project_matrix(broken, 2, method=method)
         with pytest.raises(ValueError, match=r"matrix \(shape \(20, 6\)\) holds NaN or Inf"):
-            jaxlr.svd.truncated_factors(broken, 2, method=method)
+            jaxlr.svd.factor_matrix(broken, 2, method=method)
     with pytest.raises(ValueError, match="holds NaN or Inf"):
-        jaxlr.svd.singular_values(np.asarray(broken))
+        jaxlr.svd.singular_values_matrix(np.asarray(broken))
     # Nothing of it applies to a finite matrix, whatever its values.
     huge = good * 1e30
-    np.testing.assert_allclose(np.asarray(jaxlr.svd.singular_values(huge)),
+    np.testing.assert_allclose(np.asarray(jaxlr.svd.singular_values_matrix(huge)),
                                np_svd(np.asarray(huge, np.float64))[1], rtol=1e-5)
 
 
@@ -253,7 +253,7 @@ def test_nonfinite_matrix_raises_eagerly_and_is_flagged_under_jit(bad):
 @given(case=matrix_and_rank())
 def test_truncated_factors_are_balanced_and_multiply_to_the_truncation(case):
     matrix, rank = case
-    a, b = jaxlr.svd.truncated_factors(matrix, rank)
+    a, b = jaxlr.svd.factor_matrix(matrix, rank)
     assert a.shape == (matrix.shape[0], rank) and b.shape == (rank, matrix.shape[1])
     norm = np.linalg.norm(matrix.astype(np.float64))
     s = np_svd(matrix)[1]
@@ -342,8 +342,8 @@ def test_linen_and_nnx_trees_give_identical_results():
     y_nnx = nnx.merge(graphdef, nnx_out)(x)
     np.testing.assert_allclose(np.asarray(y_linen), np.asarray(y_nnx), atol=1e-5)
 
-    spectra_linen = jaxlr.svd.singular_values_tree(params, filter="all")
-    spectra_nnx = jaxlr.svd.singular_values_tree(state, filter="all")
+    spectra_linen = jaxlr.svd.singular_values(params, filter="all")
+    spectra_nnx = jaxlr.svd.singular_values(state, filter="all")
     assert list(spectra_linen) == list(spectra_nnx)
     for name in spectra_linen:
         np.testing.assert_array_equal(np.asarray(spectra_linen[name]),
@@ -363,7 +363,7 @@ def test_attention_kernels_are_truncated_through_their_views():
     np.testing.assert_allclose(np.asarray(out["out"]["kernel"]),
                                np_truncate(proj.reshape(16, 8), 2).reshape(4, 4, 8), atol=1e-5)
 
-    spectra = jaxlr.svd.singular_values_tree(params, filter="all")
+    spectra = jaxlr.svd.singular_values(params, filter="all")
     np.testing.assert_allclose(np.asarray(spectra["value/kernel"]),
                                np_svd(np.asarray(params["value"]["kernel"]).reshape(8, 16))[1],
                                rtol=1e-5)
@@ -433,7 +433,7 @@ def test_bad_ranks_and_methods_are_rejected_when_called():
     with pytest.raises(ValueError, match=r"rank for matrix is 0; allowed 1 <= rank <= .* = 4"):
         jaxlr.svd.project_matrix(matrix, 0)
     with pytest.raises(ValueError, match=r"rank for matrix is 5"):
-        jaxlr.svd.truncated_factors(matrix, 5)
+        jaxlr.svd.factor_matrix(matrix, 5)
     with pytest.raises(TypeError, match="rank for matrix must be an int"):
         jaxlr.svd.project_matrix(matrix, 2.0)
     with pytest.raises(ValueError, match="method must be one of"):
@@ -458,7 +458,7 @@ def test_bad_tree_input_is_rejected_when_called():
         jaxlr.project(params, {"Dense_1/kernel": 1}, options=jaxlr.ProjectionOptions(
             view=jaxlr.MatrixView((0, 1), (2,))))
     with pytest.raises(ValueError, match="selected no matrix"):
-        jaxlr.svd.singular_values_tree(params, filter=lambda path, leaf: False)
+        jaxlr.svd.singular_values(params, filter=lambda path, leaf: False)
 
 
 @pytest.mark.parametrize("tail_scale", [0.0, 0.25, 0.9])

@@ -77,7 +77,7 @@ def test_eager_tree_calls_use_one_thread_then_restore(three_threads, seen, entry
     elif entry == "compress":
         jaxlr.compress(params, jaxlr.policies.fixed_ranks(params, 3))
     else:
-        jaxlr.svd.singular_values_tree(params)
+        jaxlr.svd.singular_values(params)
     assert seen and all(counts == {1} for counts in seen)
     assert blas_threads() == {3}
 
