@@ -3,8 +3,9 @@ is given, naming the parameter and its allowed range."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,10 @@ import numpy as np
 
 from jaxlr import matrices
 
-__all__ = ["METHODS", "Method", "check_flag", "check_matrix", "check_method", "check_rank",
-           "check_tail_scale", "eager_finite", "is_traced", "raise_if_nonfinite"]
+__all__ = ["METHODS", "Method", "by_name", "check_flag", "check_matrix", "check_method",
+           "check_rank", "check_tail_scale", "eager_finite", "is_traced", "raise_if_nonfinite"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 Method = Literal["auto", "gram", "svd"]
 """A decomposition method (:mod:`jaxlr.svd`)."""
@@ -90,3 +93,22 @@ def check_rank(label: str, rank: Any, full: int) -> int:
         raise ValueError(f"rank for {label} is {rank}; allowed 1 <= rank <= min(m, n) = {full}.")
     return rank
 
+
+def by_name(positional: int, names: str) -> Callable[[F], F]:
+    """A decorator for a function whose fractions are keyword-only after ``positional``
+    arguments: a fraction given by position raises a ``TypeError`` that names them (``names``,
+    e.g. ``"keep= or prune="``) instead of Python's count of arguments."""
+    def wrap(function: F) -> F:
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > positional:
+                meaning = (" (keep= is the fraction of singular values kept, prune= the "
+                           "fraction pruned)") if "keep=" in names else ""
+                raise TypeError(
+                    f"{function.__name__} takes its fraction by name, {names}{meaning}: got "
+                    f"{args[positional]!r} as positional argument {positional + 1}.")
+            return function(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return wrap

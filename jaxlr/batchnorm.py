@@ -295,10 +295,11 @@ def rectification_scales(params: Any, batch_stats: Any, pairs: Mapping[str, str]
         return {}
     if batch_stats is None:
         raise ValueError(
-            "BN rectification needs the BatchNorm statistics: call "
-            "update(updates, state, params, batch_stats=variables['batch_stats']) (Linen; "
-            "jaxlr.TrainState passes them) or optimizer.update(model, grads, "
-            "batch_stats=nnx.state(model, nnx.BatchStat)) (NNX).")
+            "BN rectification needs the BatchNorm statistics: pass "
+            "jaxlr.project(params, ..., batch_stats=variables['batch_stats']) (or the whole "
+            "variables dict as params); in training, update(updates, state, params, "
+            "batch_stats=...) (Linen; jaxlr.TrainState passes them) or optimizer.update(model, "
+            "grads, batch_stats=nnx.state(model, nnx.BatchStat)) (NNX).")
     param_leaves = _named_leaves(params, "params")
     stat_leaves = _named_leaves(batch_stats, "batch_stats")
     scales = {}

@@ -160,7 +160,8 @@ def compress(
         raise ValueError(
             "compress truncates: options.bn_pairs and options.tail_scale shape the projection "
             "during training, not the final cut. Project once with them (jaxlr.project(params, "
-            "..., options=...)), then compress the projected weights.")
+            "..., options=...)) if the weights are not projected yet, then compress with "
+            "dataclasses.replace(options, bn_pairs=None, tail_scale=0.0).")
     request = rank_request(ranks=ranks, keep=keep, prune=prune)
     if request.traced:
         raise TypeError("compress takes a fixed keep= or prune= number; schedules belong to "

@@ -29,9 +29,12 @@ On a mesh with ``Explicit`` axes (sharded factors or inputs) ``A`` is gathered b
 gathers a weight, and split as the input is on the contracted axes (row-parallel layers add their
 partial sums over the mesh); ``B`` keeps its column split unless that mesh axis splits the batch;
 :class:`LowRankLayer` takes ``out_sharding`` as ``nnx.Linear`` does.
-Errors name the layer's path: a factor pair that does not fit the kernel the module expects, a rank
-above ``min(m, n)``, a :class:`~jaxlr.nodes.LowRank` in a module that cannot run it (grouped or
-masked convolutions, custom ``dot_general``, ``ConvTranspose``, embeddings, user modules, ...).
+A Linen kernel layer that cannot run a pair factored (a grouped or masked convolution, a custom
+``dot_general``, ``ConvTranspose``, a user module) runs the kernel the pair stands for, as
+``model.apply`` does: the parameters stay factored, its products are dense. NNX layers are replaced,
+so :func:`nnx_model` refuses such a layer. Errors name the layer's path: a factor pair that does not
+fit the kernel the module expects, a :class:`~jaxlr.nodes.LowRank` outside a kernel (an
+embedding), a layer NNX cannot replace.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -462,7 +465,10 @@ def _interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
     extra = sorted(set(entries) - {"kernel"})
     if extra:
         raise _unsupported(name, module, f"its parameters {extra} are LowRank; only kernels can be")
-    layer = _linen_layer(name, module)
+    try:
+        layer = _linen_layer(name, module)
+    except TypeError:  # it cannot run the pair factored: it runs the kernel (Flax unboxes it)
+        return next_fun(*args, **kwargs)
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     if len(args) != 1 or kwargs:

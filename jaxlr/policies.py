@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import matrices, nodes, selection, svd
+from jaxlr import _checks, matrices, nodes, selection, svd
 from jaxlr._checks import check_rank
 
 if TYPE_CHECKING:
@@ -476,6 +476,7 @@ def fixed_ranks(
     return _shape_policy(params, filter, view, lambda n: rank)
 
 
+@_checks.by_name(1, "keep= or prune=")
 def lsvt_ranks(
     params: Any,
     *,
@@ -601,6 +602,7 @@ def _gsvt(values: dict[str, np.ndarray], pool_of: dict[str, str], kept: Fraction
     return ranks
 
 
+@_checks.by_name(1, "keep= or prune=")
 def gsvt_ranks(
     params: Any,
     *,
@@ -656,6 +658,7 @@ def gsvt_ranks(
     return Ranks(ranks, {key: leaf.full_rank for key, leaf in found.items()})
 
 
+@_checks.by_name(1, "reduction=")
 def target_ranks(
     params: Any,
     *,

@@ -138,7 +138,8 @@ class LowRankProjectionState(NamedTuple):
         def read(x: Any) -> str:
             if isinstance(x, jax.core.Tracer) or not hasattr(x, "shape"):
                 return f"{type(x).__name__}"
-            return np.array2string(np.asarray(x), separator=",") if np.ndim(x) else \
+            return np.array2string(np.asarray(x), separator=",", max_line_width=np.inf,
+                                   threshold=np.inf) if np.ndim(x) else \
                 str(np.asarray(x).item())
         fields = [f"{name}={read(getattr(self, name))}" for name in
                   ("count", "nonfinite", "misplaced", "pending", "kept", "ranks")]
@@ -412,6 +413,7 @@ def _when_due(due: jax.Array, projected: Callable[[Any], tuple[Any, ...]], updat
     return values
 
 
+@_checks.by_name(0, "prune= or keep=")
 def low_rank_projection(
     *,
     prune: float | Callable[[jax.Array], Any] | None = None,
@@ -569,6 +571,7 @@ def low_rank_projection(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@_checks.by_name(1, "prune= or keep=")
 def with_low_rank_projection(
     optimizer: optax.GradientTransformation,
     *,

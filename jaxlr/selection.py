@@ -19,7 +19,8 @@ From the tree alone, the output layer is the one kernel whose output no other ke
 judged by widths: a dense or attention layer reads another when its input width (its matrix's
 rows) is the other's output width (its matrix's columns), or a multiple of a convolution's output
 channels (a flattened feature map); a convolution reads a convolution whose output channels are
-its input channels. Then:
+its input channels, or a dense layer whose output is a square map of them (``s * s * c``,
+``s >= 2``: a decoder's reshape). Then:
 
 * a tree of one kernel, or of kernels none of which can read another, is a set of matrices, not
   a model: every kernel is selected;
@@ -171,7 +172,12 @@ def _reads(reader: MatrixLeaf, source: MatrixLeaf) -> bool:
     """Whether ``reader``'s input could be ``source``'s output, judged by widths."""
     width = source.matrix_shape[1]
     if reader.kind == "conv":
-        return source.kind == "conv" and _input_channels(reader) == width
+        channels = _input_channels(reader)
+        if source.kind == "conv":
+            return channels == width
+        # A dense output reshaped to a square map of the convolution's channels (a decoder).
+        side = math.isqrt(width // channels) if width % channels == 0 else 0
+        return side >= 2 and side * side * channels == width
     rows = reader.matrix_shape[0]
     return rows == width or (source.kind == "conv" and rows % width == 0)
 

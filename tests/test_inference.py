@@ -205,20 +205,24 @@ def test_bad_input_names_the_layer():
         jaxlr.apply(nn.Sequential([nn.Dense(4)]),
                       {"params": {"layers_0": {"kernel": flipped, "bias": jnp.zeros(4)}}}, x)
 
-    # Modules that cannot run a factor pair.
-    conv_node = LowRank(jnp.ones((18, 2)), jnp.ones((2, 4)), (3, 3, 2, 4),
+    # Linen layers that cannot run a factor pair factored run the kernel it stands for.
+    rng = np.random.default_rng(5)
+    conv_node = LowRank(jnp.asarray(rng.normal(size=(18, 2)), jnp.float32),
+                        jnp.asarray(rng.normal(size=(2, 4)), jnp.float32), (3, 3, 2, 4),
                         MatrixView((0, 1, 2), (3,)))
-    images = jnp.ones((1, 5, 5, 2))
-    with pytest.raises(TypeError, match="layer 'layers_0' \\(ConvTranspose\\).*only Dense"):
-        jaxlr.apply(nn.Sequential([nn.ConvTranspose(4, (3, 3))]),
-                      {"params": {"layers_0": {"kernel": conv_node, "bias": jnp.zeros(4)}}},
-                      images)
-    grouped = LowRank(jnp.ones((9, 2)), jnp.ones((2, 4)), (3, 3, 1, 4),
+    grouped = LowRank(jnp.asarray(rng.normal(size=(9, 2)), jnp.float32),
+                      jnp.asarray(rng.normal(size=(2, 4)), jnp.float32), (3, 3, 1, 4),
                       MatrixView((0, 1, 2), (3,)))
-    with pytest.raises(TypeError, match="layer 'layers_0' \\(Conv\\).*grouped"):
-        jaxlr.apply(nn.Sequential([nn.Conv(4, (3, 3), feature_group_count=2)]),
-                      {"params": {"layers_0": {"kernel": grouped, "bias": jnp.zeros(4)}}},
-                      images)
+    images = jnp.asarray(rng.normal(size=(1, 5, 5, 2)), jnp.float32)
+    for module, node in ((nn.ConvTranspose(4, (3, 3)), conv_node),
+                         (nn.Conv(4, (3, 3), feature_group_count=2), grouped)):
+        model = nn.Sequential([module])
+        dense = np.asarray(node.a) @ np.asarray(node.b)  # the (kh kw cin) x cout matrix
+        out = jaxlr.apply(model, {"params": {"layers_0": {"kernel": node,
+                                                          "bias": jnp.zeros(4)}}}, images)
+        want = model.apply({"params": {"layers_0": {"kernel": jnp.asarray(
+            dense.reshape(node.shape)), "bias": jnp.zeros(4)}}}, images)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
     embed = LowRank(jnp.ones((10, 2)), jnp.ones((2, 4)), (10, 4), view)
     with pytest.raises(TypeError, match="layer 'layers_0' \\(Embed\\).*\\['embedding'\\]"):
         jaxlr.apply(nn.Sequential([nn.Embed(10, 4)]),

@@ -111,12 +111,14 @@ def test_1_the_rule_from_the_tree_agrees_with_the_dataflow_or_says_it_cannot_tel
 def test_2_a_positional_fraction_is_refused_everywhere_naming_keep_and_prune():
     params = {"a": {"kernel": jnp.ones((8, 6))}, "b": {"kernel": jnp.ones((6, 4))}}
     calls = [lambda: jaxlr.lsvt_ranks(params, 0.3), lambda: jaxlr.gsvt_ranks(params, 0.3),
-             lambda: jaxlr.target_ranks(params, 0.3), lambda: jaxlr.low_rank_projection(0.3),
+             lambda: jaxlr.low_rank_projection(0.3),
              lambda: jaxlr.with_low_rank_projection(optax.sgd(0.1), 0.3),
              lambda: jaxlr.project(params, 0.3), lambda: jaxlr.compress(params, 0.3)]
     for call in calls:
-        with pytest.raises(TypeError, match="keep=|positional"):
+        with pytest.raises(TypeError, match="keep="):
             call()
+    with pytest.raises(TypeError, match="reduction="):
+        jaxlr.target_ranks(params, 0.3)
 
 
 # 3. Equinox: factorized and compressed modules run.
@@ -280,3 +282,33 @@ def test_10_weights_on_a_mesh_of_explicit_axes_are_projected_compressed_and_meas
                                atol=1e-4)
     np.testing.assert_allclose(np.asarray(jaxlr.svd.singular_values(placed)["Dense_0/kernel"]),
                                s, rtol=1e-5)
+
+
+def test_1_a_decoder_reshape_does_not_hide_the_output_layer():
+    """A dense layer reshaped into a map for a transposed convolution is a hidden layer, not the
+    output layer: an autoencoder's output has its input's channels, so the widths cannot tell
+    which layer is last and the default selection says so (it cut the output layer and left the
+    dense one whole before); the dataflow can, and the compressed Linen model runs (a layer that
+    cannot run a pair factored runs the kernel the pair stands for)."""
+
+    class AutoEncoder(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Conv(16, (3, 3))(x))
+            h = nn.relu(nn.Conv(32, (3, 3))(h)).mean((1, 2))
+            h = nn.relu(nn.Dense(512)(nn.Dense(8)(h))).reshape(x.shape[0], 4, 4, 32)
+            h = nn.relu(nn.ConvTranspose(16, (3, 3), strides=(2, 2))(h))
+            return nn.ConvTranspose(3, (3, 3), strides=(2, 2))(h)
+
+    model, x = AutoEncoder(), jnp.ones((2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="find_layers"):
+        jaxlr.compress(variables["params"], keep=0.5)
+    layers = jaxlr.find_layers(model, variables, x)
+    assert layers.exclude == "^(?:ConvTranspose_1/kernel)$"
+    result = jaxlr.compress(variables["params"], keep=0.5,
+                            options=jaxlr.ProjectionOptions(filter=layers))
+    assert "Dense_1/kernel" in result.report.layers
+    out = jaxlr.apply(model, {"params": result.compressed}, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(
+        model.apply({"params": jaxlr.collapse(result.compressed)}, x)), rtol=1e-5, atol=1e-5)
