@@ -97,7 +97,7 @@ def run(put) -> dict[str, np.ndarray]:
     p = params
     for _ in range(STEPS):
         p, state = lrpet_step(p, state, stats, x)
-    fparams = jaxlr.factorize(params, 3, jax.random.key(0, impl="threefry2x32"))
+    fparams = jaxlr.factorize(params, 3, jax.random.key(0, impl="threefry2x32"), filter="all")
     fstate = sgd.init(fparams)
     for _ in range(STEPS):
         fparams, fstate = lorita_step(fparams, fstate, x)
