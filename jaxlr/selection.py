@@ -25,8 +25,9 @@ its input channels, or a dense layer whose output is a square map of them (``s *
 * a tree of one kernel, or of kernels none of which can read another, is a set of matrices, not
   a model: every kernel is selected;
 * exactly one kernel that nothing reads: it is the output layer, and is left out;
-* none, or several (a tied LM head, two heads, equal widths throughout): the rule cannot tell,
-  and the entry point raises ``ValueError`` rather than guess.
+* none, or several (a tied LM head, two heads, equal widths throughout, an autoencoder whose
+  output has its input's channels): the rule cannot tell, and the entry point raises
+  ``ValueError`` rather than guess.
 
 Overriding it is one argument: ``filter="all"`` selects every kernel, the output layer included;
 ``filter=jaxlr.find_layers(model, ...)`` finds the output layer from the model's dataflow
