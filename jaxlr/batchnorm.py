@@ -45,7 +45,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
 from jaxlr import _checks, _nnx, matrices, nodes, selection, sharding
 
@@ -76,12 +75,6 @@ class BatchNormKey(str):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (BatchNormKey, (str(self), self.epsilon))
-
-
-def _has_kernel_value(value: Any) -> bool:
-    if isinstance(value, meta.AxisMetadata) and not nodes.is_node(value):
-        value = value.unbox()  # a boxed (e.g. partitioned) kernel
-    return hasattr(value, "shape") or nodes.is_node(value)
 
 
 def _pairs(outputs: list[tuple[tuple[str, ...], Any]],
@@ -115,7 +108,7 @@ def _linen_pairs(model: nn.Module, variables: Any, args: tuple, kwargs: dict) ->
         if isinstance(module, nn.BatchNorm) and call_args:
             inputs.append((tuple(module.path), call_args[0], module.epsilon))
         out = next_fun(*call_args, **call_kwargs)
-        if module.scope is not None and _has_kernel_value(
+        if module.scope is not None and nodes.holds_kernel(
                 module.variables.get("params", {}).get("kernel")):
             outputs.append((tuple(module.path), out))
         return out
@@ -149,7 +142,7 @@ def _nnx_pairs(model: Any, args: tuple, kwargs: dict) -> dict[str, str]:
         if not isinstance(node, nnx.Module):
             continue
         is_bn = isinstance(node, nnx.BatchNorm)
-        if is_bn or _has_kernel_value(getattr(node, "kernel", None)):
+        if is_bn or nodes.holds_kernel(getattr(node, "kernel", None)):
             names = tuple(str(p) for p in path)
             object.__setattr__(node, "__class__", recording(type(node), names, is_bn))
     graphdef, state = nnx.split(clone)
@@ -222,7 +215,7 @@ def bn_pairs_by_name(params: Any, batch_stats: Any) -> dict[str, str]:
     for path, leaf in selection.flatten(params)[0]:
         if path and path[0] == "params":
             path = path[1:]
-        if not (len(path) >= 2 and path[-1] == "kernel" and _has_kernel_value(leaf)):
+        if not (len(path) >= 2 and path[-1] == "kernel" and nodes.holds_kernel(leaf)):
             continue
         match = re.fullmatch(r"(.*?)(conv)(.*)", path[-2], re.I)
         if not match:

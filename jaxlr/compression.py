@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlr import _checks, _equinox, _nnx, inference, nodes, selection, sharding, svd
+from jaxlr import options as options_lib
 from jaxlr.options import ProjectionOptions
 from jaxlr.policies import RankRequest, Ranks, RankSpec, rank_request, retained_fraction, select
 
@@ -152,10 +153,7 @@ def compress(
       >>> result.compressed["Dense_0"]["kernel"].rank, list(result.report.layers)
       (8, ['Dense_0/kernel'])
     """
-    options = ProjectionOptions() if options is None else options
-    if not isinstance(options, ProjectionOptions):
-        raise TypeError(f"options must be a jaxlr.ProjectionOptions, got "
-                        f"{type(options).__name__}.")
+    options = options_lib.resolve(options)
     if options.bn_pairs or options.tail_scale:
         raise ValueError(
             "compress truncates: options.bn_pairs and options.tail_scale shape the projection "

@@ -29,17 +29,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from flax.core import meta
 
 from jaxlr import _nnx, matrices, nodes
 
 __all__ = ["find_layers", "output_layers"]
-
-
-def _holds_kernel(value: Any) -> bool:
-    if isinstance(value, meta.AxisMetadata) and not nodes.is_node(value):
-        value = value.unbox()
-    return hasattr(value, "shape") or nodes.is_node(value)
 
 
 def _depends(jaxpr: Any, sources: list[Any]) -> list[set[int]]:
@@ -115,7 +108,7 @@ def _linen_run(model: nn.Module, kwargs: dict) -> Callable[[Replace, Any], Any]:
             module = context.module
             out = next_fun(*call_args, **call_kwargs)
             if (context.method_name == "__call__" and module.scope is not None
-                    and _holds_kernel(module.variables.get("params", {}).get("kernel"))):
+                    and nodes.holds_kernel(module.variables.get("params", {}).get("kernel"))):
                 return replace(tuple(module.path), out)
             return out
 
@@ -140,7 +133,7 @@ def _nnx_run(model: Any, kwargs: dict) -> Callable[[Replace, Any], Any]:
     def run(replace: Replace, inputs: Any) -> Any:
         clone = nnx.clone(model)
         for path, node in list(nnx.iter_graph(clone)):
-            if isinstance(node, nnx.Module) and _holds_kernel(getattr(node, "kernel", None)):
+            if isinstance(node, nnx.Module) and nodes.holds_kernel(getattr(node, "kernel", None)):
                 object.__setattr__(node, "__class__", _replacing(
                     type(node), tuple(str(p) for p in path), replace))
         return clone(*inputs, **kwargs)

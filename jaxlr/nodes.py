@@ -36,7 +36,7 @@ from flax.core import meta
 from jaxlr import matrices
 from jaxlr.matrices import MatrixView
 
-__all__ = ["LowRank", "Product", "collapse_tree", "is_node", "saves"]
+__all__ = ["LowRank", "Product", "collapse_tree", "holds_kernel", "is_node", "saves"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -351,6 +351,14 @@ class LowRank(_KernelLike):
         """The dense kernel ``A B`` in its own shape (inference never builds it)."""
         product = jnp.matmul(value_of(self.a), value_of(self.b), precision=_HIGHEST)
         return self.view.from_matrix(product, self.shape)
+
+
+def holds_kernel(value: Any) -> bool:
+    """Whether a layer's ``kernel`` attribute holds one: an array, a jaxlr node, or an array in a
+    Flax metadata box (e.g. a partitioned kernel)."""
+    if isinstance(value, meta.AxisMetadata) and not is_node(value):
+        value = value.unbox()
+    return hasattr(value, "shape") or is_node(value)
 
 
 def is_node(x: Any) -> bool:

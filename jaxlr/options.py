@@ -12,7 +12,7 @@ from typing import Any
 
 from jaxlr import _checks, batchnorm, matrices, sharding
 
-__all__ = ["ProjectionOptions"]
+__all__ = ["ProjectionOptions", "resolve"]
 
 
 class _FrozenMap(Mapping[str, str]):
@@ -122,3 +122,13 @@ class ProjectionOptions:
     def bn_rectification(self) -> bool:
         """Whether some kernel is projected through its BatchNorm."""
         return bool(self.bn_pairs)
+
+
+def resolve(options: Any) -> ProjectionOptions:
+    """``options``, or the defaults for ``None``; anything else is refused, naming the type."""
+    if options is None:
+        return ProjectionOptions()
+    if not isinstance(options, ProjectionOptions):
+        raise TypeError(f"options must be a jaxlr.ProjectionOptions, got "
+                        f"{type(options).__name__}.")
+    return options

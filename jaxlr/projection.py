@@ -94,6 +94,7 @@ from jaxlr import (
     sharding,
     svd,
 )
+from jaxlr import options as options_lib
 from jaxlr.options import ProjectionOptions
 
 __all__ = [
@@ -331,7 +332,7 @@ def project(
       >>> int(jnp.linalg.matrix_rank(out["Conv_0"]["kernel"].reshape(18, 4)))
       2
     """
-    options = _options(options)
+    options = options_lib.resolve(options)
     spec = policies.rank_request(ranks=ranks, keep=keep, prune=prune)
     if spec.traced:
         raise TypeError("project takes a fixed prune or keep fraction; schedules belong to "
@@ -349,15 +350,6 @@ def project(
     if not _checks.is_traced(out):
         _checks.raise_if_nonfinite(plan.keys, flags)
     return out
-
-
-def _options(options: Any) -> ProjectionOptions:
-    if options is None:
-        return ProjectionOptions()
-    if not isinstance(options, ProjectionOptions):
-        raise TypeError(f"options must be a jaxlr.ProjectionOptions, got "
-                        f"{type(options).__name__}.")
-    return options
 
 
 def _check_step(name: str, value: Any, low: int) -> Any:
@@ -469,7 +461,7 @@ def low_rank_projection(
       "Compact Model Training by Low-Rank Projection with Energy Transfer", arXiv:2204.05566.
     """
     spec = policies.rank_request(ranks=ranks, keep=keep, prune=prune)
-    options = _options(options)
+    options = options_lib.resolve(options)
     if not (isinstance(check_placement, bool) or check_placement == "raise"):
         raise TypeError(f"check_placement must be True, False or 'raise', got "
                         f"{check_placement!r}.")
