@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -494,93 +495,18 @@ def run(seeds: int, output: Path, progress: bool, spread: bool = True
 # docs/reproducing.md: the default preset of every paper module.
 
 
-def _range(values: Sequence[float], spec: str = ".3f") -> str:
-    low, high = min(values), max(values)
-    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
-
-
 def findings(name: str, config: Any, out: Mapping[str, Any]) -> str:
     """What the default preset of module ``name`` shows, in words computed from its results
-    (``run``'s return value and its config)."""
-    if name == "lorita_fcn":
-        model = f"FCN-{config.fcn_depths[-1]}"
-        low, high = min(config.depths), max(config.depths)
-        budget = POLICY_BUDGET if POLICY_BUDGET in config.budgets else min(config.budgets)
-
-        def test(depth: int) -> float:
-            (row,) = [r for r in out["truncation"] if r["model"] == model and r["N"] == depth
-                      and r["policy"] == "GSVT" and r["budget"] == budget]
-            return row["test"]
-
-        def accepted(depth: int) -> str:
-            (row,) = [r for r in out["accepted"] if r["model"] == model and r["N"] == depth
-                      and r["policy"] == "GSVT"]
-            return f"{row['retained']:.1%}" if "retained" in row else "none"
-
-        return (f"{', '.join(f'FCN-{d}' for d in config.fcn_depths)}, N = "
-                f"{' and '.join(map(str, config.depths))}: {model} trained with N = {high} keeps "
-                f"{test(high):.3f} test accuracy at GSVT {budget:.0%} against {test(low):.3f} "
-                f"with N = {low} (figure below); the GSVT budget accepted on validation is "
-                f"{accepted(high)} of the singular values for N = {high} against "
-                f"{accepted(low)} for N = {low}")
-    if name == "lorita_vit":
-        chosen = [r for r in out["training"] if r["chosen"]]
-        low, high = min(config.depths), max(config.depths)
-        by_model: dict[str, dict[int, float]] = {}
-        for r in chosen:
-            by_model.setdefault(r["model"], {})[r["N"]] = r["test"]
-        below = sum(tests[high] < tests[low] for tests in by_model.values())
-        return (f"{len(by_model)} small ViTs ({', '.join(by_model)}), N = "
-                f"{' and '.join(map(str, config.depths))}, {config.epochs} epochs: chosen "
-                f"models' test accuracy {_range([r['test'] for r in chosen])}; N = {high} below "
-                f"N = {low} for {below} of {len(by_model)}")
-    if name == "lorita_cnn":
-        target = min(config.flop_drops)
-        parts = [f"{r['model']} keeps {r['tuned']:.3f} ({r['dense']:.3f} dense, "
-                 f"{r['macs_drop']:.1%} fewer MACs)" for r in out["compressed"]
-                 if r["target"] == target]
-        table2 = [r for r in out["training"] if r["chosen"] and r["model"] in config.models]
-        return (f"{', '.join(config.models)}, N = {' and '.join(map(str, config.depths))}: "
-                f"chosen models' test accuracy {_range([r['test'] for r in table2])}; "
-                f"Tables 3 and 4 at a {target:.0%} MAC target (ranks from "
-                f"`jaxlr.target_ranks`), after one fine-tuning batch: {'; '.join(parts)}")
-    if name == "lrpet_cifar":
-        rows = [r for r in out["main"] if r["method"] == "LRPET"]
-        best = max(rows, key=lambda r: (r["change"], r["macs_pr"]))
-        where = (f"at p = {best['ratio']:g}" if isinstance(best["ratio"], float)
-                 else "at the searched ranks")
-        start = " from the baseline" if best["pt"] == "Y" else ""
-        parts = [f"{len(rows)} LRPET runs (from scratch and from the baseline) change the "
-                 f"baseline's test accuracy by {_range([r['change'] for r in rows], '+.3f')}; "
-                 f"the best, {best['model']} {where}{start}, by {best['change']:+.3f} at "
-                 f"{best['macs_pr']:.1%} fewer MACs"]
-        if out["ablation"]:
-            parts.append("ablation (test accuracy): " + ", ".join(
-                f"{r['method']} {r['accuracy']:.3f}" for r in out["ablation"]))
-        if out["timing"]:
-            parts.append("time per epoch against SGD: " + ", ".join(
-                f"{r['method']} {r['ratio']:.2f}x" for r in out["timing"][1:]))
-        return "; ".join(parts)
-    if name == "rank_search":
-        trials = out["trials"]
-        random = [t for t in trials if t["kind"] == "random"]
-        searched = [t for t in trials if t["kind"] != "random"]
-        best = min(trials, key=lambda t: t["score"])
-        text = (f"{config.model}, {len(trials)} trials ({len(random)} random): the best score is "
-                f"{best['score']:.3f} ({best['validation_error']:.1%} validation error at "
-                f"{best['macs_ratio']:.1%} of the MACs, a {best['kind']} trial)")
-        if searched:
-            text += (f"; the Gaussian process's best {min(t['score'] for t in searched):.3f} "
-                     f"against {min(t['score'] for t in random):.3f} for the best random trial")
-        return text
-    raise ValueError(f"name must be one of {MODULES}, got {name!r}.")
+    (``run``'s return value and its config): the module's ``summarize(config, out)``."""
+    if name not in MODULES:
+        raise ValueError(f"name must be one of {MODULES}, got {name!r}.")
+    return importlib.import_module(f"experiments.{name}").summarize(config, out)
 
 
 def run_modules(output: Path, progress: bool,
                 names: Sequence[str] = MODULES) -> dict[str, tuple[float, str]]:
     """Runs the default preset of each paper module under ``output/{name}``; returns
-    ``{name: (seconds, findings)}``."""
-    import importlib
+    ``{name: (seconds, findings)}`` (the findings: the module's ``summarize``)."""
     import time
 
     done = {}
@@ -589,7 +515,7 @@ def run_modules(output: Path, progress: bool,
         config = module.PRESETS["default"]
         began = time.perf_counter()
         out = module.run(config, Results(output / name), progress)
-        done[name] = (time.perf_counter() - began, findings(name, config, out))
+        done[name] = (time.perf_counter() - began, module.summarize(config, out))
     return done
 
 
@@ -627,130 +553,17 @@ def presets_block(done: Mapping[str, tuple[float, str]], main_seconds: float, wh
 # The evidence (experiments.evidence's default preset).
 
 
-def _worded(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Per claim, where it held, did not hold and was not separable."""
-    lines = []
-    for what in dict.fromkeys(r["what"] for r in verdicts):
-        parts = []
-        for verdict in ("holds", "does not hold", "not separable"):
-            where = [r["where"] for r in verdicts if r["what"] == what and r["verdict"] == verdict]
-            if where:
-                parts.append(f"**{verdict}** for {', '.join(where)}")
-        lines.append(f"* {what}: {'; '.join(parts)}.")
-    return lines
-
-
-def _pivot(rows: Sequence[Mapping[str, Any]], ratios: Sequence[float],
-           confidence: float) -> tuple[list[dict[str, Any]], list[Column]]:
-    from experiments import stats
-
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["ratio"] is not None))
-    dense = stats.summarize([r["test"] for r in rows if r["ratio"] is None], confidence)
-    table = []
-    for ratio in ratios:
-        row: dict[str, Any] = {"p": f"{ratio:g}", "dense": f"{dense.mean:.4f} ± {dense.std:.4f}"}
-        for method in methods:
-            s = stats.summarize([r["test"] for r in rows
-                                 if r["ratio"] == ratio and r["method"] == method], confidence)
-            row[method] = f"{s.mean:.4f} ± {s.std:.4f}"
-        row["ranks"] = next(r["ranks"] for r in rows if r["ratio"] == ratio)
-        table.append(row)
-    return table, [Column("p"), Column("ranks", "conv ranks"),
-                   Column("dense", "dense (no projection)"), *[Column(m) for m in methods]]
-
-
-def evidence_blocks(out: Mapping[str, Any], config: evidence.Config, where: str
-                    ) -> tuple[str, str]:
+def evidence_blocks(out: Mapping[str, Any], config: evidence.Config) -> tuple[str, str]:
     """docs/evidence.md's ``evidence`` block and docs/reproducing.md's ``evidence-runs`` block
     from a run of :func:`experiments.evidence.run` (figure paths relative to docs/)."""
-
-    verdict_columns = [c for c in evidence.VERDICT_COLUMNS if c.key not in ("rule",)]
-    summary = evidence.summaries(out["lorita"], ("model", "N"), ("test", "budget", "drop",
-                                                                  "energy"), config.confidence)
-    lrpet_table, lrpet_columns = _pivot(out["lrpet"], config.ratios, config.confidence)
-    command = "python -m experiments.evidence"
-    summary_block = "\n".join([
-        f"`{command}` on {where}, {out['seconds'] / 60:.0f} minutes; {out['where']}. Each "
-        f"number is the mean ± standard deviation over the seeds, with the "
-        f"{config.confidence:.0%} Student-t interval in brackets.",
-        "",
-        f"**LoRITa** (FCNs of width {config.width}, {config.lorita_epochs} epochs of Adam, the "
-        f"learning rate and decay chosen per N{'' if config.tune_on else ' and FCN'} on the "
-        f"first seed's validation split{f' with FCN-{config.tune_on}' if config.tune_on else ''}"
-        f"; GSVT over the hidden matrices). "
-        f"Budget: the fewest retained singular values from which on the test accuracy stays "
-        f"within {100 * config.tolerance:g} points of the untruncated model's; drop: the test "
-        f"accuracy drop averaged over {len(config.budgets)} GSVT budgets from "
-        f"{max(config.budgets):.0%} to {min(config.budgets):.0%}; energy: the fraction of "
-        f"singular values holding 90% of a hidden matrix's energy.",
-        "",
-        markdown_table(summary, [Column("model"), Column("N"), Column("test", "test acc"),
-                                 Column("budget", "GSVT budget"),
-                                 Column("drop", "mean GSVT drop"),
-                                 Column("energy", "SVs for 90% energy")]),
-        "",
-        f"**LRPET** ablation ({config.model}, {config.lrpet_epochs} epochs of SGD, projection "
-        f"once per epoch; test accuracy of the compressed model running its factor pairs):",
-        "",
-        markdown_table(lrpet_table, lrpet_columns),
-        "",
-        "Verdicts, each from the paired differences over seeds (first minus second): a claim "
-        "**holds** when the interval of the mean difference lies on its side of 0 (inside "
-        f"±{config.margin:g} for \"as accurate\"), **does not hold** when it lies on the "
-        "other, and is **not separable** when it contains 0:",
-        "",
-        markdown_table(list(out["lorita_verdicts"]) + list(out["lrpet_verdicts"]),
-                       verdict_columns),
-        "",
-        "In words:",
-        "",
-        *_worded(out["lorita_verdicts"]),
-        *_worded(out["lrpet_verdicts"]),
-        "",
-        "![LoRITa: test accuracy drop against retained singular values, with 95% bands]"
-        "(evidence_accuracy_drop.png)",
-        "",
-        "![LoRITa: singular values of the first two hidden matrices, with 95% bands]"
-        "(evidence_spectra.png)",
-        "",
-        "![LRPET ablation: test accuracy per seed with 95% intervals](evidence_lrpet.png)",
-    ])
-    docs = "\n".join([
-        f"`{command}` on {where}; {out['where']}.",
-        "",
-        f"Learning rate and decay, chosen per N{'' if config.tune_on else ' and FCN'} on the "
-        f"first seed's validation split{f' with FCN-{config.tune_on}' if config.tune_on else ''}"
-        " (every seed and FCN trains with the choice):",
-        "",
-        markdown_table(out["lorita_tuning"], [
-            Column("model"), Column("N"), Column("learning_rate", "learning rate", "g"),
-            Column("weight_decay", "decay", "g"), Column("best_epoch", "best epoch"),
-            Column("validation", "val acc", ".4f"), Column("chosen")]),
-        "",
-        "LoRITa per seed:",
-        "",
-        markdown_table(out["lorita"], [
-            Column("model"), Column("N"), Column("seed"), Column("test", "test acc", ".4f"),
-            Column("budget", "GSVT budget (test)", ".3f"),
-            Column("budget_validation", "GSVT budget (val)", ".3f"),
-            Column("lsvt_budget", "LSVT budget (test)", ".3f"),
-            Column("drop", "mean GSVT drop", ".4f"),
-            Column("energy", "SVs for 90% energy", ".3f")]),
-        "",
-        "LRPET per seed (test accuracy):",
-        "",
-        markdown_table(out["lrpet"], [
-            Column("seed"), Column("ratio", "p", "g"), Column("method"), Column("ranks"),
-            Column("validation", "val acc", ".4f"), Column("test", "test acc", ".4f")]),
-    ])
-    return summary_block, docs
+    return evidence.summarize(config, out), evidence.runs_block(config, out)
 
 
 def run_evidence(output: Path, progress: bool) -> tuple[str, str]:
     """Runs the evidence module's default preset under ``output``; returns its two blocks."""
     config = evidence.PRESETS["default"]
     out = evidence.run(config, Results(output), progress)
-    return evidence_blocks(out, config, machine())
+    return evidence_blocks(out, config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ from experiments import lorita_study, models, presets, truncation
 from experiments.results import Column, Results, run_settings
 from experiments.train import TrainConfig, cross_entropy, evaluate, step_decay_sgd
 
-__all__ = ["PRESETS", "Config", "compress_to_macs", "main", "run"]
+__all__ = ["PRESETS", "Config", "compress_to_macs", "main", "run", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Config:
     Attributes:
       data: the data set (:func:`experiments.data.load`).
       data_dir: tensorflow-datasets' data_dir.
-      seed: seeds split, initialisation and shuffling.
+      seed: seeds split, initialisation and shuffling (each run's ``seed``).
       models: model names (:func:`experiments.models.create`) of Table 2.
       compress_models: model names compressed for Tables 3 and 4.
       compress_depth: the N whose chosen model is compressed.
@@ -63,16 +63,17 @@ class Config:
       weight_decays: coupled L2 decays tried per N.
       learning_rate: SGD's learning rate, divided by 10 at 50% and 75% of training.
       label_smoothing: of the loss.
-      epochs: training epochs per run.
-      batch_size: of training.
-      pad: the random crop's zero padding.
-      flip: random horizontal flips.
+      train: how each run trains (:class:`experiments.train.TrainConfig`: epochs, batch size,
+        checkpoints, devices).
+      pad: the random crop's zero padding (each run's ``augmentation``).
+      flip: random horizontal flips (each run's ``augmentation``).
       budgets: fractions of singular values kept in the sweeps.
       tolerance: accepted validation accuracy drop of a truncation.
-      checkpoint_every: epochs between periodic checkpoints.
-      parallel: how training spreads over the local devices: "data" (each batch split over
-        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
+
+    PER_RUN: ClassVar[dict[str, str]] = {"train.seed": "from seed",
+                                         "train.augmentation": "from pad and flip",
+                                         "train.progress": "from --no-progress"}
 
     data: str = "digits"
     data_dir: str | None = None
@@ -85,14 +86,11 @@ class Config:
     weight_decays: tuple[float, ...] = (1e-3,)
     learning_rate: float = 0.05
     label_smoothing: float = 0.1
-    epochs: int = 20
-    batch_size: int = 64
+    train: TrainConfig = TrainConfig(epochs=20, batch_size=64, checkpoint_every=10)
     pad: int = 1
     flip: bool = False
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05)
     tolerance: float = 0.01
-    checkpoint_every: int = 10
-    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -101,12 +99,14 @@ class Config:
 PRESETS = {
     "default": Config(),
     "smoke": Config(models=("vgg:config=4/M/8/M",), compress_models=("vgg:config=4/M/8/M",),
-                    compress_depth=2, flop_drops=(0.5,), depths=(2,), epochs=1,
-                    budgets=(0.5,), checkpoint_every=1),
+                    compress_depth=2, flop_drops=(0.5,), depths=(2,),
+                    train=TrainConfig(epochs=1, batch_size=64, checkpoint_every=1),
+                    budgets=(0.5,)),
     "paper": Config(data="cifar10", models=("vgg13", "resnet18"),
                     compress_models=("resnet20", "vgg16"), flop_drops=(0.5, 0.6, 0.7),
-                    depths=(1, 2, 3), weight_decays=(1e-3,), learning_rate=0.01, epochs=300,
-                    batch_size=128, pad=4, flip=True,
+                    depths=(1, 2, 3), weight_decays=(1e-3,), learning_rate=0.01,
+                    train=TrainConfig(epochs=300, batch_size=128, checkpoint_every=10),
+                    pad=4, flip=True,
                     budgets=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02)),
 }
 
@@ -154,15 +154,13 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                          data.normalize(data.test.images[:1]))
     results.json("config", config)
     note = lorita_study.preset_note(data, ["cifar10", "cifar100"])
-    steps = config.epochs * (len(data.train) // config.batch_size)
+    train_config = dataclasses.replace(config.train, seed=config.seed, progress=progress)
+    steps = train_config.epochs * (len(data.train) // train_config.batch_size)
 
     def optimizer(decay: float) -> optax.GradientTransformation:
         return step_decay_sgd(config.learning_rate, decay, steps,
                               mask=jaxlr.lorita.weight_decay_mask)
 
-    train_config = TrainConfig(config.epochs, config.batch_size, config.seed,
-                               checkpoint_every=config.checkpoint_every, progress=progress,
-                                 parallel=config.parallel)
     augmentation = data_lib.Augmentation(config.pad, config.flip)
     convs = jaxlr.kernel_filter(exclude=r"^head")
     out = lorita_study.run_models(
@@ -171,7 +169,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         weight_decays=config.weight_decays, optimizer=optimizer, config=train_config,
         settings=run_settings(config, exclude=(
             "models", "compress_models", "compress_depth", "flop_drops", "depths",
-            "weight_decays", "budgets", "tolerance", "checkpoint_every")),
+            "weight_decays", "budgets", "tolerance", "train"),
+            train=train_config.run_settings()),
         budgets=config.budgets, filter=convs, pools="kind", normalize="max",
         tolerance=config.tolerance, label_smoothing=config.label_smoothing)
     table2 = [r for r in lorita_study.by_depth_rows(out["training"]) if r["model"] in
@@ -183,8 +182,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     tables.update(lorita_study.write_tables(results, out, note, config.tolerance))
 
     sample = jnp.asarray(data.normalize(data.test.images[:1]))
-    images, labels = next(data_lib.batches(data.train, config.batch_size, seed=config.seed,
-                                           epoch=0, augmentation=augmentation))
+    images, labels = next(data_lib.batches(data.train, train_config.batch_size,
+                                           seed=config.seed, epoch=0, augmentation=augmentation))
     compressed = []
     for name in config.compress_models:
         chosen = next(r for r in out["training"] if r["model"] == name and r["chosen"]
@@ -218,6 +217,33 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     for name, table in tables.items():
         print(f"\n{name}\n{table}")
     return {"tables": tables, "compressed": compressed, **out}
+
+
+def _range(values: Sequence[float], spec: str = ".3f") -> str:
+    low, high = min(values), max(values)
+    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
+
+
+def summarize(config: Config, out: dict[str, Any]) -> str:
+    """What a run shows, in words computed from its results (docs/reproducing.md's findings).
+
+    Args:
+      config: the run's settings.
+      out: what :func:`run` returned.
+
+    Returns:
+      One sentence: the chosen models' test accuracies and, at the smallest MAC target, each
+      compressed model's accuracy after one fine-tuning batch.
+    """
+    target = min(config.flop_drops)
+    parts = [f"{r['model']} keeps {r['tuned']:.3f} ({r['dense']:.3f} dense, "
+             f"{r['macs_drop']:.1%} fewer MACs)" for r in out["compressed"]
+             if r["target"] == target]
+    table2 = [r for r in out["training"] if r["chosen"] and r["model"] in config.models]
+    return (f"{', '.join(config.models)}, N = {' and '.join(map(str, config.depths))}: "
+            f"chosen models' test accuracy {_range([r['test'] for r in table2])}; "
+            f"Tables 3 and 4 at a {target:.0%} MAC target (ranks from "
+            f"`jaxlr.target_ranks`), after one fine-tuning batch: {'; '.join(parts)}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jaxlr
 from experiments import lorita_study, models, presets
@@ -35,7 +35,10 @@ from experiments.results import Results, run_settings
 from experiments.train import TrainConfig
 from jaxlr import lorita
 
-__all__ = ["PRESETS", "Config", "main", "run"]
+__all__ = ["PRESETS", "SUMMARY_BUDGET", "Config", "main", "run", "summarize"]
+
+SUMMARY_BUDGET = 0.1
+"""The GSVT budget :func:`summarize` reports (that of :data:`experiments.figures.POLICY_BUDGET`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +48,20 @@ class Config:
     Attributes:
       data: the data set (:func:`experiments.data.load`).
       data_dir: tensorflow-datasets' data_dir.
-      seed: seeds split, initialisation and shuffling.
+      seed: seeds split, initialisation and shuffling (each run's ``seed``).
       fcn_depths: the L of each FCN-L.
       width: hidden units per layer.
       depths: LoRITa's N values.
       weight_decays: coupled L2 decays tried per N.
       learning_rate: Adam's learning rate.
-      epochs: training epochs per run.
-      batch_size: of training.
+      train: how each run trains (:class:`experiments.train.TrainConfig`: epochs, batch size,
+        checkpoints, devices).
       budgets: fractions of singular values kept.
       tolerance: accepted validation accuracy drop of a truncation.
-      checkpoint_every: epochs between periodic checkpoints.
-      parallel: how training spreads over the local devices: "data" (each batch split over
-        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
+
+    PER_RUN: ClassVar[dict[str, str]] = {"train.seed": "from seed",
+                                         "train.progress": "from --no-progress"}
 
     data: str = "digits"
     data_dir: str | None = None
@@ -68,12 +71,9 @@ class Config:
     depths: tuple[int, ...] = (1, 3)
     weight_decays: tuple[float, ...] = (1e-3, 3e-3)
     learning_rate: float = 1e-3
-    epochs: int = 40
-    batch_size: int = 64
+    train: TrainConfig = TrainConfig(epochs=40, batch_size=64, checkpoint_every=10)
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
     tolerance: float = 0.01
-    checkpoint_every: int = 10
-    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -81,11 +81,13 @@ class Config:
 
 PRESETS = {
     "default": Config(),
-    "smoke": Config(fcn_depths=(3,), width=16, depths=(1, 2), weight_decays=(1e-3,), epochs=1,
-                    budgets=(0.5, 0.1), checkpoint_every=1),
+    "smoke": Config(fcn_depths=(3,), width=16, depths=(1, 2), weight_decays=(1e-3,),
+                    train=TrainConfig(epochs=1, batch_size=64, checkpoint_every=1),
+                    budgets=(0.5, 0.1)),
     "paper": Config(data="mnist", fcn_depths=(6, 8, 10), width=500, depths=(1, 2, 3),
-                    weight_decays=(1e-5, 1e-4, 1e-3), epochs=100, batch_size=128,
-                    budgets=(0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01), checkpoint_every=10),
+                    weight_decays=(1e-5, 1e-4, 1e-3),
+                    train=TrainConfig(epochs=100, batch_size=128, checkpoint_every=10),
+                    budgets=(0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)),
 }
 
 
@@ -98,14 +100,14 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                           zip(config.fcn_depths, entries, strict=True)},
                          data.normalize(data.test.images[:1]))
     results.json("config", config)
+    train_config = dataclasses.replace(config.train, seed=config.seed, progress=progress)
     out = lorita_study.run_models(
         entries, data, results, depths=config.depths, weight_decays=config.weight_decays,
         optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
-        config=TrainConfig(config.epochs, config.batch_size, config.seed,
-                           checkpoint_every=config.checkpoint_every, progress=progress,
-                                 parallel=config.parallel),
+        config=train_config,
         settings=run_settings(config, exclude=("fcn_depths", "depths", "weight_decays",
-                                               "budgets", "tolerance", "checkpoint_every")),
+                                               "budgets", "tolerance", "train"),
+                              train=train_config.run_settings()),
         budgets=config.budgets, filter=jaxlr.kernel_filter(exclude="head"),
         tolerance=config.tolerance)
     note = lorita_study.preset_note(data, ["mnist"])
@@ -119,6 +121,39 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     for name, table in tables.items():
         print(f"\n{name}\n{table}")
     return {"tables": tables, **out}
+
+
+def summarize(config: Config, out: dict[str, Any]) -> str:
+    """What a run shows, in words computed from its results (docs/reproducing.md's findings).
+
+    Args:
+      config: the run's settings.
+      out: what :func:`run` returned.
+
+    Returns:
+      One sentence: the deepest FCN's GSVT test accuracy at :data:`SUMMARY_BUDGET` (else the
+      smallest budget) and its accepted budgets, for the smallest and largest N.
+    """
+    model = f"FCN-{config.fcn_depths[-1]}"
+    low, high = min(config.depths), max(config.depths)
+    budget = SUMMARY_BUDGET if SUMMARY_BUDGET in config.budgets else min(config.budgets)
+
+    def test(depth: int) -> float:
+        (row,) = [r for r in out["truncation"] if r["model"] == model and r["N"] == depth
+                  and r["policy"] == "GSVT" and r["budget"] == budget]
+        return row["test"]
+
+    def accepted(depth: int) -> str:
+        (row,) = [r for r in out["accepted"] if r["model"] == model and r["N"] == depth
+                  and r["policy"] == "GSVT"]
+        return f"{row['retained']:.1%}" if "retained" in row else "none"
+
+    return (f"{', '.join(f'FCN-{d}' for d in config.fcn_depths)}, N = "
+            f"{' and '.join(map(str, config.depths))}: {model} trained with N = {high} keeps "
+            f"{test(high):.3f} test accuracy at GSVT {budget:.0%} against {test(low):.3f} "
+            f"with N = {low} (figure below); the GSVT budget accepted on validation is "
+            f"{accepted(high)} of the singular values for N = {high} against "
+            f"{accepted(low)} for N = {low}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jaxlr
 from experiments import data as data_lib
@@ -36,7 +36,7 @@ from experiments.results import Results, run_settings
 from experiments.train import TrainConfig
 from jaxlr import lorita
 
-__all__ = ["PRESETS", "Config", "main", "run"]
+__all__ = ["PRESETS", "Config", "main", "run", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,23 +46,24 @@ class Config:
     Attributes:
       data: the data set (:func:`experiments.data.load`).
       data_dir: tensorflow-datasets' data_dir.
-      seed: seeds split, initialisation, shuffling and dropout.
+      seed: seeds split, initialisation, shuffling and dropout (each run's ``seed``).
       without_augmentation: model names (:func:`experiments.models.create`) for Table 1.
       with_augmentation: model names for Table 2.
       model_options: options added to every model name (width, patch size).
-      pad: the random crop's zero padding (Table 2 runs).
-      flip: random horizontal flips (Table 2 runs).
+      pad: the random crop's zero padding (Table 2 runs' ``augmentation``).
+      flip: random horizontal flips (Table 2 runs' ``augmentation``).
       depths: LoRITa's N values.
       weight_decays: coupled L2 decays tried per N.
       learning_rate: Adam's learning rate.
-      epochs: training epochs per run.
-      batch_size: of training.
+      train: how each run trains (:class:`experiments.train.TrainConfig`: epochs, batch size,
+        checkpoints, devices).
       budgets: fractions of singular values kept.
       tolerance: accepted validation accuracy drop of a truncation.
-      checkpoint_every: epochs between periodic checkpoints.
-      parallel: how training spreads over the local devices: "data" (each batch split over
-        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
+
+    PER_RUN: ClassVar[dict[str, str]] = {"train.seed": "from seed",
+                                         "train.augmentation": "from pad and flip",
+                                         "train.progress": "from --no-progress"}
 
     data: str = "digits"
     data_dir: str | None = None
@@ -75,12 +76,9 @@ class Config:
     depths: tuple[int, ...] = (1, 3)
     weight_decays: tuple[float, ...] = (1e-4,)
     learning_rate: float = 1e-3
-    epochs: int = 30
-    batch_size: int = 64
+    train: TrainConfig = TrainConfig(epochs=30, batch_size=64, checkpoint_every=10)
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05)
     tolerance: float = 0.01
-    checkpoint_every: int = 10
-    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -97,13 +95,15 @@ class Config:
 PRESETS = {
     "default": Config(),
     "smoke": Config(without_augmentation=("vit-l1-h2",), with_augmentation=("vit-l1-h2",),
-                    model_options="dim=16,mlp_dim=16,patch=4", depths=(2,), epochs=1,
-                    budgets=(0.5,), checkpoint_every=1),
+                    model_options="dim=16,mlp_dim=16,patch=4", depths=(2,),
+                    train=TrainConfig(epochs=1, batch_size=64, checkpoint_every=1),
+                    budgets=(0.5,)),
     "paper": Config(data="cifar10", without_augmentation=("vit-l8-h1", "vit-l8-h4", "vit-l8-h8"),
                     with_augmentation=("vit-l4-h8", "vit-l8-h8", "vit-l16-h8"),
                     model_options="dim=256,mlp_dim=512,patch=4", pad=4, flip=True,
-                    depths=(1, 2, 3), weight_decays=(1e-5, 1e-4, 1e-3), epochs=200,
-                    batch_size=128, budgets=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02)),
+                    depths=(1, 2, 3), weight_decays=(1e-5, 1e-4, 1e-3),
+                    train=TrainConfig(epochs=200, batch_size=128, checkpoint_every=10),
+                    budgets=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02)),
 }
 
 
@@ -115,9 +115,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
          for field in ("without_augmentation", "with_augmentation")
          for name in getattr(config, field)}, data.normalize(data.test.images[:1]))
     results.json("config", config)
-    train_config = TrainConfig(config.epochs, config.batch_size, config.seed,
-                               checkpoint_every=config.checkpoint_every, progress=progress,
-                                 parallel=config.parallel)
+    train_config = dataclasses.replace(config.train, seed=config.seed, progress=progress)
     augmentation = data_lib.Augmentation(config.pad, config.flip)
     groups = {"table1": [(name, None) for name in config.without_augmentation],
               "table2": [(f"{name}+aug", augmentation) for name in config.with_augmentation]}
@@ -134,7 +132,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         unused = ("pad", "flip") if table == "table1" else ()
         settings = run_settings(config, exclude=(
             "without_augmentation", "with_augmentation", "depths", "weight_decays", "budgets",
-            "tolerance", "checkpoint_every", *unused))
+            "tolerance", "train", *unused), train=train_config.run_settings())
         out = lorita_study.run_models(
             entries, data, results, depths=config.depths, weight_decays=config.weight_decays,
             optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
@@ -151,6 +149,34 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     for name, table in tables.items():
         print(f"\n{name}\n{table}")
     return {"tables": tables, **everything}
+
+
+def _range(values: Sequence[float], spec: str = ".3f") -> str:
+    low, high = min(values), max(values)
+    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
+
+
+def summarize(config: Config, out: dict[str, Any]) -> str:
+    """What a run shows, in words computed from its results (docs/reproducing.md's findings).
+
+    Args:
+      config: the run's settings.
+      out: what :func:`run` returned.
+
+    Returns:
+      One sentence: the chosen models' test accuracies and for how many ViTs the largest N is
+      below the smallest.
+    """
+    chosen = [r for r in out["training"] if r["chosen"]]
+    low, high = min(config.depths), max(config.depths)
+    by_model: dict[str, dict[int, float]] = {}
+    for r in chosen:
+        by_model.setdefault(r["model"], {})[r["N"]] = r["test"]
+    below = sum(tests[high] < tests[low] for tests in by_model.values())
+    return (f"{len(by_model)} small ViTs ({', '.join(by_model)}), N = "
+            f"{' and '.join(map(str, config.depths))}, {config.train.epochs} epochs: chosen "
+            f"models' test accuracy {_range([r['test'] for r in chosen])}; N = {high} below "
+            f"N = {low} for {below} of {len(by_model)}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ from experiments import lorita_study, models, plots, presets, truncation
 from experiments.results import Column, Results, run_settings
 from experiments.train import Task, TrainConfig, TrainResult, evaluate, step_decay_sgd, train
 
-__all__ = ["PRESETS", "Config", "main", "run"]
+__all__ = ["PRESETS", "Config", "main", "run", "summarize"]
 
 ABLATION = {"LRP": (False, False), "LRP+ET": (True, False), "LRP+BNR": (False, True),
             "LRPET": (True, True)}
@@ -64,24 +64,25 @@ class Config:
     Attributes:
       data: the data set (:func:`experiments.data.load`).
       data_dir: tensorflow-datasets' data_dir.
-      seed: seeds split, initialisation and shuffling.
+      seed: seeds split, initialisation and shuffling (each run's ``seed``).
       runs: ``(model name, pruning ratio)`` pairs of the main tables (models by
         :func:`experiments.models.create`).
       ranks_file: a JSON ``{path: rank}`` (from :mod:`experiments.rank_search`) used instead of
         the ratios, for the first model.
-      epochs: training epochs from scratch (and of the baseline).
+      train: how each run trains (:class:`experiments.train.TrainConfig`): its ``epochs`` are
+        those from scratch (and of the baseline); batch size, checkpoints, devices.
       pretrained_epochs: training epochs from the baseline checkpoint (0: no ``PT`` rows).
-      batch_size: of training.
       learning_rate: SGD's initial learning rate.
       weight_decay: coupled weight decay.
-      pad: the random crop's zero padding.
-      flip: random horizontal flips.
+      pad: the random crop's zero padding (each run's ``augmentation``).
+      flip: random horizontal flips (each run's ``augmentation``).
       ablation: run Table XIV.
       timing_epochs: epochs of each Table XX run (0: no timing).
-      checkpoint_every: epochs between periodic checkpoints.
-      parallel: how training spreads over the local devices: "data" (each batch split over
-        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
+
+    PER_RUN: ClassVar[dict[str, str]] = {"train.seed": "from seed",
+                                         "train.augmentation": "from pad and flip",
+                                         "train.progress": "from --no-progress"}
 
     data: str = "digits"
     data_dir: str | None = None
@@ -89,17 +90,14 @@ class Config:
     runs: tuple[tuple[str, float], ...] = (("resnet8", 0.5), ("resnet8", 0.7),
                                            ("vgg:config=32/32/M/64/64/M", 0.7))
     ranks_file: str | None = None
-    epochs: int = 20
+    train: TrainConfig = TrainConfig(epochs=20, batch_size=64, checkpoint_every=10)
     pretrained_epochs: int = 10
-    batch_size: int = 64
     learning_rate: float = 0.05
     weight_decay: float = 5e-4
     pad: int = 1
     flip: bool = False
     ablation: bool = True
     timing_epochs: int = 4
-    checkpoint_every: int = 10
-    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -107,14 +105,16 @@ class Config:
 
 PRESETS = {
     "default": Config(),
-    "smoke": Config(runs=(("vgg:config=4/M/8/M", 0.5),), epochs=2, pretrained_epochs=1,
-                    ablation=True, timing_epochs=2, checkpoint_every=1),
+    "smoke": Config(runs=(("vgg:config=4/M/8/M", 0.5),),
+                    train=TrainConfig(epochs=2, batch_size=64, checkpoint_every=1),
+                    pretrained_epochs=1, ablation=True, timing_epochs=2),
     "paper": Config(data="cifar10",
                     runs=(("resnet20", 0.5), ("resnet56", 0.55), ("resnet56", 0.57),
                           ("resnet56", 0.70), ("resnet56", 0.80), ("resnet110", 0.6),
                           ("vgg16", 0.6)),
-                    epochs=400, pretrained_epochs=200, batch_size=128, learning_rate=0.1,
-                    pad=4, flip=True, timing_epochs=5, checkpoint_every=10),
+                    train=TrainConfig(epochs=400, batch_size=128, checkpoint_every=10),
+                    pretrained_epochs=200, learning_rate=0.1, pad=4, flip=True,
+                    timing_epochs=5),
 }
 
 
@@ -166,12 +166,15 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     file_ranks = _read_ranks(config, models.create(config.runs[0][0], data.num_classes), sample)
     results.json("config", config)
     note = lorita_study.preset_note(data, ["cifar10"])
-    steps_per_epoch = len(data.train) // config.batch_size
     augmentation = data_lib.Augmentation(config.pad, config.flip)
+    # Each run's own: its epochs (from scratch, from the baseline, timing) replace these.
+    run_config = dataclasses.replace(config.train, seed=config.seed, augmentation=augmentation,
+                                     progress=progress)
+    steps_per_epoch = len(data.train) // run_config.batch_size
 
     # What every run depends on besides its own model, epochs, ranks and options.
-    shared = run_settings(config, exclude=("runs", "ranks_file", "epochs", "pretrained_epochs",
-                                           "ablation", "timing_epochs", "checkpoint_every"))
+    shared = run_settings(config, exclude=("runs", "ranks_file", "train", "pretrained_epochs",
+                                           "ablation", "timing_epochs"))
     fitted: dict[str, tuple[TrainResult, dict[str, Any]]] = {}
 
     def fit(name: str, model: Any, epochs: int, ranks: dict[str, int] | None = None,
@@ -181,7 +184,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         """Trains (or reuses the identical run): no projection when ``ranks`` is None. Returns
         the result and the run's settings (a run from ``pretrained`` has the pretrained run's
         settings among its own)."""
-        settings = {**shared, "model": name, "epochs": epochs,
+        train_config = dataclasses.replace(run_config, epochs=epochs)
+        settings = {**shared, "train": train_config.run_settings(), "model": name,
                     "ranks": None if ranks is None else dict(sorted(ranks.items())),
                     **({} if ranks is None else {"energy_transfer": energy, "bn_rectification": bnr,
                                                  "every": every}),
@@ -199,9 +203,6 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             optimizer = jaxlr.with_low_rank_projection(optimizer, ranks=ranks, every=every,
                                                        options=options)
         task = Task(model, optimizer, grad_norms=_first_convs(shapes))
-        train_config = TrainConfig(epochs, config.batch_size, config.seed, augmentation,
-                                   checkpoint_every=config.checkpoint_every, progress=progress,
-                                 parallel=config.parallel)
         label = "_".join([lorita_study.slug(name), f"e{epochs}",
                           "sgd" if ranks is None else f"r{sum(ranks.values())}",
                           *([] if ranks is None else [f"et{int(energy)}", f"bnr{int(bnr)}",
@@ -217,7 +218,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     for index, (name, ratio) in enumerate(config.runs):
         model = models.create(name, data.num_classes)
         if name not in baselines:
-            baseline = fit(name, model, config.epochs)
+            baseline = fit(name, model, config.train.epochs)
             result = baseline[0]
             dense_macs = truncation.forward_macs(model, result.best, sample)
             dense_params = models.param_count(result.best["params"])
@@ -229,7 +230,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         searched = bool(file_ranks) and index == 0
         ranks = file_ranks if searched else jaxlr.lsvt_ranks(
             baseline[0].best["params"], prune=ratio, filter="conv")
-        starts = [("N", None, config.epochs)]
+        starts = [("N", None, config.train.epochs)]
         if config.pretrained_epochs:
             starts.append(("Y", baseline, config.pretrained_epochs))
         for pt, init, epochs in starts:
@@ -259,7 +260,7 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     if config.ablation:
         histories = {}
         for method, (energy, bnr) in ABLATION.items():
-            trained, _ = fit(name, model, config.epochs, ranks, energy, bnr)
+            trained, _ = fit(name, model, config.train.epochs, ranks, energy, bnr)
             histories[method] = trained.history
             score = _score(model, trained.best, ranks, data, sample, dense_macs, dense_params)
             norms = {}
@@ -298,6 +299,41 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     for key, table in tables.items():
         print(f"\n{key}\n{table}")
     return {"tables": tables, "main": main_rows, "ablation": ablation, "timing": timing}
+
+
+def _range(values: Sequence[float], spec: str = ".3f") -> str:
+    low, high = min(values), max(values)
+    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
+
+
+def summarize(config: Config, out: dict[str, Any]) -> str:
+    """What a run shows, in words computed from its results (docs/reproducing.md's findings).
+
+    Args:
+      config: the run's settings (unused: the results say it all).
+      out: what :func:`run` returned.
+
+    Returns:
+      The LRPET runs' accuracy changes and the best of them; the ablation's accuracies and the
+      timing's ratios where they ran.
+    """
+    del config
+    rows = [r for r in out["main"] if r["method"] == "LRPET"]
+    best = max(rows, key=lambda r: (r["change"], r["macs_pr"]))
+    where = (f"at p = {best['ratio']:g}" if isinstance(best["ratio"], float)
+             else "at the searched ranks")
+    start = " from the baseline" if best["pt"] == "Y" else ""
+    parts = [f"{len(rows)} LRPET runs (from scratch and from the baseline) change the "
+             f"baseline's test accuracy by {_range([r['change'] for r in rows], '+.3f')}; "
+             f"the best, {best['model']} {where}{start}, by {best['change']:+.3f} at "
+             f"{best['macs_pr']:.1%} fewer MACs"]
+    if out["ablation"]:
+        parts.append("ablation (test accuracy): " + ", ".join(
+            f"{r['method']} {r['accuracy']:.3f}" for r in out["ablation"]))
+    if out["timing"]:
+        parts.append("time per epoch against SGD: " + ", ".join(
+            f"{r['method']} {r['ratio']:.2f}x" for r in out["timing"][1:]))
+    return "; ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

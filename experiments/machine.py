@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["ISAS", "cpu_flags", "cpu_id", "describe", "isa"]
+__all__ = ["ISAS", "cores", "cpu_flags", "cpu_id", "describe", "isa"]
 
 # XLA's names for the instruction sets ``--xla_cpu_max_isa`` accepts, oldest first, each with the
 # /proc/cpuinfo flag that says the processor has it (x86).
@@ -94,6 +94,16 @@ def isa(flags: Iterable[str] | None = None, xla_flags: str | None = None) -> str
     return _NAMES[level] if level >= 0 else "none"
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity): XLA sizes its CPU thread pool by
+    them, and how a matrix product splits over the threads changes the order of its sums, so a
+    training run's numbers depend on this count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def describe() -> str:
     """One line naming everything that decides this machine's CPU numbers, e.g.
     ``"x86_64 AMD EPYC family 25 model 1 stepping 1, XLA for AVX2, 2 cores, jax 0.10.2, jaxlib
@@ -102,6 +112,6 @@ def describe() -> str:
     import jaxlib  # noqa: PLC0415
     import matplotlib  # noqa: PLC0415
 
-    return (f"{platform.machine()} {cpu_id()}, XLA for {isa()}, {os.cpu_count()} cores, "
+    return (f"{platform.machine()} {cpu_id()}, XLA for {isa()}, {cores()} cores, "
             f"jax {jax.__version__}, jaxlib {jaxlib.__version__} ({jax.default_backend()}), "
             f"matplotlib {matplotlib.__version__}")

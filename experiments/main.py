@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
@@ -55,61 +55,62 @@ class Config:
       data: the data set (:func:`experiments.data.load`): ``digits`` (embedded), ``idx:DIR``,
         ``mnist``, ...
       data_dir: tensorflow-datasets' data_dir, for tfds data sets.
-      seed: seeds the split, initialisation, shuffling.
-      batch_size: of training.
+      seed: seeds the split, initialisation, shuffling (each run's ``seed``).
       depths: LoRITa's N values.
       fcn_depth: Dense layers of the FCN, classifier included.
       fcn_width: units of each hidden layer.
-      lorita_epochs: training epochs of each LoRITa run.
+      lorita_train: how each LoRITa run trains (:class:`experiments.train.TrainConfig`: epochs,
+        batch size, checkpoints, devices).
       learning_rate: Adam's learning rate.
       weight_decays: coupled L2 decays tried per N (chosen on validation).
       budgets: fractions of singular values kept by LSVT and GSVT.
       tolerance: accepted validation accuracy drop of a truncation (fraction, 0.01 = 1 point).
       cnn: the VGG-style CNN's layers (:class:`experiments.models.VGG` ``config``).
-      lrpet_epochs: training epochs of each LRPET run (projection once per epoch).
+      lrpet_train: how each LRPET run trains (projection once per epoch).
       prune: LRPET's unique pruning ratio p (rank ``max(1, floor(n - n p))``).
       sgd_learning_rate: SGD's learning rate, divided by 10 at 50% and 75% of training.
       sgd_weight_decay: SGD's (coupled) weight decay.
-      checkpoint_every: epochs between the periodic checkpoints of a run.
-      parallel: how training spreads over the local devices: "data" (each batch split over
-        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
+
+    PER_RUN: ClassVar[dict[str, str]] = {
+        f"{part}.{name}": source for part in ("lorita_train", "lrpet_train")
+        for name, source in (("seed", "from seed"), ("progress", "from --no-progress"))}
 
     data: str = "digits"
     data_dir: str | None = None
     seed: int = 0
-    batch_size: int = 64
     depths: tuple[int, ...] = (1, 3)
     fcn_depth: int = 3
     fcn_width: int = 256
-    lorita_epochs: int = 60
+    lorita_train: TrainConfig = TrainConfig(epochs=60, batch_size=64, checkpoint_every=10)
     learning_rate: float = 1e-3
     weight_decays: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     budgets: tuple[float, ...] = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
     tolerance: float = 0.01
     cnn: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M")
-    lrpet_epochs: int = 30
+    lrpet_train: TrainConfig = TrainConfig(epochs=30, batch_size=64, checkpoint_every=10)
     prune: float = 0.8
     sgd_learning_rate: float = 0.05
     sgd_weight_decay: float = 5e-4
-    checkpoint_every: int = 10
-    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
 
 
 # Fields no training run's result depends on (each run has its own N and decay), and those of
-# the other part: the fingerprint of a run covers every other field (results.run_settings).
-_AFTER_TRAINING = ("depths", "weight_decays", "budgets", "tolerance", "checkpoint_every")
-_NOT_LORITA = (*_AFTER_TRAINING, "cnn", "lrpet_epochs", "prune", "sgd_learning_rate",
-               "sgd_weight_decay")
-_NOT_LRPET = (*_AFTER_TRAINING, "fcn_depth", "fcn_width", "lorita_epochs", "learning_rate")
+# the other part: the fingerprint of a run covers every other field (results.run_settings) and
+# its training settings (TrainConfig.run_settings).
+_AFTER_TRAINING = ("depths", "weight_decays", "budgets", "tolerance", "lorita_train",
+                   "lrpet_train")
+_NOT_LORITA = (*_AFTER_TRAINING, "cnn", "prune", "sgd_learning_rate", "sgd_weight_decay")
+_NOT_LRPET = (*_AFTER_TRAINING, "fcn_depth", "fcn_width", "learning_rate")
 
 PRESETS = {
     "default": Config(),
-    "smoke": Config(lorita_epochs=2, weight_decays=(1e-3,), budgets=(0.5, 0.1), fcn_width=32,
-                    cnn=(8, "M", 16, "M"), lrpet_epochs=2, checkpoint_every=1),
+    "smoke": Config(lorita_train=TrainConfig(epochs=2, batch_size=64, checkpoint_every=1),
+                    weight_decays=(1e-3,), budgets=(0.5, 0.1), fcn_width=32,
+                    cnn=(8, "M", 16, "M"),
+                    lrpet_train=TrainConfig(epochs=2, batch_size=64, checkpoint_every=1)),
 }
 
 
@@ -119,13 +120,12 @@ def lorita_part(config: Config, data: data_lib.Dataset, results: Results,
     model = models.FCN(config.fcn_depth, config.fcn_width, num_classes=data.num_classes)
     hidden = jaxlr.kernel_filter(exclude="head")
     name = f"FCN-{config.fcn_depth}"
+    train_config = dataclasses.replace(config.lorita_train, seed=config.seed, progress=progress)
     training, chosen = lorita_study.train_depths(
         name, model, data, depths=config.depths, weight_decays=config.weight_decays,
         optimizer=lambda decay: lorita.coupled_adam(config.learning_rate, decay),
-        config=TrainConfig(config.lorita_epochs, config.batch_size, config.seed,
-                           checkpoint_every=config.checkpoint_every, progress=progress,
-                                 parallel=config.parallel),
-        results=results, settings=run_settings(config, exclude=_NOT_LORITA))
+        config=train_config, results=results,
+        settings=run_settings(config, exclude=_NOT_LORITA, train=train_config.run_settings()))
     study = lorita_study.study_truncation(name, model, chosen, data, budgets=config.budgets,
                                           filter=hidden, tolerance=config.tolerance)
     tables = {
@@ -156,7 +156,8 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
                progress: bool) -> dict[str, Any]:
     """Trains the CNN without projection, with LRP and with LRPET; compares at the same ranks."""
     model = models.VGG(config=config.cnn, num_classes=data.num_classes)
-    steps_per_epoch = len(data.train) // config.batch_size
+    train_config = dataclasses.replace(config.lrpet_train, seed=config.seed, progress=progress)
+    steps_per_epoch = len(data.train) // train_config.batch_size
     sample = data.normalize(data.test.images[:1])
     shapes = jax.eval_shape(model.init, jax.random.key(0), sample)
     lrp = jaxlr.ProjectionOptions(energy_transfer=False, filter="conv")  # the paper's layers
@@ -166,16 +167,15 @@ def lrpet_part(config: Config, data: data_lib.Dataset, results: Results,
     rows, histories = [], {}
     for name, options in variants.items():
         optimizer = step_decay_sgd(config.sgd_learning_rate, config.sgd_weight_decay,
-                                   config.lrpet_epochs * steps_per_epoch)
+                                   train_config.epochs * steps_per_epoch)
         if options is not None:
             optimizer = jaxlr.with_low_rank_projection(
                 optimizer, prune=config.prune, every=steps_per_epoch, options=options)
         slug = name.lower().replace(" ", "_")
-        settings = run_settings(config, exclude=_NOT_LRPET, variant=name)
-        result = train(Task(model, optimizer), data, TrainConfig(
-            config.lrpet_epochs, config.batch_size, config.seed,
-            checkpoint_every=config.checkpoint_every, progress=progress,
-                                 parallel=config.parallel),
+        settings = run_settings(config, exclude=_NOT_LRPET, train=train_config.run_settings(),
+                                variant=name)
+        result = train(
+            Task(model, optimizer), data, train_config,
             workdir=results.run_dir(slug, settings), label=slug, settings=settings)
         histories[name] = result.history
         variables = result.best

@@ -66,19 +66,23 @@ def param_count(params: Any) -> int:
 class FCN(nn.Module):
     """``depth`` Dense layers: ``fc0`` ... ``fc{depth-2}`` of ``width`` units, ReLU, then ``head``.
 
-    Images are flattened first. With ``batch_norm`` each hidden layer is followed by ``bn{i}``.
+    Images are flattened first. With ``batch_norm`` each hidden layer is followed by ``bn{i}``;
+    with ``head_norm`` the classifier too, by ``bn_head`` (the LoRITa release's FCN: a BatchNorm
+    after every Linear). A Dense layer followed by a BatchNorm has no bias.
 
     Attributes:
       depth: the number of Dense layers, the classifier included (>= 1).
       width: units of each hidden layer.
       batch_norm: a BatchNorm after each hidden Dense layer.
       num_classes: outputs of the classifier ``head``.
+      head_norm: a BatchNorm after the classifier.
     """
 
     depth: int = 4
     width: int = 256
     batch_norm: bool = False
     num_classes: int = 10
+    head_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -90,7 +94,8 @@ class FCN(nn.Module):
             if self.batch_norm:
                 x = batch_norm(train, name=f"bn{i}")(x)
             x = nn.relu(x)
-        return nn.Dense(self.num_classes, name="head")(x)
+        x = nn.Dense(self.num_classes, use_bias=not self.head_norm, name="head")(x)
+        return batch_norm(train, name="bn_head")(x) if self.head_norm else x
 
 
 class EncoderBlock(nn.Module):

@@ -10,7 +10,12 @@ Settings are checked before anything trains, in two steps:
 
 * :func:`check`, called by each experiment's config when it is built (``__post_init__``): every
   field against its rule in :data:`RULES` (type, range, model names, data set names), by field
-  name. A config field without a rule is itself an error, so no new setting goes unchecked.
+  name. A config field without a rule is itself an error, so no new setting goes unchecked. A
+  field holding a dataclass (an experiment's training settings, e.g. ``train``, a
+  :class:`experiments.train.TrainConfig`) is checked field by field the same way, its fields
+  named ``train.epochs``, ``train.batch_size``, ... (also on the command line:
+  ``--set train.epochs=5``). The fields an experiment's runs set themselves (each run's seed,
+  its progress bar) are named in its config's ``PER_RUN`` and must be left at their defaults.
 * :func:`check_models` and :func:`load_data`, at the start of a run: every model the run will
   train is traced on an image of the data (shapes only), and the data set must load.
 
@@ -62,6 +67,7 @@ __all__ = [
 
 ConfigT = TypeVar("ConfigT")
 PARALLEL = ("data", "fsdp", "none")  # experiments.train.PARALLEL (not imported: jax-free here)
+PRNG_IMPLS = ("rbg", "unsafe_rbg", "threefry2x32")  # experiments.train.PRNG_IMPLS
 
 
 class SettingsError(ValueError):
@@ -188,6 +194,13 @@ def _is_str(value: Any) -> bool:
     return isinstance(value, str)
 
 
+def _is_augmentation(value: Any) -> bool:
+    """``None`` or an :class:`experiments.data.Augmentation` (a ``(pad, flip)`` NamedTuple)."""
+    return value is None or (isinstance(value, tuple)
+                             and getattr(value, "_fields", None) == ("pad", "flip")
+                             and _is_int(value.pad) and isinstance(value.flip, bool))
+
+
 _POSITIVE = _int(1)
 _NONNEGATIVE = _int(0)
 _BOOL = Rule("True or False", lambda v: isinstance(v, bool))
@@ -202,26 +215,29 @@ _OPTIONAL_STR = Rule("None or a string", lambda v: v is None or isinstance(v, st
 RULES: dict[str, Rule] = {
     # Counts.
     **{name: _POSITIVE for name in (
-        "baseline_epochs", "batch_size", "checkpoint_every", "compress_depth", "epochs",
-        "fcn_depth", "fcn_width", "lorita_epochs", "lrpet_epochs", "random_trials",
-        "trial_epochs", "trials", "width")},
+        "batch_size", "checkpoint_every", "compress_depth", "epochs", "eval_batch_size",
+        "fcn_depth", "fcn_width", "random_trials", "trials",
+        "width")},
     **{name: _NONNEGATIVE for name in ("seed", "pad", "pretrained_epochs", "timing_epochs",
-                                        "tune_on")},
+                                        "tune_on", "tuning_seed", "extend")},
     "depths": _tuple_of(_POSITIVE, "ints >= 1 (LoRITa's N)"),
-    "seeds": Rule("a tuple of at least two distinct ints >= 0 (a spread needs two)",
+    **{name: Rule("a tuple of at least two distinct ints >= 0 (a spread needs two)",
                   lambda v: isinstance(v, tuple) and all(map(_is_int, v)),
-                  lambda v: len(v) >= 2 and len(set(v)) == len(v) and min(v) >= 0),
+                  lambda v: len(v) >= 2 and len(set(v)) == len(v) and min(v) >= 0)
+       for name in ("seeds", "lrpet_seeds")},
     "fcn_depths": _tuple_of(_POSITIVE, "ints >= 1"),
+    "arms": _tuple_of(Rule("a string", _is_str), "names of experiments.evidence.ARMS"),
     # Switches.
     "ablation": _BOOL,
     "flip": _BOOL,
+    "progress": _BOOL,
     # Optimisation.
     "learning_rate": _RATE,
     "sgd_learning_rate": _RATE,
     "weight_decay": _DECAY,
     "sgd_weight_decay": _DECAY,
     "weight_decays": _tuple_of(_DECAY, "numbers >= 0"),
-    "learning_rates": _tuple_of(_RATE, "numbers > 0"),
+    "decay_ladder": _tuple_of(_DECAY, "numbers >= 0"),
     "label_smoothing": _PRUNE,
     "lam": _DECAY,
     # Compression.
@@ -230,20 +246,29 @@ RULES: dict[str, Rule] = {
     "max_prune": _PRUNE,
     "budgets": _tuple_of(_number(0, 1, open_low=True, open_high=False),
                          "numbers in (0, 1]"),
+    "drop_budgets": _tuple_of(_number(0, 1, open_low=True, open_high=False),
+                              "numbers in (0, 1]"),
+    "tolerances": _tuple_of(_number(0, 1), "numbers in [0, 1)"),
     "flop_drops": _tuple_of(_number(0, 1, open_low=True), "numbers in (0, 1)"),
     "tolerance": _PRUNE,
     "ratios": _tuple_of(_number(0, 1, open_low=True), "pruning ratios in (0, 1)"),
     "confidence": _number(0, 1, open_low=True, words="a number in (0, 1)"),
-    "margin": _number(0, 1, open_low=True, words="a number in (0, 1) (accuracy, 0.01 is a "
-                      "point)"),
+    **{name: _number(0, 1, open_low=True, words="a number in (0, 1) (accuracy, 0.01 is a point)")
+       for name in ("accuracy_margin", "decay_margin", "drop_margin", "lrpet_margin")},
+    **{name: _number(0, 1, open_low=True) for name in ("budget_margin", "energy_level",
+                                                       "energy_margin", "power")},
     "ranks_file": _OPTIONAL_STR,
     # Data.
     "data": Rule("a data set: 'digits', 'idx:DIR', 'mnist', 'cifar10' or 'cifar100'", _is_str,
                  _data_spec),
     "data_dir": _OPTIONAL_STR,
-    # Devices.
+    "augmentation": Rule("None or an experiments.data.Augmentation(pad >= 0, flip)",
+                         _is_augmentation, lambda v: v is None or v.pad >= 0),
+    # Devices and random numbers.
     "parallel": Rule("one of 'data' (each batch split over the local devices), 'fsdp' (the "
                      "parameters too) or 'none'", _is_str, lambda v: v in PARALLEL),
+    "prng_impl": Rule(f"one of {', '.join(map(repr, PRNG_IMPLS))}", _is_str,
+                      lambda v: v in PRNG_IMPLS),
     # Models.
     "model": _MODEL,
     "models": _MODELS,
@@ -260,12 +285,28 @@ RULES: dict[str, Rule] = {
 }
 
 
+def _is_config(value: Any) -> bool:
+    """Whether ``value`` is a dataclass instance (a config, or settings nested in one)."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _per_run(config: Any) -> Mapping[str, str]:
+    """``{dotted field name: who sets it}`` of the nested fields ``config``'s runs set
+    themselves (its class's ``PER_RUN``, e.g. ``{"train.seed": "from seed"}``)."""
+    return getattr(type(config), "PER_RUN", {})
+
+
 def check(config: Any, rules: Mapping[str, Rule] | None = None) -> None:
-    """Checks every field of ``config`` (a dataclass) against its rule.
+    """Checks every field of ``config`` (a dataclass) against its rule; a field holding a
+    dataclass (nested settings, e.g. ``train``) field by field, named ``train.epochs``, ...
+
+    The nested fields named in ``config``'s class attribute ``PER_RUN`` (``{"train.seed": "from
+    seed", ...}``: each run sets them) must hold their defaults.
 
     Args:
       config: an experiment's settings.
-      rules: rules by field name (default :data:`RULES`).
+      rules: rules by field name (default :data:`RULES`); a nested field is checked by the rule
+        of its own name (``train.epochs`` by that of ``epochs``).
 
     Raises:
       SettingsError: naming the first field whose value is not allowed, the value and what is
@@ -273,11 +314,30 @@ def check(config: Any, rules: Mapping[str, Rule] | None = None) -> None:
       TypeError: for a field that has no rule (add one to :data:`RULES`).
     """
     rules = RULES if rules is None else rules
+    _check_fields(config, rules, "")
+    for name, source in _per_run(config).items():
+        outer, _, inner = name.partition(".")
+        nested = getattr(config, outer)
+        default = next(f.default for f in dataclasses.fields(nested) if f.name == inner)
+        value = getattr(nested, inner)
+        if value != default:
+            raise SettingsError(f"{name} is set by each run ({source}): leave it at "
+                                f"{default!r}, got {value!r}.")
+
+
+def _check_fields(config: Any, rules: Mapping[str, Rule], prefix: str) -> None:
     for field in dataclasses.fields(config):
+        name, value = prefix + field.name, getattr(config, field.name)
+        if _is_config(field.default):
+            if type(value) is not type(field.default):
+                raise SettingsTypeError(f"{name} must be a {type(field.default).__name__}, got "
+                                        f"{value!r}.")
+            _check_fields(value, rules, name + ".")
+            continue
         if field.name not in rules:
             raise TypeError(f"{type(config).__name__}.{field.name} has no rule in "
                             "experiments.presets.RULES: add one, so that it is checked.")
-        rules[field.name].check(field.name, getattr(config, field.name))
+        rules[field.name].check(name, value)
 
 
 def load_data(config: Any, seed: int | None = None) -> Any:
@@ -329,30 +389,87 @@ def _same_kind(old: Any, new: Any) -> bool:
     return type(old) is type(new)
 
 
+def _settable(config: Any, prefix: str = "") -> list[str]:
+    """The names ``--set`` takes: every field of ``config``, a nested config's as
+    ``train.epochs``, less those each run sets (``PER_RUN``)."""
+    per_run = _per_run(config)
+    names = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if _is_config(value):
+            names += _settable(value, f"{prefix}{field.name}.")
+        else:
+            names.append(prefix + field.name)
+    return [name for name in names if name not in per_run]
+
+
 def override(config: ConfigT, assignments: Sequence[str]) -> ConfigT:
     """``config`` with ``field=value`` assignments applied (values are Python literals; a value
-    that is not a literal is taken as a string).
+    that is not a literal is taken as a string). A field of nested settings is named with a dot:
+    ``train.epochs=5``.
 
     Raises:
-      ValueError: for an unknown field, a malformed assignment or a value of another type, or
-        a value the config refuses (:class:`SettingsError`).
+      SettingsError: for an unknown field, a malformed assignment or a value of another type
+        (:class:`SettingsTypeError`), or a value the config refuses.
     """
-    fields = {f.name for f in dataclasses.fields(config)}  # type: ignore[arg-type]
-    changes = {}
+    changes: dict[tuple[str, ...], Any] = {}
     for assignment in assignments:
         name, sep, text = assignment.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"--set takes field=value with a field among {sorted(fields)}, "
-                             f"got {assignment!r}.")
+        path = tuple(name.split("."))
+        owner, prefix = config, ""
+        for part in path[:-1]:  # the nested config that holds the field
+            value = getattr(owner, part, None) if part in _field_names(owner) else None
+            if not _is_config(value):
+                owner = None
+                break
+            owner, prefix = value, f"{prefix}{part}."
+        if sep and name in _per_run(config):
+            raise SettingsError(f"--set {name}: {name} is set by each run "
+                                f"({_per_run(config)[name]}), not a setting.")
+        if not sep or owner is None or path[-1] not in _field_names(owner) or _is_config(
+                getattr(owner, path[-1])):
+            among = [n for n in _settable(config) if owner is None or n.startswith(prefix)]
+            raise SettingsError(f"--set takes field=value with a field among {among}, got "
+                                f"{assignment!r}.")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        old = getattr(config, name)
+        old = getattr(owner, path[-1])
         if not _same_kind(old, value):
-            raise ValueError(f"--set {name}: expected a value like {old!r}, got {value!r}.")
-        changes[name] = float(value) if isinstance(old, float) else value
-    return dataclasses.replace(config, **changes)  # type: ignore[type-var]
+            raise SettingsTypeError(f"--set {name}: expected a value like {old!r}, got "
+                                    f"{value!r}.")
+        value = float(value) if isinstance(old, float) else value
+        if prefix and path[-1] in RULES:  # named in full, before the nested config refuses it
+            RULES[path[-1]].check(name, value)
+        changes[path] = value
+    return _replace(config, changes, "")
+
+
+def _field_names(config: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(config)}
+
+
+def _replace(config: ConfigT, changes: Mapping[tuple[str, ...], Any], prefix: str) -> ConfigT:
+    """``config`` with ``changes`` (``{field path: value}``) applied, each nested config
+    replaced once with all of its changes."""
+    fields: dict[str, Any] = {}
+    nested: dict[str, dict[tuple[str, ...], Any]] = {}
+    for path, value in changes.items():
+        if len(path) == 1:
+            fields[path[0]] = value
+        else:
+            nested.setdefault(path[0], {})[path[1:]] = value
+    for name, inner in nested.items():
+        fields[name] = _replace(getattr(config, name), inner, f"{prefix}{name}.")
+    if not prefix:
+        return dataclasses.replace(config, **fields)  # type: ignore[type-var]
+    try:
+        return dataclasses.replace(config, **fields)  # type: ignore[type-var]
+    except SettingsError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise SettingsError(f"{prefix[:-1]}: {error}") from error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -396,18 +513,37 @@ def _plain(text: str) -> str:
 
 def _settings_help(presets: Mapping[str, Any]) -> str:
     first = next(iter(presets.values()))
-    docs = _field_docs(type(first))
-    lines = ["settings (--set FIELD=VALUE, the value a Python literal), with each preset's value:"]
-    for field in dataclasses.fields(first):
-        rule = RULES.get(field.name)
+    lines = ["settings (--set FIELD=VALUE, the value a Python literal; a field of nested settings "
+             "as --set train.epochs=5), with each preset's value:"]
+    per_run = _per_run(first)
+
+    def describe(name: str, doc: str, rule: Rule | None, values: dict[str, str] | None) -> None:
         allowed = f" [{rule.allowed}]" if rule is not None else ""
-        lines += textwrap.wrap(f"{field.name}: {_plain(docs.get(field.name, ''))}{allowed}",
-                               width=96, initial_indent="  ", subsequent_indent="      ")
-        values = {preset: repr(getattr(config, field.name)) for preset, config in presets.items()}
+        lines.extend(textwrap.wrap(f"{name}: {_plain(doc)}{allowed}", width=96,
+                                   initial_indent="  ", subsequent_indent="      "))
+        if values is None:
+            return
         if len(set(values.values())) == 1:
             lines.append(f"      every preset: {next(iter(values.values()))}")
         else:
-            lines += [f"      {preset + ':':9} {value}" for preset, value in values.items()]
+            lines.extend(f"      {preset + ':':9} {value}" for preset, value in values.items())
+
+    def fields(configs: dict[str, Any], prefix: str) -> None:
+        sample = next(iter(configs.values()))
+        docs = _field_docs(type(sample))
+        for field in dataclasses.fields(sample):
+            name = prefix + field.name
+            values = {preset: getattr(config, field.name) for preset, config in configs.items()}
+            if _is_config(getattr(sample, field.name)):
+                shown = [key for key in per_run if key.startswith(name + ".")]
+                note = (f" (each run sets {', '.join(shown)})" if shown else "")
+                describe(name, docs.get(field.name, "") + note, None, None)
+                fields(values, name + ".")
+            elif name not in per_run:
+                describe(name, docs.get(field.name, ""), RULES.get(field.name),
+                         {preset: repr(value) for preset, value in values.items()})
+
+    fields(dict(presets), "")
     return "\n".join(lines)
 
 

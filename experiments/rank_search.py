@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +39,7 @@ from experiments import lorita_study, models, plots, presets, truncation
 from experiments.results import Column, Results, run_settings
 from experiments.train import Task, TrainConfig, evaluate, train
 
-__all__ = ["PRESETS", "Config", "main", "run"]
+__all__ = ["PRESETS", "Config", "main", "run", "summarize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,21 +49,23 @@ class Config:
     Attributes:
       data: the data set (:func:`experiments.data.load`).
       data_dir: tensorflow-datasets' data_dir.
-      seed: seeds split, training and the optimiser.
+      seed: seeds split, training (each run's ``seed``) and the optimiser.
       model: the model name (:func:`experiments.models.create`).
       trials: scored trials in all.
       random_trials: the first trials, drawn at random.
       lam: the weight of the MACs ratio in the score.
       min_prune: the lower bound of every pruning ratio.
       max_prune: the upper bound of every pruning ratio (< 1).
-      baseline_epochs: epochs of the baseline.
-      trial_epochs: epochs of each trial's fine-tuning.
-      batch_size: of training.
+      baseline_train: how the baseline trains (:class:`experiments.train.TrainConfig`: epochs,
+        batch size, checkpoints, devices).
+      trial_train: how each trial fine-tunes (no checkpoints: a trial is not saved).
       learning_rate: SGD's learning rate (the trials use a tenth of it).
       weight_decay: coupled weight decay.
-      parallel: how training spreads over the local devices: "data" (each batch split over
-        all), "fsdp" (the parameters too) or "none" (:class:`experiments.train.TrainConfig`).
     """
+
+    PER_RUN: ClassVar[dict[str, str]] = {
+        "baseline_train.seed": "from seed", "baseline_train.progress": "from --no-progress",
+        "trial_train.seed": "from seed", "trial_train.progress": "off: one line per trial"}
 
     data: str = "digits"
     data_dir: str | None = None
@@ -74,12 +76,10 @@ class Config:
     lam: float = 1.0
     min_prune: float = 0.0
     max_prune: float = 0.9
-    baseline_epochs: int = 15
-    trial_epochs: int = 2
-    batch_size: int = 64
+    baseline_train: TrainConfig = TrainConfig(epochs=15, batch_size=64)
+    trial_train: TrainConfig = TrainConfig(epochs=2, batch_size=64)
     learning_rate: float = 0.05
     weight_decay: float = 5e-4
-    parallel: str = "data"
 
     def __post_init__(self) -> None:
         presets.check(self)
@@ -94,10 +94,12 @@ class Config:
 
 PRESETS = {
     "default": Config(),
-    "smoke": Config(model="vgg:config=4/M/8/M", trials=3, random_trials=2, baseline_epochs=1,
-                    trial_epochs=1),
-    "paper": Config(data="cifar10", model="resnet56", baseline_epochs=200, trial_epochs=10,
-                    batch_size=128, learning_rate=0.1),
+    "smoke": Config(model="vgg:config=4/M/8/M", trials=3, random_trials=2,
+                    baseline_train=TrainConfig(epochs=1, batch_size=64),
+                    trial_train=TrainConfig(epochs=1, batch_size=64)),
+    "paper": Config(data="cifar10", model="resnet56",
+                    baseline_train=TrainConfig(epochs=200, batch_size=128),
+                    trial_train=TrainConfig(epochs=10, batch_size=128), learning_rate=0.1),
 }
 
 
@@ -115,15 +117,16 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     presets.check_models({f"model={config.model!r}": model},
                          data.normalize(data.test.images[:1]))
     results.json("config", config)
-    steps_per_epoch = len(data.train) // config.batch_size
+    baseline_config = dataclasses.replace(config.baseline_train, seed=config.seed,
+                                          progress=progress)
+    trial_config = dataclasses.replace(config.trial_train, seed=config.seed, progress=False)
+    steps_per_epoch = len(data.train) // trial_config.batch_size
     slug = lorita_study.slug(config.model)
     # The baseline does not depend on the search's settings.
     settings = run_settings(config, exclude=("trials", "random_trials", "lam", "min_prune",
-                                             "max_prune", "trial_epochs"))
-    baseline = train(Task(model, _sgd(config, config.learning_rate)), data,
-                     TrainConfig(config.baseline_epochs, config.batch_size, config.seed,
-                                 progress=progress,
-                                 parallel=config.parallel),
+                                             "max_prune", "baseline_train", "trial_train"),
+                            train=baseline_config.run_settings())
+    baseline = train(Task(model, _sgd(config, config.learning_rate)), data, baseline_config,
                      workdir=results.run_dir(f"{slug}_baseline", settings), label="baseline",
                      settings=settings)
     sample = jnp.asarray(data.normalize(data.test.images[:1]))
@@ -153,11 +156,8 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
                  for name, n in full.items()}
         sgd = jaxlr.with_low_rank_projection(_sgd(config, config.learning_rate / 10),
                                              ranks=ranks, every=steps_per_epoch)
-        tuned = train(Task(model, sgd), data,
-                      TrainConfig(config.trial_epochs, config.batch_size, config.seed,
-                                  progress=False,
-                                 parallel=config.parallel),
-                      variables=baseline.best, label=f"trial {trial}")
+        tuned = train(Task(model, sgd), data, trial_config, variables=baseline.best,
+                      label=f"trial {trial}")
         compressed, _ = truncation.compressed_variables(tuned.variables, ranks)
         error = 1 - evaluate(model, compressed, data, "validation")["accuracy"]
         macs = truncation.forward_macs(model, compressed, sample) / dense_macs
@@ -185,6 +185,31 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
         results.file("search.png"), key="score")
     print(table)
     return {"ranks": best["ranks"], "trials": trials, "full_ranks": full, "table": table}
+
+
+def summarize(config: Config, out: dict[str, Any]) -> str:
+    """What a search shows, in words computed from its results (docs/reproducing.md's
+    findings).
+
+    Args:
+      config: the search's settings.
+      out: what :func:`run` returned.
+
+    Returns:
+      One sentence: the best trial's score, error and MACs; the Gaussian process's best against
+      the best random trial where it ran.
+    """
+    trials = out["trials"]
+    random = [t for t in trials if t["kind"] == "random"]
+    searched = [t for t in trials if t["kind"] != "random"]
+    best = min(trials, key=lambda t: t["score"])
+    text = (f"{config.model}, {len(trials)} trials ({len(random)} random): the best score is "
+            f"{best['score']:.3f} ({best['validation_error']:.1%} validation error at "
+            f"{best['macs_ratio']:.1%} of the MACs, a {best['kind']} trial)")
+    if searched:
+        text += (f"; the Gaussian process's best {min(t['score'] for t in searched):.3f} "
+                 f"against {min(t['score'] for t in random):.3f} for the best random trial")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -5,13 +5,22 @@ describes those numbers (mean, sample standard deviation, the two-sided Student-
 interval of the mean). :func:`compare` decides a claim about two methods run on the *same* seeds
 (same data split, same initialisation) from their per-seed differences, by one stated rule:
 
-* ``"greater"`` (``a > b``): **holds** when the interval of the mean difference ``a - b`` lies
-  above 0, **does not hold** when it lies below 0, and is **not separable** when it contains 0.
-* ``"less"``: the same, mirrored.
+* ``"greater"`` (``a > b``) with margin ``m >= 0``: **holds** when the interval of the mean
+  difference ``a - b`` lies above 0; otherwise **does not hold** when it lies below ``m`` (a gain
+  as large as the margin, the smallest effect that matters, is excluded; with ``m = 0``: the
+  interval lies below 0); otherwise **not separable** (the data cannot tell).
+* ``"less"``: the same, mirrored (**does not hold** when the interval lies above ``-m``).
 * ``"equal"`` (``a`` about ``b``, within ``margin``): **holds** when the interval lies inside
   ``(-margin, margin)``, **does not hold** when it lies wholly outside it, **not separable**
   otherwise (an equivalence test by two one-sided intervals at the same confidence, as the
   interval is two-sided).
+
+Next to each verdict, :func:`detectable_effect` gives the smallest true mean difference the
+seeds could detect: the one a two-sided paired t-test at the interval's confidence finds with
+probability ``power`` (0.8 by default), given the spread of the per-seed differences,
+``(t_{(1+c)/2} + t_{power}) * sd / sqrt(n)`` with ``n - 1`` degrees of freedom. A "not separable"
+verdict whose detectable effect exceeds the claimed effect says the experiment was too small,
+not that the effect is absent.
 
 No correction is made for the number of claims tested; each verdict stands on its own interval.
 
@@ -34,7 +43,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 from scipy import stats as scipy_stats
 
-__all__ = ["CLAIMS", "VERDICTS", "Comparison", "Summary", "compare", "summarize"]
+__all__ = ["CLAIMS", "VERDICTS", "Comparison", "Summary", "compare", "detectable_effect",
+           "summarize"]
 
 CLAIMS = ("greater", "less", "equal")
 VERDICTS = ("holds", "does not hold", "not separable")
@@ -72,10 +82,12 @@ class Comparison(NamedTuple):
     Attributes:
       difference: the :class:`Summary` of the per-seed differences ``a - b``.
       claim: ``"greater"``, ``"less"`` or ``"equal"``.
-      margin: the equivalence margin of ``"equal"`` (0 for the others).
+      margin: the smallest difference that matters (the module's rule).
       verdict: ``"holds"``, ``"does not hold"`` or ``"not separable"``.
       agree: seeds whose own difference goes the claim's way (strictly above 0 for
         ``"greater"``, strictly below for ``"less"``, inside the margin for ``"equal"``).
+      detectable: the smallest mean difference these seeds detect with probability 0.8
+        (:func:`detectable_effect`).
     """
 
     difference: Summary
@@ -83,6 +95,7 @@ class Comparison(NamedTuple):
     margin: float
     verdict: str
     agree: int
+    detectable: float
 
 
 def _check_confidence(confidence: float) -> None:
@@ -115,6 +128,33 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
     return Summary(n, mean, std, mean - half, mean + half, float(confidence))
 
 
+def detectable_effect(std: float, n: int, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference a paired t-test over ``n`` seeds detects.
+
+    ``(t_{(1 + confidence)/2} + t_{power}) * std / sqrt(n)``, Student's t with ``n - 1`` degrees
+    of freedom: the difference whose interval excludes 0 with probability about ``power``.
+
+    Args:
+      std: the standard deviation of the per-seed differences.
+      n: the number of seeds, at least 2.
+      confidence: of the interval, in ``(0, 1)``.
+      power: in ``(0, 1)``.
+
+    Example:
+      >>> round(detectable_effect(1.0, 5), 3)  # (2.776 + 0.941) / sqrt(5)
+      1.662
+    """
+    _check_confidence(confidence)
+    _check_confidence(power)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an int >= 2, got {n!r}.")
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"std must be a finite number >= 0, got {std!r}.")
+    quantiles = (scipy_stats.t.ppf((1 + confidence) / 2, n - 1)
+                 + scipy_stats.t.ppf(power, n - 1))
+    return float(quantiles * std / math.sqrt(n))
+
+
 def compare(
     a: Sequence[float],
     b: Sequence[float],
@@ -129,7 +169,8 @@ def compare(
       a: one number per seed.
       b: the other method's number for the same seeds, in the same order.
       claim: ``"greater"`` (a > b), ``"less"`` (a < b) or ``"equal"`` (|a - b| < ``margin``).
-      margin: the equivalence margin of ``"equal"``, > 0; must be 0 (the default) otherwise.
+      margin: the smallest difference that matters, >= 0 (> 0 for ``"equal"``): a "greater"
+        or "less" claim whose interval excludes an effect this large does not hold.
       confidence: of the interval, in ``(0, 1)``.
 
     Returns:
@@ -138,6 +179,11 @@ def compare(
     Raises:
       ValueError: for an unknown claim, ``a`` and ``b`` of different lengths, a bad margin, or
         what :func:`summarize` refuses.
+
+    Example:
+      >>> a, b = [0.30, 0.31, 0.29, 0.30], [0.30, 0.30, 0.30, 0.31]
+      >>> compare(a, b, "less", margin=0.05).verdict  # a reduction of 0.05 is excluded
+      'does not hold'
     """
     if claim not in CLAIMS:
         raise ValueError(f"claim must be one of {CLAIMS}, got {claim!r}.")
@@ -149,20 +195,22 @@ def compare(
     if isinstance(margin, bool) or not isinstance(margin, int | float) or not (
             math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}.")
-    if (claim == "equal") != (margin > 0):
-        raise ValueError(f"margin must be > 0 for claim='equal' and 0 otherwise, got "
-                         f"claim={claim!r}, margin={margin!r}.")
+    if claim == "equal" and margin == 0:
+        raise ValueError(f"margin must be > 0 for claim='equal', got {margin!r}.")
     deltas = a_array - b_array
     d = summarize(deltas, confidence)
     if claim == "greater":
-        verdict = "holds" if d.low > 0 else "does not hold" if d.high < 0 else "not separable"
+        verdict = ("holds" if d.low > 0 else "does not hold" if d.high < margin
+                   else "not separable")
         agree = int(np.sum(deltas > 0))
     elif claim == "less":
-        verdict = "holds" if d.high < 0 else "does not hold" if d.low > 0 else "not separable"
+        verdict = ("holds" if d.high < 0 else "does not hold" if d.low > -margin
+                   else "not separable")
         agree = int(np.sum(deltas < 0))
     else:
         inside = -margin < d.low and d.high < margin
         outside = d.low >= margin or d.high <= -margin
         verdict = "holds" if inside else "does not hold" if outside else "not separable"
         agree = int(np.sum(np.abs(deltas) < margin))
-    return Comparison(d, claim, float(margin), verdict, agree)
+    detectable = detectable_effect(d.std, d.n, confidence)
+    return Comparison(d, claim, float(margin), verdict, agree, detectable)

@@ -50,6 +50,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import jaxlr
 from experiments import data as data_lib
+from experiments import presets
 from jaxlr import TrainState, export, lorita
 from jaxlr.matrices import path_key
 
@@ -169,6 +170,11 @@ def step_decay_sgd(
 class TrainConfig:
     """How long and how to train.
 
+    An experiment's config holds one as a field (``train``; two with clear names where it trains
+    twice, e.g. ``lorita_train`` and ``lrpet_train``), set on the command line as
+    ``--set train.epochs=5``; each run derives its own with ``dataclasses.replace(config.train,
+    seed=..., progress=...)``.
+
     Attributes:
       epochs: passes over the training split.
       batch_size: examples per step (the last incomplete batch of an epoch is dropped).
@@ -192,7 +198,7 @@ class TrainConfig:
         jaxlr's projection spreads its decompositions over the devices.
     """
 
-    epochs: int
+    epochs: int = 10
     batch_size: int = 128
     seed: int = 0
     augmentation: data_lib.Augmentation | None = None
@@ -203,14 +209,23 @@ class TrainConfig:
     parallel: str = "data"
 
     def __post_init__(self) -> None:
-        if self.prng_impl not in PRNG_IMPLS:
-            raise ValueError(f"prng_impl must be one of {PRNG_IMPLS}, got {self.prng_impl!r}.")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}.")
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        # Every field by its rule (experiments.presets.RULES): a bad one raises SettingsError,
+        # a ValueError naming it.
+        presets.check(self)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The fields a run's result depends on, as JSON values, for its fingerprint and saved
+        settings (:func:`experiments.results.run_settings`): all but ``progress``,
+        ``checkpoint_every`` and ``parallel`` (where and how the run is shown, saved and spread,
+        not what it computes).
+
+        Example:
+          >>> TrainConfig(epochs=2, batch_size=64).run_settings()["batch_size"]
+          64
+        """
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "seed": self.seed,
+                "augmentation": None if self.augmentation is None else list(self.augmentation),
+                "eval_batch_size": self.eval_batch_size, "prng_impl": self.prng_impl}
 
 
 class Placement(NamedTuple):
@@ -368,8 +383,9 @@ def make_step(task: Task, dropout_key: jax.Array, state: TrainState | None = Non
 
         def loss_fn(trained: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             variables = _variables(task.model_params(trained), state.batch_stats)
-            logits, mutated = task.model.apply(
-                variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+            # jaxlr.apply: factor pairs (a compressed model being fine-tuned) run factored.
+            logits, mutated = jaxlr.apply(
+                task.model, variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
             loss = cross_entropy(logits, labels, task.label_smoothing).mean()
             return loss, (logits, mutated.get("batch_stats", {}))
 

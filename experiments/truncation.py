@@ -39,6 +39,7 @@ __all__ = [
     "compressed_variables",
     "curves",
     "forward_macs",
+    "recompute_batch_stats",
     "smallest_budget",
     "sweep",
 ]
@@ -235,6 +236,40 @@ def forward_macs(model: nn.Module, variables: Mapping[str, Any], sample: Any) ->
         return jaxlr.apply(model, {"params": params, **rest}, x, train=False)
 
     return jaxlr.forward_cost(forward, variables["params"], sample, xla=False).macs
+
+
+def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any],
+                          data: data_lib.Dataset, batch_size: int = 128,
+                          momentum: float = 0.9) -> dict[str, Any]:
+    """``variables`` with every BatchNorm's statistics recomputed on the training split: the mean
+    over its batches (in order, the last incomplete one dropped) of each batch's mean and
+    variance, as the layer computes them in training mode. Factor pairs run factored
+    (:func:`jaxlr.apply`). ``momentum`` is the layers' (Flax's) running-average momentum: a
+    training-mode call from zero statistics returns ``(1 - momentum)`` times the batch's.
+
+    A model truncated after training sees other activations than the ones its statistics were
+    averaged over; this gives it statistics of its own without training it.
+    """
+    if "batch_stats" not in variables:
+        return dict(variables)
+
+    @jax.jit
+    def batch(params: Any, stats: Any, images: jax.Array) -> Any:
+        zeros = jax.tree.map(jnp.zeros_like, stats)
+        _, mutated = jaxlr.apply(model, {"params": params, "batch_stats": zeros}, images,
+                                 train=True, mutable=["batch_stats"])
+        return jax.tree.map(lambda s: s / (1 - momentum), mutated["batch_stats"])
+
+    total, count = None, 0
+    for start in range(0, len(data.train) - batch_size + 1, batch_size):
+        images = jnp.asarray(data.normalize(data.train.images[start:start + batch_size]))
+        stats = batch(variables["params"], variables["batch_stats"], images)
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        count += 1
+    if total is None:
+        raise ValueError(f"batch_size {batch_size} is larger than the training split "
+                         f"({len(data.train)} examples).")
+    return {**variables, "batch_stats": jax.tree.map(lambda s: s / count, total)}
 
 
 def compressed_variables(

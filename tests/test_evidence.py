@@ -2,7 +2,7 @@
 experiments.evidence (its measurements, checked against independent computations, and its smoke
 preset)."""
 
-import dataclasses
+import json
 import math
 
 import jax
@@ -68,7 +68,37 @@ def test_compare_refuses_bad_arguments():
     with pytest.raises(ValueError, match="margin"):
         stats.compare([1, 2], [1, 2], "equal")
     with pytest.raises(ValueError, match="margin"):
-        stats.compare([1, 2], [1, 2], "greater", margin=0.1)
+        stats.compare([1, 2], [1, 2], "greater", margin=-0.1)
+
+
+def test_a_margin_lets_a_directional_claim_fail():
+    base = np.array([0.30, 0.25, 0.40, 0.35, 0.20])
+    # Differences -0.004 .. +0.004 around 0: mean 0, sd 0.00316, t(0.975, 4) = 2.776.
+    near = base + np.array([-0.004, 0.004, -0.002, 0.002, 0.0])
+    half = 2.776 * np.std([-0.004, 0.004, -0.002, 0.002, 0.0], ddof=1) / math.sqrt(5)
+    assert half == pytest.approx(0.003927, abs=1e-5)
+    # A reduction of 0.03 is excluded (the interval lies above -0.03): the claim does not hold.
+    assert stats.compare(near, base, "less", margin=0.03).verdict == "does not hold"
+    # A margin inside the interval's reach cannot exclude it: not separable.
+    assert stats.compare(near, base, "less", margin=0.003).verdict == "not separable"
+    # Without a margin the same data is only "not separable" (the round-1 rule).
+    assert stats.compare(near, base, "less").verdict == "not separable"
+    assert stats.compare(near, base, "greater", margin=0.03).verdict == "does not hold"
+    # A clear reduction holds whatever the margin.
+    assert stats.compare(base - 0.1, base, "less", margin=0.03).verdict == "holds"
+
+
+def test_detectable_effect_from_printed_t_quantiles():
+    # t(0.975, 4) = 2.776, t(0.8, 4) = 0.941; t(0.975, 9) = 2.262, t(0.8, 9) = 0.883.
+    assert stats.detectable_effect(0.01, 5) == pytest.approx((2.776 + 0.941) * 0.01 / math.sqrt(5),
+                                                             rel=1e-3)
+    assert stats.detectable_effect(2.0, 10) == pytest.approx((2.262 + 0.883) * 2 / math.sqrt(10),
+                                                             rel=1e-3)
+    comparison = stats.compare([1.0, 2.0, 4.0], [0.0, 0.0, 0.0], "greater")
+    assert comparison.detectable == pytest.approx(
+        stats.detectable_effect(comparison.difference.std, 3))
+    with pytest.raises(ValueError, match="n must be"):
+        stats.detectable_effect(1.0, 1)
 
 
 def test_smallest_budget_needs_every_larger_budget_within_the_tolerance():
@@ -130,66 +160,180 @@ def test_config_refuses_settings_that_cannot_give_evidence():
     with pytest.raises(presets.SettingsError, match="depths must hold 1"):
         evidence.Config(depths=(2, 3))
     with pytest.raises(presets.SettingsError, match="seeds"):
-        evidence.Config(seeds=(0,))
+        evidence.Config(seeds=(1,))
     with pytest.raises(presets.SettingsError, match="seeds"):
         evidence.Config(seeds=(1, 1))
+    with pytest.raises(presets.SettingsError, match="tuning_seed 1 must not be"):
+        evidence.Config(tuning_seed=1)
     with pytest.raises(presets.SettingsError, match="ratios"):
         evidence.Config(ratios=(0.5, 1.0))
-    with pytest.raises(presets.SettingsError, match="margin"):
-        evidence.Config(margin=0.0)
+    with pytest.raises(presets.SettingsError, match="energy_margin"):
+        evidence.Config(energy_margin=0.0)
     with pytest.raises(presets.SettingsError, match="confidence"):
         evidence.Config(confidence=1.5)
+    with pytest.raises(presets.SettingsError, match="arms"):
+        evidence.Config(arms=("jaxlr", "mine"))
+    with pytest.raises(presets.SettingsError, match="decay_ladder"):
+        evidence.Config(weight_decays=(2e-3,))
+    with pytest.raises(presets.SettingsError, match="consecutive"):
+        evidence.Config(weight_decays=(1e-4, 1e-3))
+    with pytest.raises(presets.SettingsError, match="drop_budgets"):
+        evidence.Config(drop_budgets=(0.033,))
 
 
-def test_smoke_preset(tmp_path):
+def test_tuning_rule_takes_the_largest_decay_within_the_margin():
+    config = evidence.PRESETS["default"]  # decay_margin 0.005
+    fits = {1e-4: 0.9700, 3e-4: 0.9650, 1e-3: 0.9645, 3e-3: 0.9600}
+    # Best 0.97; within 0.5 points (>= 0.965): 1e-4 and 3e-4 (exactly at it), not 1e-3.
+    assert evidence.tune(config, {d: {"final_validation": v} for d, v in fits.items()}) == 3e-4
+
+
+def _fake_fits(monkeypatch, validation):
+    trained = []
+
+    def fake(config, arm, data, n, decay, seed, results, progress):
+        trained.append(decay)
+        return {"final_validation": validation(decay), "best_validation": validation(decay),
+                "best_epoch": 1}
+
+    monkeypatch.setattr(evidence, "_lorita_fit", fake)
+    return trained
+
+
+def test_tuning_extends_the_grid_past_an_edge_until_the_choice_is_inside(monkeypatch):
+    config = evidence.PRESETS["default"]  # grid 3e-4, 1e-3, 3e-3; extend 2
+    arm = evidence.ARMS["jaxlr"]
+    # Flat up to 3e-3, worse at 1e-2: 3e-3 is at the top edge, one step up brackets it.
+    trained = _fake_fits(monkeypatch, lambda d: 0.95 if d <= 3e-3 else 0.93)
+    chosen, rows = evidence._tune_arm(config, arm, None, 3, None, False)
+    assert trained == [3e-4, 1e-3, 3e-3, 1e-2] and chosen == 3e-3
+    assert [r["chosen"] for r in rows] == ["", "", "yes", ""]
+    # Smaller decays better: the bottom edge extends down twice, 1e-4 is then inside.
+    values = {3e-5: 0.966, 1e-4: 0.97, 3e-4: 0.95, 1e-3: 0.94, 3e-3: 0.94}
+    trained = _fake_fits(monkeypatch, values.get)
+    chosen, rows = evidence._tune_arm(config, arm, None, 1, None, False)
+    assert trained == [3e-4, 1e-3, 3e-3, 1e-4, 3e-5] and chosen == 1e-4
+    # Every decay alike: the top edge extends twice and the choice stays at the edge, marked.
+    trained = _fake_fits(monkeypatch, lambda d: 0.95)
+    chosen, rows = evidence._tune_arm(config, arm, None, 1, None, False)
+    assert trained == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2] and chosen == 3e-2
+    assert rows[-1]["chosen"] == "yes (at the grid's edge)"
+
+
+def test_recomputed_batch_statistics_are_the_mean_of_each_batch_s(digits):
+    model = models.FCN(2, 6, batch_norm=True)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    variables = {**variables, "batch_stats": jax.tree.map(lambda x: x + 7.0,
+                                                          variables["batch_stats"])}
+    out = truncation.recompute_batch_stats(model, variables, digits, batch_size=256)
+    kernel = np.asarray(variables["params"]["fc0"]["kernel"], np.float64)
+    means, variances = [], []
+    for start in range(0, len(digits.train) - 255, 256):
+        x = digits.normalize(digits.train.images[start:start + 256]).reshape(256, -1)
+        h = x.astype(np.float64) @ kernel  # fc0 has no bias before its BatchNorm
+        means.append(h.mean(0))
+        variances.append(h.var(0))
+    assert len(means) == len(digits.train) // 256
+    np.testing.assert_allclose(out["batch_stats"]["bn0"]["mean"], np.mean(means, 0),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["batch_stats"]["bn0"]["var"], np.mean(variances, 0),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_fcn_head_norm_normalises_the_classifier_output():
+    model = models.FCN(3, 8, batch_norm=True, head_norm=True)
+    x = jax.random.normal(jax.random.key(0), (64, 8, 8, 1))
+    variables = model.init(jax.random.key(1), x)
+    assert "bias" not in variables["params"]["head"] and "bn_head" in variables["batch_stats"]
+    logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.mean(np.asarray(logits), 0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.var(np.asarray(logits), 0), 1.0, atol=1e-3)
+
+
+def test_check_factored_refuses_a_ranked_kernel_held_dense():
+    params = {"a": {"kernel": jnp.ones((4, 3))}}
+    pair = jaxlr.compress(params, {"a/kernel": 1}, ).compressed
+    evidence._check_factored(pair, {"a/kernel": 1})
+    with pytest.raises(ValueError, match="a/kernel"):
+        evidence._check_factored(params, {"a/kernel": 1})
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
     config = evidence.PRESETS["smoke"]
-    out = evidence.run(config, Results(tmp_path), progress=False)
+    path = tmp_path_factory.mktemp("smoke")
+    return config, path, evidence.run(config, Results(path), progress=False)
+
+
+def test_smoke_preset(smoke):
+    config, path, out = smoke
     seeds, ratios = len(config.seeds), len(config.ratios)
-    assert len(out["lorita"]) == seeds * len(config.fcn_depths) * len(config.depths)
-    assert len(out["lrpet"]) == seeds * (1 + ratios * (1 + len(evidence.ABLATION)))
-    claims = len(evidence.LORITA_CLAIMS) * len(config.fcn_depths) * (len(config.depths) - 1)
-    assert len(out["lorita_verdicts"]) == claims
+    arms, depths = len(config.arms), len(config.depths)
+    assert len(out["lorita"]) == arms * depths * seeds * 2  # final and best
+    assert len(out["lorita_tuning"]) == arms * depths * len(config.weight_decays)
+    assert len(out["lrpet"]) == seeds * (1 + ratios * (2 + len(evidence.ABLATION)))
+    assert len(out["lorita_verdicts"]) == arms * 2 * (depths - 1) * len(evidence.endpoints(config))
     assert len(out["lrpet_verdicts"]) == ratios * len(evidence.LRPET_CLAIMS)
     for row in out["lorita_verdicts"] + out["lrpet_verdicts"]:
-        assert row["verdict"] in stats.VERDICTS
-    # One epoch of LRP is one epoch of plain SGD projected once at its end: the baseline
-    # truncated to the same ranks, up to the decomposition's rounding.
-    for seed in config.seeds:
-        for ratio in config.ratios:
-            by = {r["method"]: r for r in out["lrpet"]
-                  if r["seed"] == seed and r["ratio"] == ratio}
-            assert abs(by["LRP"]["test"] - by[evidence.TRUNCATED]["test"]) <= 1.5 / 359
+        assert row["verdict"] in stats.VERDICTS and row["detectable"] >= 0
     # A verdict row's numbers are its seeds' numbers.
     first = out["lrpet_verdicts"][0]
     tests = {m: [r["test"] for r in out["lrpet"] if r["method"] == m
                  and r["ratio"] == config.ratios[0]] for m in ("LRP+ET", "LRP")}
     assert first["a"] == pytest.approx(np.mean(tests["LRP+ET"]))
     assert first["difference"] == pytest.approx(np.mean(tests["LRP+ET"]) - np.mean(tests["LRP"]))
+    energy = [v for v in out["lorita_verdicts"] if v["what"].startswith("singular values")][0]
+    runs = {(r["N"], r["seed"]): r["energy"] for r in out["lorita"]
+            if r["arm"] == config.arms[0] and r["at"] == "final"}
+    assert energy["difference"] == pytest.approx(np.mean(
+        [runs[2, s] - runs[1, s] for s in config.seeds]))
+    # The released arm pools the classifier too; the jaxlr arm leaves it out.
+    released = [r for r in out["lorita"] if r["arm"] == "released"][0]
+    plain = [r for r in out["lorita"] if r["arm"] == "jaxlr"][0]
+    assert any("head" in p for p in released["spectra"])
+    assert not any("head" in p for p in plain["spectra"])
     for name in ("report.md", "accuracy_drop.png", "spectra.png", "lrpet.png",
-                 "lorita_verdicts.csv", "lrpet_summary.md"):
-        assert (tmp_path / name).stat().st_size > 0
+                 "lorita_verdicts.csv", "lrpet_runs.md", "numbers.json"):
+        assert (path / name).stat().st_size > 0
+
+
+def test_the_same_command_twice_gives_the_same_numbers(smoke, tmp_path):
+    config, path, out = smoke
+    again = evidence.run(config, Results(tmp_path), progress=False)
+    assert again["digest"] == out["digest"]
+    first = json.loads((path / "numbers.json").read_text())
+    second = json.loads((tmp_path / "numbers.json").read_text())
+    assert first == second and first["digest"] == out["digest"]
+    # The digest sees a change in the last digit.
+    numbers = evidence._numbers(out)
+    numbers["lrpet"][0] = {**numbers["lrpet"][0], "test": numbers["lrpet"][0]["test"] + 1e-12}
+    assert evidence.digest(numbers) != out["digest"]
 
 
 def test_smoke_preset_runs_from_the_command_line(tmp_path):
     out = evidence.main(["--preset", "smoke", "--no-progress", "--output-dir", str(tmp_path),
-                         "--set", "seeds=(3, 4)", "--set", "ratios=(0.5,)"])
-    assert {r["seed"] for r in out["lrpet"]} == {3, 4}
-    assert dataclasses.asdict(evidence.PRESETS["smoke"])["seeds"] == (0, 1)
+                         "--set", "seeds=(3, 4)", "--set", "lrpet_seeds=(3, 5)",
+                         "--set", "arms=('jaxlr',)",
+                         "--set", "ratios=(0.5,)", "--set", "lrpet_train.epochs=1"])
+    assert {r["seed"] for r in out["lorita"]} == {3, 4}
+    assert {r["seed"] for r in out["lrpet"]} == {3, 5}
+    assert {r["arm"] for r in out["lorita"]} == {"jaxlr"}
+    assert evidence.PRESETS["smoke"].seeds == (1, 2)
 
 
-def test_readme_blocks_word_each_verdict_as_its_row_says(tmp_path):
+def test_blocks_word_each_verdict_as_its_row_says(smoke):
     from experiments import figures
 
-    config = evidence.PRESETS["smoke"]
-    out = evidence.run(config, Results(tmp_path), progress=False)
-    readme, docs = figures.evidence_blocks(out, config, "this machine")
+    config, _, out = smoke
+    block, docs = figures.evidence_blocks(out, config)
     verdicts = list(out["lorita_verdicts"]) + list(out["lrpet_verdicts"])
-    words = {line for line in readme.splitlines() if line.startswith("* ")}
+    words = {line for line in block.splitlines() if line.startswith("* ")}
     for row in verdicts:
         (line,) = [w for w in words if w.startswith(f"* {row['what']}:")]
         part = line.split(f"**{row['verdict']}** for ")[1].split(";")[0]
         assert row["where"] in part, (row, line)
     for name in figures.EVIDENCE_FIGURES.values():
-        assert f"]({name.name})" in readme
-    # Every seed's run is in the docs block.
-    assert docs.count("\n| FCN-3 |") >= len(config.seeds) * len(config.depths)
+        assert f"]({name.name})" in block
+    assert out["digest"] in block
+    # Every seed's run is in the docs block, at both checkpoints.
+    assert docs.count("\n| jaxlr |") >= len(config.seeds) * len(config.depths) * 2

@@ -24,7 +24,7 @@ def test_main_job_writes_its_results_directory(smoke):
     for name in ("accuracy_drop", "singular_values", "lrpet_training"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((out / "config.json").read_text())
-    assert config["depths"] == [1, 3] and config["lorita_epochs"] == 2
+    assert config["depths"] == [1, 3] and config["lorita_train"]["epochs"] == 2
     summary = (out / "summary.md").read_text()
     assert "## lrpet" in summary and "## lorita_truncation" in summary
     for run in ("FCN-3_N1_wd0.001", "FCN-3_N3_wd0.001", "lrp", "lrpet", "no_projection"):
@@ -33,7 +33,7 @@ def test_main_job_writes_its_results_directory(smoke):
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
         assert (path / "checkpoints" / "last").is_dir()
         settings = json.loads((path / "settings.json").read_text())
-        assert settings["seed"] == 0 and settings["batch_size"] == 64
+        assert settings["seed"] == 0 and settings["train"]["batch_size"] == 64
 
 
 def run_dirs(out):

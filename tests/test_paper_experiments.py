@@ -42,7 +42,8 @@ def test_lorita_fcn_smoke(tmp_path):
     assert pngs(tmp_path) == ["accuracy_drop_FCN-3.png", "singular_values_FCN-3.png"]
     assert {r["N"] for r in out["training"]} == {1, 2}
     # docs/reproducing.md's words for it hold the numbers of the run.
-    words = figures.findings("lorita_fcn", lorita_fcn.PRESETS["smoke"], out)
+    words = lorita_fcn.summarize(lorita_fcn.PRESETS["smoke"], out)
+    assert figures.findings("lorita_fcn", lorita_fcn.PRESETS["smoke"], out) == words
     for depth in (1, 2):
         (row,) = [r for r in out["truncation"] if r["N"] == depth and r["policy"] == "GSVT"
                   and r["budget"] == 0.1]
@@ -67,7 +68,7 @@ def test_lorita_vit_smoke_pools_attention_and_mlp(tmp_path):
         params = run["variables"]["params"]
         assert row["ranks"] == dict(jaxlr.gsvt_ranks(params, keep=row["budget"], pools="kind",
                                                      filter=blocks))
-    words = figures.findings("lorita_vit", lorita_vit.PRESETS["smoke"], out)
+    words = lorita_vit.summarize(lorita_vit.PRESETS["smoke"], out)
     tests = sorted(r["test"] for r in out["training"] if r["chosen"])
     assert f"{tests[0]:.3f}" in words and f"{tests[-1]:.3f}" in words
 
@@ -80,7 +81,7 @@ def test_lorita_cnn_smoke_reaches_its_flop_target(tmp_path):
         assert row["macs_drop"] >= row["target"]
         assert 0 < row["budget"] <= 1 and row["params_drop"] > 0
     assert len(pngs(tmp_path)) == 2
-    words = figures.findings("lorita_cnn", lorita_cnn.PRESETS["smoke"], out)
+    words = lorita_cnn.summarize(lorita_cnn.PRESETS["smoke"], out)
     assert all(f"keeps {r['tuned']:.3f} ({r['dense']:.3f} dense" in words
                for r in out["compressed"])
 
@@ -96,7 +97,7 @@ def test_rank_search_and_lrpet_cifar_smoke(tmp_path):
     assert json.loads((tmp_path / "search" / "ranks.json").read_text()) == search["ranks"]
     assert min(t["score"] for t in search["trials"]) == pytest.approx(
         min(t["validation_error"] + config.lam * t["macs_ratio"] for t in search["trials"]))
-    words = figures.findings("rank_search", config, search)
+    words = rank_search.summarize(config, search)
     assert f"the best score is {min(t['score'] for t in search['trials']):.3f}" in words
 
     out = smoke(lrpet_cifar, tmp_path / "lrpet",
@@ -115,7 +116,7 @@ def test_rank_search_and_lrpet_cifar_smoke(tmp_path):
         if row["method"] == "LRPET":
             assert row["params"] == dense_params - 36 - 288 + conv0 + conv1
             assert row["macs"] == 64 * conv0 + 16 * conv1 + 320
-    words = figures.findings("lrpet_cifar", lrpet_cifar.PRESETS["smoke"], out)
+    words = lrpet_cifar.summarize(lrpet_cifar.PRESETS["smoke"], out)
     changes = [r["change"] for r in out["main"] if r["method"] == "LRPET"]
     assert f"{min(changes):+.3f}" in words
     assert all(f"{r['method']} {r['accuracy']:.3f}" in words for r in out["ablation"])

@@ -5,11 +5,14 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from experiments import presets
+from experiments.data import Augmentation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,61 @@ def test_bad_overrides_name_the_field(assignment, message):
         presets.override(Config(), [assignment])
 
 
+
+@dataclasses.dataclass(frozen=True)
+class Train:  # unchecked itself: the config holding it checks it
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Nested:
+    """Settings with nested training settings.
+
+    Attributes:
+      learning_rate: a rate.
+      train: how it trains.
+    """
+
+    PER_RUN: ClassVar[dict[str, str]] = {"train.seed": "from the run"}
+    learning_rate: float = 0.1
+    train: Train = Train()
+
+    def __post_init__(self):
+        presets.check(self)
+
+
+def test_set_reaches_nested_settings_by_a_dotted_name():
+    config = presets.override(Nested(), ["train.epochs=3", "learning_rate=0.5",
+                                          "train.batch_size=64"])
+    assert config == Nested(learning_rate=0.5, train=Train(epochs=3, batch_size=64))
+    config, _, _ = presets.parse_args(["--set", "train.epochs=3"], {"default": Nested()}, "x")
+    assert config.train.epochs == 3 and config.train.batch_size == 128
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("train.nope=1", "train.nope"), ("train.epochs=0", "train.epochs must be an int >= 1"),
+    ("train.epochs=1.5", "train.epochs"), ("train.epochs=True", "train.epochs"),
+    ("train=3", "field among"), ("learning_rate.x=1", "learning_rate.x"),
+    ("train.seed=1", "train.seed is set by each run (from the run)")])
+def test_bad_nested_overrides_name_the_dotted_field(assignment, message):
+    with pytest.raises(presets.SettingsError, match=re.escape(message)):
+        presets.override(Nested(), [assignment])
+
+
+def test_nested_settings_are_checked_and_listed_in_help():
+    with pytest.raises(presets.SettingsError, match="train.epochs must be an int >= 1, got 0"):
+        Nested(train=Train(epochs=0))
+    with pytest.raises(presets.SettingsTypeError, match="train must be a Train"):
+        Nested(train=3)
+    with pytest.raises(presets.SettingsError, match="train.seed is set by each run"):
+        Nested(train=Train(seed=1))
+    text = presets._settings_help({"default": Nested(), "smoke": Nested(train=Train(epochs=1))})
+    assert "  train.epochs: " in text and "train.seed:" not in text
+    assert "default:  10" in text and "smoke:    1" in text
+
+
 def test_bad_command_line_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         presets.parse_args(["--set", "epochs=x"], PRESETS, "x")
@@ -65,8 +123,12 @@ def module(name):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_every_setting_of_every_experiment_has_a_rule(name):
-    config = module(name).Config()
-    assert {f.name for f in dataclasses.fields(config)} <= set(presets.RULES)
+    def names(config):  # nested settings' fields by their own names
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            yield from names(value) if dataclasses.is_dataclass(value) else [f.name]
+
+    assert set(names(module(name).Config())) <= set(presets.RULES)
     for preset in module(name).PRESETS.values():
         presets.check(preset)
 
@@ -86,10 +148,15 @@ BAD = [
     ("main", "sgd_weight_decay", -1e-4, "sgd_weight_decay"), ("main", "budgets", (0.5, 1.5), "1.5"),
     ("main", "budgets", (), "empty"), ("main", "tolerance", 1.0, "tolerance"),
     ("main", "depths", (1, 0), "depths"), ("main", "depths", (3, 3), "repeats"),
-    ("main", "fcn_width", True, "fcn_width"), ("main", "lorita_epochs", 2.0, "lorita_epochs"),
+    ("main", "fcn_width", True, "fcn_width"), ("main", "lorita_train.epochs", 2.0, "epochs"),
     ("main", "weight_decays", ("1e-3",), "weight_decays"), ("main", "cnn", (8, "X"), "cnn"),
     ("main", "cnn", ("M",), "at least one width"), ("main", "data", "imagenet", "data"),
-    ("main", "seed", -1, "seed"), ("main", "batch_size", 0, "batch_size"),
+    ("main", "seed", -1, "seed"), ("main", "lrpet_train.batch_size", 0, "batch_size"),
+    ("main", "lorita_train.seed", 3, "set by each run"),
+    ("lorita_fcn", "train.parallel", "gpu", "parallel"),
+    ("lorita_vit", "train.augmentation", Augmentation(2, True), "set by each run"),
+    ("lorita_fcn", "train.augmentation", (2, True), "Augmentation(pad >= 0, flip)"),
+    ("rank_search", "trial_train.prng_impl", "philox", "prng_impl"),
     ("lorita_fcn", "fcn_depths", (), "fcn_depths"), ("lorita_vit", "flip", "False", "flip"),
     ("lorita_vit", "with_augmentation", ("vit-l4",), "with_augmentation"),
     ("lorita_vit", "model_options", "dim64", "model_options"),
@@ -102,10 +169,12 @@ BAD = [
     ("rank_search", "max_prune", 1.0, "max_prune"), ("rank_search", "lam", -1.0, "lam"),
     ("rank_search", "min_prune", 0.95, "min_prune"),
     ("rank_search", "random_trials", 30, "random_trials"), ("rank_search", "model", "", "model"),
-    ("main", "parallel", "gpu", "parallel"), ("lorita_fcn", "parallel", None, "parallel"),
+    ("main", "lrpet_train.parallel", "gpu", "parallel"),
+    ("lorita_fcn", "train.parallel", None, "parallel"),
     ("evidence", "seeds", (0,), "at least two"), ("evidence", "seeds", (0, -1), "seeds"),
-    ("evidence", "ratios", (0.0,), "ratios"), ("evidence", "learning_rates", (0.0,), "> 0"),
-    ("evidence", "confidence", 0.0, "confidence"), ("evidence", "margin", 1.0, "margin"),
+    ("evidence", "ratios", (0.0,), "ratios"), ("evidence", "learning_rate", 0.0, "> 0"),
+    ("evidence", "confidence", 0.0, "confidence"), ("evidence", "drop_margin", 1.0, "drop_margin"),
+    ("evidence", "arms", ("jaxlr", "nope"), "arms"), ("evidence", "lrpet_seeds", (1,), "two"),
     ("evidence", "depths", (1,), "N > 1"),
 ]
 
@@ -113,10 +182,16 @@ BAD = [
 @pytest.mark.parametrize("name, field, value, pattern", BAD,
                          ids=[f"{m}-{f}-{v!r}" for m, f, v, _ in BAD])
 def test_bad_settings_are_refused_when_the_config_is_built(name, field, value, pattern):
+    config = module(name).PRESETS["smoke"]
+    outer, _, inner = field.rpartition(".")
     with pytest.raises(presets.SettingsError) as raised:
-        dataclasses.replace(module(name).PRESETS["smoke"], **{field: value})
+        if outer:  # a field of the nested training settings
+            nested = dataclasses.replace(getattr(config, outer), **{inner: value})
+            dataclasses.replace(config, **{outer: nested})
+        else:
+            dataclasses.replace(config, **{field: value})
     message = str(raised.value)
-    assert field in message and pattern in message, message
+    assert inner in message and pattern in message, message
 
 
 def run_cli(name, argv, capsys):
@@ -129,7 +204,10 @@ def run_cli(name, argv, capsys):
     (["--set", "prune=1.5"], "prune must be a number in [0, 1), got 1.5"),
     (["--set", "ratio=0.5"], "--set takes field=value with a field among"),
     (["--preset", "paperr"], "invalid choice: 'paperr'"),
-    (["--set", "lorita_epochs=True"], "--set lorita_epochs"),
+    (["--set", "lorita_train.epochs=True"], "--set lorita_train.epochs"),
+    (["--set", "lorita_train.epochs=0"], "lorita_train.epochs must be an int >= 1, got 0"),
+    (["--set", "lorita_train.nope=1"], "got 'lorita_train.nope=1'"),
+    (["--set", "epochs=5"], "--set takes field=value with a field among"),
     (["--set", "budgets=(0.5, 2)"], "budgets"),
 ])
 def test_bad_command_lines_fail_in_one_line_before_anything_runs(argv, pattern, capsys,
@@ -182,9 +260,20 @@ def test_help_lists_every_field_with_each_presets_value(name, capsys):
         module(name).main(["--help"])
     assert raised.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo the wrapping
+    per_run = getattr(module(name).Config, "PER_RUN", {})
     for field in dataclasses.fields(module(name).Config):
         assert f" {field.name}: " in text, field.name
-        for preset in module(name).PRESETS.values():
-            assert repr(getattr(preset, field.name)) in text, (field.name, preset)
+        default = field.default
+        if not dataclasses.is_dataclass(default):
+            for preset in module(name).PRESETS.values():
+                assert repr(getattr(preset, field.name)) in text, (field.name, preset)
+            continue
+        for inner in dataclasses.fields(default):  # nested settings: train.epochs, ...
+            dotted = f"{field.name}.{inner.name}"
+            assert (f" {dotted}: " in text) != (dotted in per_run), dotted
+            if dotted not in per_run:
+                for preset in module(name).PRESETS.values():
+                    value = getattr(getattr(preset, field.name), inner.name)
+                    assert repr(value) in text, (dotted, preset)
     for preset in module(name).PRESETS:
         assert f"{preset}:" in text or "every preset:" in text
