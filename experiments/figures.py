@@ -20,18 +20,23 @@ regenerated from the current code.
   (time and findings of each, in words computed from its results) and
   ``docs/lorita_fcn_default.png``.
 
-* with ``--part evidence``: :mod:`experiments.evidence`'s ``default`` preset (real MNIST, 5 seeds),
-  and writes docs/evidence.md's block ``evidence`` (summaries, verdicts, worded from them, and the
-  figures ``docs/evidence_*.png``) and docs/reproducing.md's block ``evidence-runs`` (the tuning
-  and per-seed tables).
+* with ``--part evidence``: :mod:`experiments.evidence`'s ``default`` preset (real MNIST, a
+  tuning seed and the verdict seeds of docs/evidence.md's protocol), and writes docs/evidence.md's
+  block ``evidence`` (summaries, verdicts with their margins and detectable effects, worded from
+  them, the numbers' digest, and the figures ``docs/evidence_*.png``) and docs/reproducing.md's
+  block ``evidence-runs`` (the tuning and per-seed tables);
+* with ``--part reproducibility``: :mod:`experiments.reproducibility` (one evidence run on this
+  machine twice, with XLA capped to AVX2, and on one core, each in a new process), and writes
+  docs/evidence.md's block ``evidence-machines``.
 
 No number in these blocks is typed by hand. ``tests/test_readme.py`` runs seed 0 of the main job
-again and checks docs/experiments.md against it. Options: ``--part readme|docs|evidence|all``
-(default all; ``readme`` is the main job's blocks of docs/experiments.md, ``docs`` the default
-presets of docs/reproducing.md; on a 2-core CPU the first takes about 5 minutes, the second about
-6, the evidence part about 20), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs
-there instead of a temporary directory; runs found there are reused, so a directory holding runs
-of older code gives their numbers), ``--check`` (compare only, exit status 1 on a difference),
+again and checks docs/experiments.md against it. Options: ``--part
+readme|docs|evidence|reproducibility|all`` (default all; ``readme`` is the main job's blocks of
+docs/experiments.md, ``docs`` the default presets of docs/reproducing.md; on a 2-core CPU the first
+takes about 5 minutes, the second about 6, the evidence part under 60 (its block says), the
+reproducibility part about 6), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs there
+instead of a temporary directory; runs found there are reused, so a directory holding runs of older
+code gives their numbers), ``--check`` (compare only, exit status 1 on a difference),
 ``--no-progress``.
 """
 
@@ -51,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import evidence
+from experiments import evidence, reproducibility
 from experiments import machine as machine_lib
 from experiments import main as main_job
 from experiments.results import Column, Results, markdown_table
@@ -569,7 +574,8 @@ def run_evidence(output: Path, progress: bool) -> tuple[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.figures",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["readme", "docs", "evidence", "all"], default="all",
+    parser.add_argument("--part", choices=["readme", "docs", "evidence", "reproducibility", "all"],
+                        default="all",
                         help="which figures (default: all; readme: the main job's blocks of "
                              "docs/experiments.md)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
@@ -610,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "evidence-runs", docs_block)
             for name, path in EVIDENCE_FIGURES.items():
                 figures[path] = output / "evidence" / name
+        if args.part in ("reproducibility", "all"):
+            updates[EVIDENCE] = replace_block(updates.get(EVIDENCE, EVIDENCE.read_text()),
+                                              "evidence-machines", reproducibility.run())
         stale = [path for path, text in updates.items() if path.read_text() != text]
         stale += [path for path, source in figures.items()
                   if not path.exists() or path.read_bytes() != source.read_bytes()]
