@@ -617,8 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, path in EVIDENCE_FIGURES.items():
                 figures[path] = output / "evidence" / name
         if args.part in ("reproducibility", "all"):
+            machines = reproducibility.run()
             updates[EVIDENCE] = replace_block(updates.get(EVIDENCE, EVIDENCE.read_text()),
-                                              "evidence-machines", reproducibility.run())
+                                              "evidence-machines", machines)
         stale = [path for path, text in updates.items() if path.read_text() != text]
         stale += [path for path, source in figures.items()
                   if not path.exists() or path.read_bytes() != source.read_bytes()]

@@ -219,7 +219,7 @@ RULES: dict[str, Rule] = {
         "fcn_depth", "fcn_width", "random_trials", "trials",
         "width")},
     **{name: _NONNEGATIVE for name in ("seed", "pad", "pretrained_epochs", "timing_epochs",
-                                        "tune_on", "tuning_seed", "extend")},
+                                        "tuning_seed", "extend")},
     "depths": _tuple_of(_POSITIVE, "ints >= 1 (LoRITa's N)"),
     **{name: Rule("a tuple of at least two distinct ints >= 0 (a spread needs two)",
                   lambda v: isinstance(v, tuple) and all(map(_is_int, v)),

@@ -4,6 +4,9 @@ preset)."""
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,8 @@ from experiments import data as data_lib
 from experiments import evidence, models, presets, stats, truncation
 from experiments.results import Results
 from experiments.train import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Student's t quantiles from a printed table (two-sided 95%: 0.975 quantile).
 T975 = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262}
@@ -298,16 +303,23 @@ def test_smoke_preset(smoke):
 
 
 def test_the_same_command_twice_gives_the_same_numbers(smoke, tmp_path):
-    config, path, out = smoke
-    again = evidence.run(config, Results(tmp_path), progress=False)
-    assert again["digest"] == out["digest"]
-    first = json.loads((path / "numbers.json").read_text())
-    second = json.loads((tmp_path / "numbers.json").read_text())
-    assert first == second and first["digest"] == out["digest"]
-    # The digest sees a change in the last digit.
-    numbers = evidence._numbers(out)
-    numbers["lrpet"][0] = {**numbers["lrpet"][0], "test": numbers["lrpet"][0]["test"] + 1e-12}
-    assert evidence.digest(numbers) != out["digest"]
+    # Each run a new process, as a user runs the command (both at once: two cores).
+    command = [sys.executable, "-m", "experiments.evidence", "--preset", "smoke", "--no-progress"]
+    runs = [subprocess.Popen([*command, "--output-dir", str(tmp_path / name)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name in ("first", "second")]
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-3000:]
+    first, second = (json.loads((tmp_path / name / "numbers.json").read_text())
+                     for name in ("first", "second"))
+    assert first == second
+    assert len(first["lorita"]) == len(smoke[2]["lorita"])
+    # The digest is of these numbers, and sees a change in the last digit.
+    numbers = {k: v for k, v in first.items() if k != "digest"}
+    assert evidence.digest(numbers) == first["digest"]
+    numbers["lrpet"][0]["test"] += 1e-12
+    assert evidence.digest(numbers) != first["digest"]
 
 
 def test_smoke_preset_runs_from_the_command_line(tmp_path):
@@ -337,3 +349,24 @@ def test_blocks_word_each_verdict_as_its_row_says(smoke):
     assert out["digest"] in block
     # Every seed's run is in the docs block, at both checkpoints.
     assert docs.count("\n| jaxlr |") >= len(config.seeds) * len(config.depths) * 2
+
+
+def test_reproducibility_block_reports_each_change_from_the_first_run():
+    from experiments import reproducibility
+
+    first = {"variant": "this machine", "machine": "m", "weights": "aa", "validation": 0.95,
+             "test": 0.9400, "energy": 0.25, "budget@0.005": 0.05, "drop@0.05": 0.0100}
+    other = {**first, "variant": "1 core", "weights": "bb", "test": 0.9385, "drop@0.05": 0.0250}
+    text = reproducibility.block([first, other], 5, 1, 3, 1e-3)
+    (row,) = [line for line in text.splitlines() if line.startswith("| 1 core |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["1 core", "`bb`", "0.9500 (+0.0000)", "0.9385 (-0.0015)",
+                     "0.2500 (+0.0000)", "0.0500 (+0.0000)", "0.0250 (+0.0150)"]
+    assert "--epochs 5 --seed 1 --depth 3 --decay 0.001" in text
+
+
+def test_reproducibility_refuses_a_core_count_it_cannot_pin():
+    from experiments import reproducibility
+
+    with pytest.raises(ValueError, match="cores must be in"):
+        reproducibility.run_variant(1, 1, 3, 1e-3, cores=0)
