@@ -649,12 +649,13 @@ def _lrpet_figure(config: Config, rows: Sequence[Mapping[str, Any]], results: Re
     for ratio in config.ratios:
         methods: dict[str, list[float]] = {}
         for r in rows:
-            if r["ratio"] == ratio and r["method"] != TRUNCATED:
+            if r["ratio"] in (ratio, None) and r["method"] != TRUNCATED:
                 methods.setdefault(r["method"], []).append(r["test"])
         panels[f"p = {ratio:g}"] = methods
     plots.intervals(panels, results.file("lrpet.png"), confidence=config.confidence,
-                    title=f"LRPET, {config.model} on {data_name}: test accuracy per seed, mean "
-                          f"and {config.confidence:.0%} interval", ylabel="test accuracy")
+                    title=f"LRPET on {data_name}, {config.lrpet_train.epochs} epochs: test "
+                          f"accuracy per seed, mean and {config.confidence:.0%} interval",
+                    ylabel="test accuracy")
 
 
 def _worded(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -662,7 +663,7 @@ def _worded(verdicts: Sequence[Mapping[str, Any]]) -> list[str]:
     by_what: dict[str, dict[str, list[str]]] = {}
     for v in verdicts:
         by_what.setdefault(v["what"], {}).setdefault(v["verdict"], []).append(v["where"])
-    return [f"* {what}: " + "; ".join(f"**{verdict}** for {', '.join(wheres)}"
+    return [f"* {what}: " + " ".join(f"**{verdict}** for {'; '.join(wheres)}."
                                       for verdict, wheres in verdicts_.items())
             for what, verdicts_ in by_what.items()]
 
@@ -680,6 +681,39 @@ def _lrpet_resolution(config: Config, verdicts: Sequence[Mapping[str, Any]]) -> 
     return (f"The smallest effect these seeds detect is {100 * smallest:.2f} points; the paper's "
             f"ablation gaps are {100 * low:g} to {100 * high:g} points (Table XIV): those below "
             "it cannot be resolved here.")
+
+
+def _headline(config: Config, out: Mapping[str, Any]) -> list[str]:
+    """Per arm, what the primary (final-epoch) verdicts say, and per LRPET ratio the baseline's;
+    an endpoint at which both N have lost more than half their accuracy is named as measured on
+    the arm's cliff."""
+    lines = []
+    claims = {e.words: e for e in endpoints(config)}
+    for name in config.arms:
+        rows = [v for v in out["lorita_verdicts"]
+                if v["where"].startswith(f"{name}, final epoch:")]
+        smaller = [v for v in rows if claims[v["what"]].claim == "less"]
+        held = sum(v["verdict"] == "holds" for v in smaller)
+        same = [v["verdict"] for v in rows if claims[v["what"]].claim == "equal"]
+        cliff = [float(claims[v["what"]].key.split("@")[1]) for v in smaller
+                 if v["verdict"] != "holds" and claims[v["what"]].key.startswith("drop@")
+                 and min(v["a"], v["b"]) > 0.5]
+        text = (f"* **{name}** arm, final epoch: N = 3 smaller than N = 1 on {held} of "
+                f"{len(smaller)} endpoints; the same accuracy before truncation: "
+                f"**{', '.join(same)}**.")
+        if cliff:
+            text += (f" At {' and '.join(f'{b:.1%}' for b in cliff)} kept both N have lost "
+                     "more than half their test accuracy: those budgets lie past this arm's "
+                     "cliff and cannot separate them (the figure shows where it lies).")
+        lines.append(text)
+    for ratio in config.ratios:
+        (baseline,) = [v for v in out["lrpet_verdicts"]
+                       if v["where"] == f"p = {ratio:g}" and FINETUNED in v["what"]]
+        ahead = "LRPET" if baseline["difference"] > 0 else "the baseline"
+        lines.append(f"* **LRPET**, p = {ratio:g}, against the dense model decomposed and "
+                     f"fine-tuned: {baseline['difference']:+.4f} {baseline['interval']}, "
+                     f"{ahead} ahead; \"LRPET > the baseline\" **{baseline['verdict']}**.")
+    return lines
 
 
 def summarize(config: Config, out: Mapping[str, Any]) -> str:
@@ -720,7 +754,11 @@ def summarize(config: Config, out: Mapping[str, Any]) -> str:
         markdown_table(list(out["lorita_verdicts"]) + list(out["lrpet_verdicts"]),
                        VERDICT_COLUMNS),
         "",
-        "In words:",
+        "In short:",
+        "",
+        *_headline(config, out),
+        "",
+        "Every verdict in words:",
         "",
         *_worded(out["lorita_verdicts"]),
         *_worded(out["lrpet_verdicts"]),

@@ -104,6 +104,16 @@ def training_curves(
     plt.close(fig)
 
 
+def _plain_log_ticks(axis: Any) -> None:
+    """A log axis labelled at 1, 2 and 5 times the powers of ten, in plain numbers (matplotlib's
+    default labels the minor ticks in scientific notation, which overlap on a short axis)."""
+    from matplotlib import ticker
+
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def bands(
     panels: Mapping[str, Mapping[str, Mapping[str, Any]]],
     path: str | os.PathLike,
@@ -130,6 +140,7 @@ def bands(
                             color=drawn.get_color(), alpha=0.18, linewidth=0)
         if xlog:
             ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis)
         if ylog:
             ax.set_yscale("log")
         ax.set_title(panel)
@@ -156,7 +167,8 @@ def intervals(
     from experiments import stats
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True,
+    width = max(5.2, 0.9 * max(len(methods) for methods in panels.values()) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2), sharey=True,
                              squeeze=False)
     for ax, (panel, methods) in zip(axes[0], panels.items(), strict=True):
         for index, values in enumerate(methods.values()):
