@@ -54,7 +54,8 @@ Presets:
 Outputs (``results/evidence/PRESET``): ``report.md`` (every table with its caption, and the
 verdicts), tables as markdown and CSV (``lorita_tuning``, ``lorita_runs``, ``lorita_verdicts``,
 ``lrpet_runs``, ``lrpet_verdicts``), ``numbers.json`` (every measured number, and their digest:
-the same command on the same machine gives the same digest), the figures ``accuracy_drop.png``,
+the same command on the same machine, as :func:`experiments.machine.describe` names it, processor,
+instruction set and usable cores, gives the same digest), the figures ``accuracy_drop.png``,
 ``spectra.png`` and ``lrpet.png``, and per training run its directory under ``runs/``. Run::
 
     python -m experiments.evidence [--preset smoke|default|full] [--set field=value]

@@ -41,7 +41,7 @@ import optax
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, presets, truncation
-from experiments.results import Column, Results, run_settings
+from experiments.results import Column, Results, run_settings, value_range
 from experiments.train import TrainConfig, cross_entropy, evaluate, step_decay_sgd
 
 __all__ = ["PRESETS", "Config", "compress_to_macs", "main", "run", "summarize"]
@@ -219,11 +219,6 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     return {"tables": tables, "compressed": compressed, **out}
 
 
-def _range(values: Sequence[float], spec: str = ".3f") -> str:
-    low, high = min(values), max(values)
-    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
-
-
 def summarize(config: Config, out: dict[str, Any]) -> str:
     """What a run shows, in words computed from its results (docs/reproducing.md's findings).
 
@@ -241,7 +236,7 @@ def summarize(config: Config, out: dict[str, Any]) -> str:
              if r["target"] == target]
     table2 = [r for r in out["training"] if r["chosen"] and r["model"] in config.models]
     return (f"{', '.join(config.models)}, N = {' and '.join(map(str, config.depths))}: "
-            f"chosen models' test accuracy {_range([r['test'] for r in table2])}; "
+            f"chosen models' test accuracy {value_range([r['test'] for r in table2])}; "
             f"Tables 3 and 4 at a {target:.0%} MAC target (ranks from "
             f"`jaxlr.target_ranks`), after one fine-tuning batch: {'; '.join(parts)}")
 

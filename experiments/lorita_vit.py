@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, presets
-from experiments.results import Results, run_settings
+from experiments.results import Results, run_settings, value_range
 from experiments.train import TrainConfig
 from jaxlr import lorita
 
@@ -151,11 +151,6 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     return {"tables": tables, **everything}
 
 
-def _range(values: Sequence[float], spec: str = ".3f") -> str:
-    low, high = min(values), max(values)
-    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
-
-
 def summarize(config: Config, out: dict[str, Any]) -> str:
     """What a run shows, in words computed from its results (docs/reproducing.md's findings).
 
@@ -175,7 +170,7 @@ def summarize(config: Config, out: dict[str, Any]) -> str:
     below = sum(tests[high] < tests[low] for tests in by_model.values())
     return (f"{len(by_model)} small ViTs ({', '.join(by_model)}), N = "
             f"{' and '.join(map(str, config.depths))}, {config.train.epochs} epochs: chosen "
-            f"models' test accuracy {_range([r['test'] for r in chosen])}; N = {high} below "
+            f"models' test accuracy {value_range([r['test'] for r in chosen])}; N = {high} below "
             f"N = {low} for {below} of {len(by_model)}")
 
 

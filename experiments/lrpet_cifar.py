@@ -48,7 +48,7 @@ import numpy as np
 import jaxlr
 from experiments import data as data_lib
 from experiments import lorita_study, models, plots, presets, truncation
-from experiments.results import Column, Results, run_settings
+from experiments.results import Column, Results, run_settings, value_range
 from experiments.train import Task, TrainConfig, TrainResult, evaluate, step_decay_sgd, train
 
 __all__ = ["PRESETS", "Config", "main", "run", "summarize"]
@@ -301,11 +301,6 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
     return {"tables": tables, "main": main_rows, "ablation": ablation, "timing": timing}
 
 
-def _range(values: Sequence[float], spec: str = ".3f") -> str:
-    low, high = min(values), max(values)
-    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
-
-
 def summarize(config: Config, out: dict[str, Any]) -> str:
     """What a run shows, in words computed from its results (docs/reproducing.md's findings).
 
@@ -324,7 +319,7 @@ def summarize(config: Config, out: dict[str, Any]) -> str:
              else "at the searched ranks")
     start = " from the baseline" if best["pt"] == "Y" else ""
     parts = [f"{len(rows)} LRPET runs (from scratch and from the baseline) change the "
-             f"baseline's test accuracy by {_range([r['change'] for r in rows], '+.3f')}; "
+             f"baseline's test accuracy by {value_range([r['change'] for r in rows], '+.3f')}; "
              f"the best, {best['model']} {where}{start}, by {best['change']:+.3f} at "
              f"{best['macs_pr']:.1%} fewer MACs"]
     if out["ablation"]:

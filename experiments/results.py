@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["PLACEMENT", "Column", "Results", "markdown_table", "run_settings"]
+__all__ = ["PLACEMENT", "Column", "Results", "markdown_table", "run_settings", "value_range"]
 
 PLACEMENT = frozenset({"parallel"})
 """Config fields that say where a run's work runs, not what it computes: not in fingerprints."""
@@ -66,6 +66,19 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column])
     body = ["| " + " | ".join(_cell(r.get(c.key), c.format) for c in columns) + " |"
             for r in rows]
     return "\n".join([header, rule, *body])
+
+
+def value_range(values: Sequence[float], spec: str = ".3f") -> str:
+    """``"low to high"`` of ``values`` formatted with ``spec`` (one number when they are equal).
+
+    Example:
+      >>> value_range([0.91, 0.934, 0.92])
+      '0.910 to 0.934'
+      >>> value_range([0.5, 0.5], ".1%")
+      '50.0%'
+    """
+    low, high = min(values), max(values)
+    return format(low, spec) if low == high else f"{format(low, spec)} to {format(high, spec)}"
 
 
 def _jsonable(value: Any) -> Any:
