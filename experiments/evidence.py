@@ -93,7 +93,9 @@ __all__ = [
     "digest",
     "endpoints",
     "energy_fraction",
+    "fit_lorita",
     "main",
+    "measure",
     "run",
     "runs_block",
     "summarize",
@@ -316,15 +318,15 @@ def energy_fraction(values: np.ndarray, energy: float = 0.9) -> float:
     return needed / squares.size
 
 
-def _measure(config: Config, arm: Arm, model: models.FCN, variables: Mapping[str, Any],
+def measure(config: Config, arm: Arm, model: models.FCN, variables: Mapping[str, Any],
              data: data_lib.Dataset) -> dict[str, Any]:
     """Every endpoint of one trained model, its truncation curve and its normalised spectra."""
     filter_ = arm.filter()
+    spectra = jaxlr.svd.singular_values(variables["params"], filter=filter_)
     curves = truncation.curves(model, variables, data, config.budgets, filter=filter_,
-                               policies=("GSVT",))
+                               policies=("GSVT",), spectra=spectra)
     reference = curves[0]
     by_budget = {r["budget"]: r for r in curves[1:]}
-    spectra = jaxlr.svd.singular_values(variables["params"], filter=filter_)
     return {
         "validation": reference["validation"], "test": reference["test"],
         "energy": float(np.mean([energy_fraction(np.asarray(v), config.energy_level)
@@ -341,8 +343,12 @@ def _measure(config: Config, arm: Arm, model: models.FCN, variables: Mapping[str
 # LoRITa.
 
 
-def _lorita_fit(config: Config, arm: Arm, data: data_lib.Dataset, n: int, decay: float,
+def fit_lorita(config: Config, arm: Arm, data: data_lib.Dataset, n: int, decay: float,
                 seed: int, results: Results, progress: bool) -> dict[str, Any]:
+    """Trains one LoRITa model of ``arm`` with N = ``n`` factors and decay ``decay`` on ``seed``'s
+    split (a finished run under ``results`` is found again); returns its final and best
+    variables (``"final"``, ``"best"``), their validation accuracies, the best epoch and the
+    model."""
     model = arm.model(config, data.num_classes)
     train_config = dataclasses.replace(config.lorita_train, seed=seed, progress=progress)
     steps = train_config.epochs * (len(data.train) // train_config.batch_size)
@@ -384,7 +390,7 @@ def _tune_arm(config: Config, arm: Arm, data: data_lib.Dataset, n: int, results:
     fits = {}
 
     def fit(decay: float) -> None:
-        fits[decay] = _lorita_fit(config, arm, data, n, decay, config.tuning_seed, results,
+        fits[decay] = fit_lorita(config, arm, data, n, decay, config.tuning_seed, results,
                                   progress)
 
     for decay in ladder[low:high + 1]:
@@ -419,11 +425,11 @@ def lorita_part(config: Config, datasets: Mapping[int, data_lib.Dataset], result
         decay, rows = _tune_arm(config, arm, datasets[config.tuning_seed], n, results, progress)
         tuning += rows
         for seed in config.seeds:
-            fit = _lorita_fit(config, arm, datasets[seed], n, decay, seed, results, progress)
+            fit = fit_lorita(config, arm, datasets[seed], n, decay, seed, results, progress)
             for at in ("final", "best"):
                 runs.append({"arm": name, "N": n, "seed": seed, "weight_decay": decay,
                              "at": at, "best_epoch": fit["best_epoch"],
-                             **_measure(config, arm, fit["model"], fit[at], datasets[seed])})
+                             **measure(config, arm, fit["model"], fit[at], datasets[seed])})
     return {"tuning": tuning, "runs": runs}
 
 
@@ -553,13 +559,13 @@ def lrpet_verdicts(config: Config, rows: Sequence[Mapping[str, Any]]) -> list[di
 def _verdict(where: str, what: str, a: Sequence[float], b: Sequence[float], claim: stats.Claim,
              margin: float, config: Config) -> dict[str, Any]:
     """The verdict row of ``claim`` about ``a`` against ``b`` (one number per seed each)."""
-    comparison = stats.compare(a, b, claim, margin=margin, confidence=config.confidence)
+    comparison = stats.compare(a, b, claim, margin=margin, confidence=config.confidence,
+                               power=config.power)
     d = comparison.difference
-    detectable = stats.detectable_effect(d.std, d.n, config.confidence, config.power)
     return {"where": where, "what": what, "claim": claim, "a": float(np.mean(a)),
             "b": float(np.mean(b)), "difference": d.mean, "interval": d.interval(".4f"),
-            "margin": margin, "detectable": detectable, "agree": f"{comparison.agree}/{d.n}",
-            "verdict": comparison.verdict}
+            "margin": margin, "detectable": comparison.detectable,
+            "agree": f"{comparison.agree}/{d.n}", "verdict": comparison.verdict}
 
 
 VERDICT_COLUMNS = [

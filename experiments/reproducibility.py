@@ -53,8 +53,8 @@ def measure(epochs: int, seed: int, depth: int, decay: float, output: Path) -> d
                                          epochs=epochs))
     arm = evidence.ARMS["jaxlr"]
     data = presets.load_data(config, seed)
-    fit = evidence._lorita_fit(config, arm, data, depth, decay, seed, Results(output), False)
-    numbers = evidence._measure(config, arm, fit["model"], fit["final"], data)
+    fit = evidence.fit_lorita(config, arm, data, depth, decay, seed, Results(output), False)
+    numbers = evidence.measure(config, arm, fit["model"], fit["final"], data)
     leaves = jax.tree.leaves(fit["final"])
     weights = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in leaves)).hexdigest()
     return {"machine": machine.describe(), "weights": weights[:16],

@@ -86,7 +86,7 @@ class Comparison(NamedTuple):
       verdict: ``"holds"``, ``"does not hold"`` or ``"not separable"``.
       agree: seeds whose own difference goes the claim's way (strictly above 0 for
         ``"greater"``, strictly below for ``"less"``, inside the margin for ``"equal"``).
-      detectable: the smallest mean difference these seeds detect with probability 0.8
+      detectable: the smallest mean difference these seeds detect with probability ``power``
         (:func:`detectable_effect`).
     """
 
@@ -162,6 +162,7 @@ def compare(
     *,
     margin: float = 0.0,
     confidence: float = 0.95,
+    power: float = 0.8,
 ) -> Comparison:
     """Decides ``claim`` about ``a`` against ``b`` from their per-seed differences ``a - b``.
 
@@ -172,6 +173,7 @@ def compare(
       margin: the smallest difference that matters, >= 0 (> 0 for ``"equal"``): a "greater"
         or "less" claim whose interval excludes an effect this large does not hold.
       confidence: of the interval, in ``(0, 1)``.
+      power: of :attr:`Comparison.detectable`, in ``(0, 1)``.
 
     Returns:
       A :class:`Comparison` (the rule is in the module's documentation).
@@ -212,5 +214,5 @@ def compare(
         outside = d.low >= margin or d.high <= -margin
         verdict = "holds" if inside else "does not hold" if outside else "not separable"
         agree = int(np.sum(np.abs(deltas) < margin))
-    detectable = detectable_effect(d.std, d.n, confidence)
+    detectable = detectable_effect(d.std, d.n, confidence, power)
     return Comparison(d, claim, float(margin), verdict, agree, detectable)

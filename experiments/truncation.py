@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -128,6 +129,7 @@ def curves(
     *,
     filter: jaxlr.matrices.Filter,  # noqa: A002
     policies: Sequence[str] = POLICIES,
+    spectra: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Validation and test accuracy of ``model`` with its matrices truncated at each budget: a
     faster :func:`sweep` for many budgets (no parameter counts, no pools).
@@ -144,6 +146,8 @@ def curves(
       budgets: fractions of singular values kept, each in ``(0, 1]``.
       filter: which matrices are truncated.
       policies: among ``("LSVT", "GSVT")``.
+      spectra: the matrices' singular values (:func:`jaxlr.svd.singular_values` of ``params``
+        with ``filter``), where the caller has them already.
 
     Returns:
       Rows ``{policy, budget, retained, validation, test}``; the first (policy ``"none"``,
@@ -160,7 +164,8 @@ def curves(
     factors = {path: np.linalg.svd(_matrix(leaves[path], kernel).astype(np.float64),
                                    full_matrices=False) for path, kernel in kernels.items()}
     # The ranks come from the library's own spectra (float32), as a user's would.
-    spectra = jaxlr.svd.singular_values(params, filter=filter)
+    if spectra is None:
+        spectra = jaxlr.svd.singular_values(params, filter=filter)
 
     def score(policy: str, budget: float, ranks: jaxlr.Ranks | None) -> dict[str, Any]:
         cut = params
@@ -238,6 +243,16 @@ def forward_macs(model: nn.Module, variables: Mapping[str, Any], sample: Any) ->
     return jaxlr.forward_cost(forward, variables["params"], sample, xla=False).macs
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_statistics(model: nn.Module, momentum: float, params: Any, stats: Any,
+                      images: jax.Array) -> Any:
+    """Each BatchNorm's mean and variance of one batch, in training mode."""
+    zeros = jax.tree.map(jnp.zeros_like, stats)
+    _, mutated = jaxlr.apply(model, {"params": params, "batch_stats": zeros}, images,
+                             train=True, mutable=["batch_stats"])
+    return jax.tree.map(lambda s: s / (1 - momentum), mutated["batch_stats"])
+
+
 def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any],
                           data: data_lib.Dataset, batch_size: int = 128,
                           momentum: float = 0.9) -> dict[str, Any]:
@@ -252,18 +267,11 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, Any],
     """
     if "batch_stats" not in variables:
         return dict(variables)
-
-    @jax.jit
-    def batch(params: Any, stats: Any, images: jax.Array) -> Any:
-        zeros = jax.tree.map(jnp.zeros_like, stats)
-        _, mutated = jaxlr.apply(model, {"params": params, "batch_stats": zeros}, images,
-                                 train=True, mutable=["batch_stats"])
-        return jax.tree.map(lambda s: s / (1 - momentum), mutated["batch_stats"])
-
     total, count = None, 0
     for start in range(0, len(data.train) - batch_size + 1, batch_size):
         images = jnp.asarray(data.normalize(data.train.images[start:start + batch_size]))
-        stats = batch(variables["params"], variables["batch_stats"], images)
+        stats = _batch_statistics(model, momentum, variables["params"],
+                                  variables["batch_stats"], images)
         total = stats if total is None else jax.tree.map(jnp.add, total, stats)
         count += 1
     if total is None:

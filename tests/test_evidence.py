@@ -201,7 +201,7 @@ def _fake_fits(monkeypatch, validation):
         return {"final_validation": validation(decay), "best_validation": validation(decay),
                 "best_epoch": 1}
 
-    monkeypatch.setattr(evidence, "_lorita_fit", fake)
+    monkeypatch.setattr(evidence, "fit_lorita", fake)
     return trained
 
 
@@ -257,7 +257,7 @@ def test_fcn_head_norm_normalises_the_classifier_output():
 
 def test_check_factored_refuses_a_ranked_kernel_held_dense():
     params = {"a": {"kernel": jnp.ones((4, 3))}}
-    pair = jaxlr.compress(params, {"a/kernel": 1}, ).compressed
+    pair = jaxlr.compress(params, {"a/kernel": 1}).compressed
     evidence._check_factored(pair, {"a/kernel": 1})
     with pytest.raises(ValueError, match="a/kernel"):
         evidence._check_factored(params, {"a/kernel": 1})
