@@ -21,7 +21,7 @@ Both N train with Adam at the same learning rate (cosine-decayed to 0 over
 ``lorita_train.epochs`` epochs) and coupled L2 decay. The decay is tuned per arm and N on the
 tuning seed by one rule: the largest decay of the grid whose final validation accuracy is within
 ``decay_margin`` of the grid's best; a choice at an edge of the grid extends it along
-``decay_ladder`` (up to ``extend`` steps each way) until the choice is inside. Each trained model
+``decay_ladder`` until the choice is inside (up to ``extend`` steps each way). Each trained model
 is measured at its final epoch (the primary endpoints) and at its best validation epoch:
 
 * ``energy``: the fraction of singular values holding ``energy_level`` of each pooled matrix's
@@ -168,7 +168,8 @@ class Config:
       weight_decays: the first decay grid tried per arm and N (consecutive ``decay_ladder``
         values).
       decay_ladder: the decays a grid extends along.
-      extend: the most steps a grid extends each way.
+      extend: the most steps a grid extends each way (the default reaches both ends of
+        ``decay_ladder``: the grid extends until the choice is inside or the ladder ends).
       decay_margin: the tuning rule's margin: the largest decay within it of the best final
         validation accuracy is chosen.
       lorita_train: how each FCN trains (epochs, batch size, checkpoints; the seed is each run's).
@@ -201,8 +202,9 @@ class Config:
     depths: tuple[int, ...] = (1, 3)
     learning_rate: float = 3e-4
     weight_decays: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
-    decay_ladder: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-    extend: int = 2
+    decay_ladder: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1,
+                                       3e-1, 1.0)
+    extend: int = 10
     decay_margin: float = 0.005
     lorita_train: TrainConfig = TrainConfig(epochs=100, batch_size=128, checkpoint_every=25)
     budgets: tuple[float, ...] = (*(round(0.02 + 0.005 * i, 3) for i in range(17)),

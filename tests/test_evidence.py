@@ -2,6 +2,7 @@
 experiments.evidence (its measurements, checked against independent computations, and its smoke
 preset)."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -206,7 +207,7 @@ def _fake_fits(monkeypatch, validation):
 
 
 def test_tuning_extends_the_grid_past_an_edge_until_the_choice_is_inside(monkeypatch):
-    config = evidence.PRESETS["default"]  # grid 3e-4, 1e-3, 3e-3; extend 2
+    config = dataclasses.replace(evidence.PRESETS["default"], extend=2)  # grid 3e-4, 1e-3, 3e-3
     arm = evidence.ARMS["jaxlr"]
     # Flat up to 3e-3, worse at 1e-2: 3e-3 is at the top edge, one step up brackets it.
     trained = _fake_fits(monkeypatch, lambda d: 0.95 if d <= 3e-3 else 0.93)
@@ -223,6 +224,11 @@ def test_tuning_extends_the_grid_past_an_edge_until_the_choice_is_inside(monkeyp
     chosen, rows = evidence._tune_arm(config, arm, None, 1, None, False)
     assert trained == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2] and chosen == 3e-2
     assert rows[-1]["chosen"] == "yes (at the grid's edge)"
+    # The default extends until the choice is inside: rising to 3e-1, lower at 1.0.
+    trained = _fake_fits(monkeypatch, lambda d: 0.9 + d / 10 if d <= 0.3 else 0.9)
+    chosen, rows = evidence._tune_arm(evidence.PRESETS["default"], arm, None, 1, None, False)
+    assert trained == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0] and chosen == 3e-1
+    assert [r["chosen"] for r in rows][-2:] == ["yes", ""]
 
 
 def test_recomputed_batch_statistics_are_the_mean_of_each_batch_s(digits):
