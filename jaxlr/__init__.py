@@ -10,7 +10,10 @@ its module (``jaxlr.svd.singular_values``, ``jaxlr.policies.fixed_ranks``, ...):
   (:mod:`jaxlr.projection`).
 * After training: :func:`compress` to factor pairs (:class:`LowRank`), with ranks from a policy:
   :func:`lsvt_ranks`, :func:`gsvt_ranks`, :func:`energy_ranks`, :func:`target_ranks`
-  (:class:`Ranks`; :mod:`jaxlr.policies`).
+  (:class:`Ranks`; :mod:`jaxlr.policies`); :func:`sweep` decomposes once for many budgets.
+* Data-aware: :func:`calibrate` measures each kernel's inputs on real batches; ``compress``,
+  the policies and ``sweep`` take its result as ``calibration=`` and cut what costs the layers'
+  outputs least (:mod:`jaxlr.whitening`).
 * Which layers: every entry point makes the same default selection, every kernel but the model's
   output layer (:mod:`jaxlr.selection`); :func:`kernel_filter`, :func:`find_layers` (from the
   model's dataflow) and :func:`find_bn_pairs` (BN rectification) say otherwise; a
@@ -22,6 +25,7 @@ its module (``jaxlr.svd.singular_values``, ``jaxlr.policies.fixed_ranks``, ...):
 
 from jaxlr import (
     batchnorm,
+    calibration,
     compression,
     cost,
     dataflow,
@@ -37,11 +41,14 @@ from jaxlr import (
     selection,
     sharding,
     svd,
+    sweeps,
     threads,
     train_state,
+    whitening,
 )
 from jaxlr._nnx import collapse
 from jaxlr.batchnorm import find_bn_pairs
+from jaxlr.calibration import calibrate
 from jaxlr.compression import compress
 from jaxlr.cost import forward_cost
 from jaxlr.dataflow import find_layers
@@ -53,6 +60,7 @@ from jaxlr.nodes import LowRank, Product
 from jaxlr.options import ProjectionOptions
 from jaxlr.policies import Ranks, energy_ranks, gsvt_ranks, lsvt_ranks, target_ranks
 from jaxlr.projection import low_rank_projection, project, with_low_rank_projection
+from jaxlr.sweeps import sweep
 from jaxlr.train_state import TrainState
 
 __version__ = "1.0.0"
@@ -65,6 +73,7 @@ __all__ = [
     "Ranks",
     "TrainState",
     "apply",
+    "calibrate",
     "collapse",
     "compress",
     "energy_ranks",
@@ -78,6 +87,7 @@ __all__ = [
     "lsvt_ranks",
     "measure_latency",
     "project",
+    "sweep",
     "target_ranks",
     "with_low_rank_projection",
 ]

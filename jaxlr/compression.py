@@ -29,14 +29,16 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import _checks, _equinox, _nnx, inference, nodes, selection, sharding, svd
+from jaxlr import _checks, _equinox, _nnx, inference, nodes, selection, sharding, svd, whitening
 from jaxlr import options as options_lib
+from jaxlr.calibration import Calibration
 from jaxlr.options import ProjectionOptions
 from jaxlr.policies import RankRequest, Ranks, RankSpec, rank_request, retained_fraction, select
 
@@ -116,6 +118,7 @@ def compress(
     keep: float | None = None,
     prune: float | None = None,
     options: ProjectionOptions | None = None,
+    calibration: Calibration | None = None,
 ) -> CompressionResult:
     """Truncates the selected matrices of a trained tree or module (module documentation).
 
@@ -136,14 +139,21 @@ def compress(
         default, as everywhere) and the ``mesh`` (``"auto"``: the weights' mesh; on a mesh ``A``
         keeps the kernel's row sharding, ``B`` its column sharding). Its training fields do not
         apply to a truncation: BatchNorm pairs and a tail scale are refused.
+      calibration: a :class:`jaxlr.calibration.Calibration` of the model (:func:`jaxlr.calibrate`)
+        for data-aware truncation: each matrix is cut to the rank-``r`` matrix nearest it on the
+        calibration's inputs (:mod:`jaxlr.whitening`) instead of nearest it in its own norm.
+        ``None`` (the default): plain truncation. The ranks are chosen as without it; for ranks
+        that see the inputs too, pass the same calibration to the policy
+        (``jaxlr.gsvt_ranks(params, keep=k, calibration=c)``).
 
     Returns:
       A :class:`CompressionResult` ``(compressed, report)``.
 
     Raises:
       ValueError / TypeError: for a bad rank request, a path not in the tree or a rank out of
-        range (naming it), options with BatchNorm pairs or a tail scale, or (called eagerly) a
-        matrix holding NaN or Inf.
+        range (naming it), options with BatchNorm pairs or a tail scale, a calibration that lacks
+        a cut matrix or saw it with another shape (naming it), or (called eagerly) a matrix
+        holding NaN or Inf.
 
     Example:
       >>> import jax
@@ -164,28 +174,56 @@ def compress(
     if request.traced:
         raise TypeError("compress takes a fixed keep= or prune= number; schedules belong to "
                         "jaxlr.low_rank_projection.")
-    if _nnx.is_module(params):
-        tree, report = _compress_tree(_nnx.parameters(params), request, options)
-        return CompressionResult(inference.nnx_model(params, tree), report)
-    tree, report = _compress_tree(params, request, options)
-    return CompressionResult(_equinox.runnable(tree) if _equinox.is_module(params) else tree,
-                             report)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be a jaxlr.calibration.Calibration (jaxlr.calibrate) "
+                        f"or None, got {type(calibration).__name__}.")
+    tree = _nnx.parameters(params) if _nnx.is_module(params) else params
+    tree, report = _compress_tree(tree, request, options, calibration)
+    return CompressionResult(wrap(params, tree), report)
 
 
-def _compress_tree(params: Any, request: RankRequest, options: ProjectionOptions
-                   ) -> tuple[Any, CompressionReport]:
+def wrap(original: Any, tree: Any) -> Any:
+    """The compressed ``tree`` in the kind of ``original``: a tree as it is, an NNX module with
+    its layers replaced, an Equinox module made runnable."""
+    if _nnx.is_module(original):
+        return inference.nnx_model(original, tree)
+    return _equinox.runnable(tree) if _equinox.is_module(original) else tree
+
+
+def _compress_tree(params: Any, request: RankRequest, options: ProjectionOptions,
+                   calibration: Calibration | None) -> tuple[Any, CompressionReport]:
     params = nodes.collapse_tree(params)
-    method, mesh = options.method, options.mesh
     chosen, found = select(params, request, filter=options.filter, view=options.view)
-    flat, treedef = selection.flatten(params)
-    leaves = [leaf for _, leaf in flat]
+    flat = selection.flatten(params)[0]
     # A matrix kept at full rank stays as it is: exact, and no decomposition to pay for.
     cut = {key: leaf for key, leaf in found.items() if chosen[key] < leaf.full_rank}
-    selected = [leaves[leaf.index] for leaf in cut.values()]
-    pairs, finite = svd.factor_leaves(selected, [leaf.view for leaf in cut.values()],
-                                      [chosen[key] for key in cut], method=method,
-                                      mesh=mesh) if cut else ([], np.zeros(0, bool))
-    if not _checks.is_traced([leaves[leaf.index] for leaf in found.values()]):
+    selected = [flat[leaf.index][1] for leaf in cut.values()]
+    views, ranks = [leaf.view for leaf in cut.values()], [chosen[key] for key in cut]
+    if not cut:
+        pairs, finite = [], np.zeros(0, bool)
+    elif calibration is None:
+        pairs, finite = svd.factor_leaves(selected, views, ranks, method=options.method,
+                                          mesh=options.mesh)
+    else:
+        calibration.check(cut)
+        pairs, finite = whitening.factor_leaves(
+            tuple(selected), whitening.moments_for(calibration, list(cut)), tuple(views),
+            tuple(ranks), calibration.damping)
+    return assemble(params, found, cut, pairs, finite)
+
+
+def assemble(params: Any, found: dict[str, selection.MatrixLeaf],
+             cut: dict[str, selection.MatrixLeaf], pairs: list[tuple[Any, Any]], finite: Any,
+             dense: Callable[[Any, Any, selection.MatrixLeaf], Any] | None = None
+             ) -> tuple[Any, CompressionReport]:
+    """The tree with each cut matrix replaced by its factor pair (or dense truncation where a
+    pair does not save: ``dense(a, b, leaf)``, the kernel of ``a @ b`` by default), and its
+    report; ``found`` matrices not in ``cut`` stay whole. ``finite=None``: every matrix is known
+    to be finite."""
+    flat, treedef = selection.flatten(params)
+    leaves = [leaf for _, leaf in flat]
+    if finite is not None and not _checks.is_traced([leaves[leaf.index]
+                                                     for leaf in found.values()]):
         whole = [key for key in found if key not in cut]
         _checks.raise_if_nonfinite(list(cut) + whole, np.concatenate([
             np.asarray(finite, bool).reshape(-1),
@@ -197,8 +235,10 @@ def _compress_tree(params: Any, request: RankRequest, options: ProjectionOptions
         if node.saves:
             leaves[leaf.index] = node
         else:
-            dense = node.kernel().astype(jnp.result_type(leaves[leaf.index]))
-            leaves[leaf.index] = sharding.like(dense, leaves[leaf.index])
+            kernel = node.kernel() if dense is None else dense(a, b, leaf)
+            if kernel.dtype != jnp.result_type(leaves[leaf.index]):
+                kernel = kernel.astype(jnp.result_type(leaves[leaf.index]))
+            leaves[leaf.index] = sharding.like(kernel, leaves[leaf.index])
         layers[key] = LayerReport((m, n), node.rank, leaf.full_rank, node.saves, m * n,
                                   node.param_count if node.saves else m * n)
     for key, leaf in found.items():

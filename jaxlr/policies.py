@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import _checks, matrices, nodes, selection, svd
+from jaxlr import _checks, matrices, nodes, selection, svd, whitening
 from jaxlr._checks import check_rank
+from jaxlr.calibration import Calibration
 
 if TYPE_CHECKING:
     from jaxlr.cost import ForwardCost
@@ -427,12 +428,17 @@ def _shape_policy(params: Any, filter: matrices.Filter | None,  # noqa: A002
 
 
 def _spectra(params: Any, filter: matrices.Filter | None, view: matrices.View,  # noqa: A002
-             spectra: Mapping[Any, Any] | None
+             spectra: Mapping[Any, Any] | None, calibration: Calibration | None = None
              ) -> tuple[dict[str, selection.MatrixLeaf], dict[str, np.ndarray]]:
-    """The selected matrices and their spectra (computed, or taken from ``spectra``), largest
-    first, as float64."""
+    """The selected matrices and their spectra (computed, whitened by ``calibration``, or taken
+    from ``spectra``), largest first, as float64."""
     found = selection.matrix_leaves(params, filter=filter, view=view)
-    if spectra is None:
+    if calibration is not None:
+        if spectra is not None:
+            raise ValueError("pass spectra= or calibration=, not both (a sweep's spectra are "
+                             "already whitened by its calibration).")
+        given = whitened_spectra(params, found, calibration)
+    elif spectra is None:
         given = svd.singular_values(params, filter=_named(set(found)), view=view)
     else:
         given = matrices.keyed(spectra, "spectra")
@@ -449,6 +455,24 @@ def _spectra(params: Any, filter: matrices.Filter | None, view: matrices.View,  
             raise ValueError(f"singular values of {key!r} must be finite and >= 0.")
         out[key] = np.sort(values)[::-1]
     return found, out
+
+
+def whitened_spectra(params: Any, found: Mapping[str, selection.MatrixLeaf],
+                     calibration: Calibration) -> dict[str, jax.Array]:
+    """The singular values of each found matrix whitened by ``calibration``
+    (:mod:`jaxlr.whitening`), in one jitted call."""
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be a jaxlr.calibration.Calibration (jaxlr.calibrate) "
+                        f"or None, got {type(calibration).__name__}.")
+    calibration.check(found, "the rank policy")
+    flat = selection.flatten(nodes.collapse_tree(params))[0]
+    leaves = tuple(flat[leaf.index][1] for leaf in found.values())
+    values, finite = whitening.spectra_of(
+        leaves, whitening.moments_for(calibration, list(found)),
+        tuple(leaf.view for leaf in found.values()), calibration.damping)
+    if not _checks.is_traced(leaves):
+        _checks.raise_if_nonfinite(list(found), finite)
+    return dict(zip(found, values, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +550,7 @@ def energy_ranks(
     filter: matrices.Filter | None = None,  # noqa: A002
     view: matrices.View = None,
     spectra: Mapping[Any, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> Ranks:
     """The smallest rank keeping ``energy`` of each matrix's ``sum s^2``.
 
@@ -535,6 +560,8 @@ def energy_ranks(
       filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
       spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values`).
+      calibration: a :class:`~jaxlr.calibration.Calibration`: the energy of each matrix's
+        output on the calibration inputs instead of its own (:mod:`jaxlr.whitening`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -543,7 +570,7 @@ def energy_ranks(
       {'a/kernel': 2}
     """
     target = float(_fraction("energy", energy, closed_low=False, closed_high=True))
-    found, values = _spectra(params, filter, view, spectra)
+    found, values = _spectra(params, filter, view, spectra, calibration)
     ranks = {}
     for key, s in values.items():
         cumulative = np.cumsum(s**2)
@@ -613,6 +640,7 @@ def gsvt_ranks(
     filter: matrices.Filter | None = None,  # noqa: A002
     view: matrices.View = None,
     spectra: Mapping[Any, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> Ranks:
     """LoRITa's global truncation (GSVT): one ranking of singular values per pool.
 
@@ -631,12 +659,16 @@ def gsvt_ranks(
         convolution pool of CNNs only).
       filter: which matrices (default: every kernel but the output layer, :mod:`jaxlr.selection`).
       view: how each leaf is seen as a matrix.
-      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values`),
-        to sweep many budgets without decomposing again.
+      spectra: ``{key: singular values}`` already computed (:func:`jaxlr.svd.singular_values`,
+        :attr:`jaxlr.sweeps.Sweep.spectra`), to sweep many budgets without decomposing again.
+      calibration: a :class:`~jaxlr.calibration.Calibration` (:func:`jaxlr.calibrate`): rank the
+        whitened singular values, whose squares are the output error each direction's cut adds
+        on the calibration inputs, so one global cut compares what it costs each layer's output
+        (:mod:`jaxlr.whitening`); compress with the same calibration.
 
     Raises:
-      ValueError: for a fraction out of range, an unknown ``normalize``, or pools that leave a
-        matrix out.
+      ValueError: for a fraction out of range, an unknown ``normalize``, pools that leave a
+        matrix out, or a calibration that lacks a selected matrix.
 
     Example:
       >>> import jax.numpy as jnp
@@ -653,7 +685,7 @@ def gsvt_ranks(
     """
     kept = kept_fraction(keep, prune)
     normalize = _normalize(normalize)
-    found, values = _spectra(params, filter, view, spectra)
+    found, values = _spectra(params, filter, view, spectra, calibration)
     ranks = _gsvt(values, _pool_of(found, params, pools), kept, normalize)
     return Ranks(ranks, {key: leaf.full_rank for key, leaf in found.items()})
 
@@ -671,6 +703,7 @@ def target_ranks(
     view: matrices.View = None,
     spectra: Mapping[Any, Any] | None = None,
     latency: LatencyTable | None = None,
+    calibration: Calibration | None = None,
 ) -> Ranks:
     """The ranks of the largest GSVT or LSVT budget that cuts ``reduction`` of the cost.
 
@@ -701,6 +734,7 @@ def target_ranks(
       spectra: singular values already computed (GSVT).
       latency: measured layer times (:func:`jaxlr.measure_latency`); ``None``: ranks as the
         budget gives them.
+      calibration: GSVT ranks the whitened singular values (:func:`gsvt_ranks`).
 
     Raises:
       ValueError: if even one singular value per matrix does not cut ``reduction`` (the message
@@ -744,7 +778,7 @@ def target_ranks(
         latency.snap(Ranks(full, full))  # every layer timed, with the same matrix shape
 
     if policy == "gsvt":
-        _, values = _spectra(params, filter, view, spectra)
+        _, values = _spectra(params, filter, view, spectra, calibration)
         pool_of = _pool_of(found, params, pools)
 
         def budget_ranks(budget: float) -> dict[str, int]:

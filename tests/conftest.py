@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 # Programs the tests run in subprocesses, not test modules: `--doctest-modules` would import them
 # into the test process, and _sharded_worker.py sets XLA_FLAGS to 8 simulated devices at import,
 # before jax starts its backend: every test after it would run on 8 devices.
-collect_ignore = ["_sharded_worker.py", "_multihost_worker.py"]
+collect_ignore = ["_sharded_worker.py", "_multihost_worker.py", "_calibration_worker.py"]
 
 # Tests compare float32 computations at 1e-4 and below. That is what the CPU computes by default;
 # on a GPU, JAX's default float32 matmuls and convolutions use TF32 (about 1e-3), so ask for full
