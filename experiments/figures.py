@@ -27,17 +27,20 @@ regenerated from the current code.
   block ``evidence-runs`` (the tuning and per-seed tables);
 * with ``--part reproducibility``: :mod:`experiments.reproducibility` (one evidence run on this
   machine twice, with XLA capped to AVX2, and on one core, each in a new process), and writes
-  docs/evidence.md's block ``evidence-machines``.
+  docs/evidence.md's block ``evidence-machines``;
+* with ``--part data-aware``: :mod:`experiments.data_aware`'s ``default`` preset (plain against
+  data-aware truncation on real MNIST), and writes docs/data_aware.md's block ``data-aware``
+  (the tables, the comparisons and the time) and ``docs/data_aware.png``.
 
 No number in these blocks is typed by hand. ``tests/test_readme.py`` runs seed 0 of the main job
 again and checks docs/experiments.md against it. Options: ``--part
-readme|docs|evidence|reproducibility|all`` (default all; ``readme`` is the main job's blocks of
-docs/experiments.md, ``docs`` the default presets of docs/reproducing.md; on a 2-core CPU the first
-takes about 5 minutes, the second about 6, the evidence part under 60 (its block says), the
-reproducibility part about 6), ``--seeds N`` (default 3), ``--output-dir DIR`` (keep the runs there
-instead of a temporary directory; runs found there are reused, so a directory holding runs of older
-code gives their numbers), ``--check`` (compare only, exit status 1 on a difference),
-``--no-progress``.
+readme|docs|evidence|reproducibility|data-aware|all`` (default all; ``readme`` is the main job's
+blocks of docs/experiments.md, ``docs`` the default presets of docs/reproducing.md; on a 2-core CPU
+the first takes about 5 minutes, the second about 6, the evidence part under 60 (its block says),
+the reproducibility part about 6, the data-aware part under 30), ``--seeds N`` (default 3),
+``--output-dir DIR`` (keep the runs there instead of a temporary directory; runs found there are
+reused, so a directory holding runs of older code gives their numbers), ``--check`` (compare
+only, exit status 1 on a difference), ``--no-progress``.
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import evidence, reproducibility
+from experiments import data_aware, evidence, reproducibility
 from experiments import machine as machine_lib
 from experiments import main as main_job
 from experiments.results import Column, Results, markdown_table
@@ -97,6 +101,8 @@ EVIDENCE = ROOT / "docs" / "evidence.md"
 REPRODUCING = ROOT / "docs" / "reproducing.md"
 FIGURE = ROOT / "docs" / "accuracy_drop.png"
 FCN_FIGURE = ROOT / "docs" / "lorita_fcn_default.png"
+DATA_AWARE = ROOT / "docs" / "data_aware.md"
+DATA_AWARE_FIGURE = ROOT / "docs" / "data_aware.png"
 # The evidence module's figures, as docs/ holds them.
 EVIDENCE_FIGURES = {name: ROOT / "docs" / f"evidence_{name}"
                     for name in ("accuracy_drop.png", "spectra.png", "lrpet.png")}
@@ -571,10 +577,24 @@ def run_evidence(output: Path, progress: bool) -> tuple[str, str]:
     return evidence_blocks(out, config)
 
 
+def run_data_aware(output: Path, progress: bool) -> str:
+    """Runs the data-aware module's default preset under ``output``; returns its block."""
+    config = data_aware.PRESETS["default"]
+    start = time.perf_counter()
+    out = data_aware.run(config, Results(output), progress)
+    minutes = (time.perf_counter() - start) / 60
+    return "\n".join([
+        out["report"], "",
+        f"`python -m experiments.data_aware` ran in {minutes:.0f} minutes on {machine()}.", "",
+        "![Test accuracy against the parameters cut, plain and data-aware GSVT](data_aware.png)",
+    ])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.figures",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["readme", "docs", "evidence", "reproducibility", "all"],
+    parser.add_argument("--part", choices=["readme", "docs", "evidence", "reproducibility",
+                                           "data-aware", "all"],
                         default="all",
                         help="which figures (default: all; readme: the main job's blocks of "
                              "docs/experiments.md)")
@@ -620,6 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             machines = reproducibility.run()
             updates[EVIDENCE] = replace_block(updates.get(EVIDENCE, EVIDENCE.read_text()),
                                               "evidence-machines", machines)
+        if args.part in ("data-aware", "all"):
+            updates[DATA_AWARE] = replace_block(DATA_AWARE.read_text(), "data-aware",
+                                                run_data_aware(output / "data_aware", progress))
+            figures[DATA_AWARE_FIGURE] = output / "data_aware" / "data_aware.png"
         stale = [path for path, text in updates.items() if path.read_text() != text]
         stale += [path for path, source in figures.items()
                   if not path.exists() or path.read_bytes() != source.read_bytes()]

@@ -215,9 +215,9 @@ _OPTIONAL_STR = Rule("None or a string", lambda v: v is None or isinstance(v, st
 RULES: dict[str, Rule] = {
     # Counts.
     **{name: _POSITIVE for name in (
-        "batch_size", "checkpoint_every", "compress_depth", "epochs", "eval_batch_size",
-        "fcn_depth", "fcn_width", "random_trials", "trials",
-        "width")},
+        "batch_size", "calibration_batch_size", "calibration_examples", "checkpoint_every",
+        "compress_depth", "epochs", "eval_batch_size", "fcn_depth", "fcn_width",
+        "random_trials", "trials", "width")},
     **{name: _NONNEGATIVE for name in ("seed", "pad", "pretrained_epochs", "timing_epochs",
                                         "tuning_seed", "extend")},
     "depths": _tuple_of(_POSITIVE, "ints >= 1 (LoRITa's N)"),
@@ -233,10 +233,12 @@ RULES: dict[str, Rule] = {
     "progress": _BOOL,
     # Optimisation.
     "learning_rate": _RATE,
+    "fcn_learning_rate": _RATE,
     "sgd_learning_rate": _RATE,
     "weight_decay": _DECAY,
     "sgd_weight_decay": _DECAY,
     "weight_decays": _tuple_of(_DECAY, "numbers >= 0"),
+    "fcn_weight_decays": _tuple_of(_DECAY, "numbers >= 0", distinct=False),
     "decay_ladder": _tuple_of(_DECAY, "numbers >= 0"),
     "label_smoothing": _PRUNE,
     "lam": _DECAY,
@@ -250,6 +252,8 @@ RULES: dict[str, Rule] = {
                               "numbers in (0, 1]"),
     "tolerances": _tuple_of(_number(0, 1), "numbers in [0, 1)"),
     "flop_drops": _tuple_of(_number(0, 1, open_low=True), "numbers in (0, 1)"),
+    "reductions": _tuple_of(_number(0, 1, open_low=True), "fractions of the parameters in (0, 1)"),
+    "damping": _DECAY,
     "tolerance": _PRUNE,
     "ratios": _tuple_of(_number(0, 1, open_low=True), "pruning ratios in (0, 1)"),
     "confidence": _number(0, 1, open_low=True, words="a number in (0, 1)"),
@@ -271,6 +275,7 @@ RULES: dict[str, Rule] = {
                       lambda v: v in PRNG_IMPLS),
     # Models.
     "model": _MODEL,
+    **{name: _MODEL for name in ("fcn_model", "cnn_model", "vit_model")},
     "models": _MODELS,
     "compress_models": _MODELS,
     "with_augmentation": _MODELS,

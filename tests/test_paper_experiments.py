@@ -131,3 +131,31 @@ def test_rank_search_is_the_same_search_for_the_same_settings(tmp_path):
     assert [t["ranks"] for t in first["trials"]] == [t["ranks"] for t in second["trials"]]
     assert [t["score"] for t in first["trials"]] == [t["score"] for t in second["trials"]]
     assert len({json.dumps(t["ranks"], sort_keys=True) for t in first["trials"]}) > 1
+
+
+def test_data_aware_smoke_measures_every_cut_and_compares_by_seed(tmp_path):
+    from experiments import data_aware, stats
+
+    config = data_aware.PRESETS["smoke"]
+    out = smoke(data_aware, tmp_path)
+    rows = out["rows"]
+    fits = len(config.fcn_depths) + 2
+    cuts = len(data_aware.METHODS) * len(data_aware.POLICIES) * len(config.reductions)
+    assert len(rows) == len(config.seeds) * fits * (1 + cuts)
+    for row in rows:
+        if row["method"] != "none" and row["test"] is not None:
+            assert 0.0 <= row["test"] <= 1.0 and 0.0 < row["kept"] < 1.0
+    # Each comparison is stats.compare of the rows it names, recomputed here.
+    first = out["comparisons"][0]
+    assert first["comparison"].endswith("data-aware vs plain")
+
+    def accuracies(method):
+        return [next(r["test"] for r in rows if r["seed"] == seed and r["family"] == "fcn"
+                     and r["N"] == 1 and r["method"] == method and r["policy"] == first["policy"]
+                     and r["reduction"] == first["reduction"]) for seed in config.seeds]
+
+    expected = stats.compare(accuracies("data-aware"), accuracies("plain"), "greater",
+                             margin=config.accuracy_margin)
+    assert first["verdict"] == expected.verdict
+    assert first["difference"] == pytest.approx(expected.difference.mean)
+    assert "data-aware" in out["report"] and (tmp_path / "data_aware.png").exists()

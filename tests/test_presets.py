@@ -113,7 +113,7 @@ def test_bad_command_line_exits_with_usage(capsys):
 # The experiments' settings: checked when built, before anything trains; one-line CLI errors.
 
 MODULES = ["main", "lorita_fcn", "lorita_vit", "lorita_cnn", "lrpet_cifar", "rank_search",
-           "evidence"]
+           "evidence", "data_aware"]
 PROGS = {"main": "python -m experiments"}
 
 
@@ -176,6 +176,11 @@ BAD = [
     ("evidence", "confidence", 0.0, "confidence"), ("evidence", "drop_margin", 1.0, "drop_margin"),
     ("evidence", "arms", ("jaxlr", "nope"), "arms"), ("evidence", "lrpet_seeds", (1,), "two"),
     ("evidence", "depths", (1,), "N > 1"),
+    ("data_aware", "reductions", (1.0,), "reductions"),
+    ("data_aware", "damping", -0.1, "damping"),
+    ("data_aware", "fcn_weight_decays", (1e-3,), "one decay per N"),
+    ("data_aware", "vit_model", "vit-x", "vit_model"),
+    ("data_aware", "calibration_examples", 0, "calibration_examples"),
 ]
 
 
