@@ -207,8 +207,8 @@ def _compress_tree(params: Any, request: RankRequest, options: ProjectionOptions
     else:
         calibration.check(cut)
         pairs, finite = whitening.factor_leaves(
-            tuple(selected), whitening.moments_for(calibration, list(cut)), tuple(views),
-            tuple(ranks), calibration.damping)
+            selected, whitening.moments_for(calibration, list(cut)), views, ranks,
+            calibration.damping, method=options.method, mesh=options.mesh)
     return assemble(params, found, cut, pairs, finite)
 
 

@@ -24,8 +24,10 @@ in scale compete on the shape of their error curves).
 decomposed as ``Q diag(l) Q^T`` (``eigh``, which never fails, unlike a Cholesky factorisation of
 a ``C`` that is only positive *semi*-definite); eigenvalues below 0 (rounding) become 0; then
 ``damping`` times the mean eigenvalue is added to each (the calibration's ``damping``, 0.01 by
-default) and ``R = Q diag(sqrt(l)) Q^T``. A singular ``C`` (constant input pixels such as MNIST's
-borders, dead ReLUs, fewer rows than inputs) thus gives a finite ``R^{-1}``. With damping ``d``
+default) and ``R = diag(sqrt(l)) Q^T`` (every root with ``R^T R = C`` gives the same cut and
+singular values; this one costs one product to apply and one to undo). A singular ``C``
+(constant input pixels such as MNIST's borders, dead ReLUs, fewer rows than inputs) thus gives a
+finite ``R^{-1}``. With damping ``d``
 the cut minimises ``E ||x^T (W - W')||^2 + d mean(l) ||W - W'||_F^2``: the inputs' error plus a
 pull towards plain truncation (an infinite ``d`` is plain truncation), so directions the inputs
 never excite keep the trained weights. With ``damping=0`` the cut is exactly optimal on the
@@ -53,7 +55,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlr import _linalg, nodes
+from jaxlr import _linalg, nodes, svd
 from jaxlr.matrices import MatrixView
 
 __all__ = ["decompose", "whitened_factors", "whitened_spectrum", "whitener"]
@@ -61,9 +63,10 @@ __all__ = ["decompose", "whitened_factors", "whitened_spectrum", "whitener"]
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def whitener(moment: jax.Array, damping: float) -> tuple[jax.Array, jax.Array]:
-    """``(R, R^{-1})``: the damped symmetric square root of a second moment and its inverse
-    (module documentation), in ``moment``'s dtype (at least float32)."""
+def _eigen_root(moment: jax.Array, damping: float) -> tuple[jax.Array, jax.Array]:
+    """``(Q, sqrt(l))`` of the damped moment ``Q diag(l) Q^T`` (module documentation), so that
+    ``R = diag(sqrt(l)) Q^T`` is a square root (``R^T R = C``) that costs one product to apply,
+    and ``R^{-1} = Q diag(1 / sqrt(l))``."""
     c = moment.astype(_linalg.compute_dtype(moment.dtype))
     c = (c + c.T) / 2
     finite = jnp.all(jnp.isfinite(c))
@@ -76,31 +79,48 @@ def whitener(moment: jax.Array, damping: float) -> tuple[jax.Array, jax.Array]:
     plain = ~finite | (top <= 0)  # nothing measured: the identity, plain truncation
     values = jnp.where(plain, 1, values)
     q = jnp.where(plain, jnp.eye(c.shape[0], dtype=c.dtype), q)
-    root = jnp.sqrt(values)
+    return q, jnp.sqrt(values)
+
+
+def whitener(moment: jax.Array, damping: float) -> tuple[jax.Array, jax.Array]:
+    """``(R, R^{-1})``: the damped symmetric square root of a second moment and its inverse
+    (module documentation), in ``moment``'s dtype (at least float32). The truncations use the
+    root ``diag(sqrt(l)) Q^T`` instead, which gives the same cuts and singular values for less
+    arithmetic."""
+    q, root = _eigen_root(moment, damping)
     return (jnp.matmul(q * root, q.T, precision=HIGHEST),
             jnp.matmul(q / root, q.T, precision=HIGHEST))
+
+
+def _whiten(matrix: jax.Array, moment: jax.Array, damping: float
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(R W, Q, sqrt(l))`` in the compute dtype of ``matrix`` and ``moment``."""
+    dtype = _linalg.compute_dtype(jnp.promote_types(matrix.dtype, moment.dtype))
+    q, root = _eigen_root(moment.astype(dtype), damping)
+    whitened = root[:, None] * jnp.matmul(q.T, matrix.astype(dtype), precision=HIGHEST)
+    return whitened, q, root
+
+
+def _unwhiten(q: jax.Array, root: jax.Array, u: jax.Array) -> jax.Array:
+    """``R^{-1} U = Q diag(1 / sqrt(l)) U``."""
+    return jnp.matmul(q, u / root[:, None], precision=HIGHEST)
 
 
 def decompose(matrix: jax.Array, moment: jax.Array | None, damping: float
               ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(R^{-1} U, S, V^T)`` for ``U S V^T = svd(R W)``, all ``min(m, n)`` of them (plain SVD
     without a moment), so that ``W'_r = (R^{-1} U)_r S_r V_r^T`` for any ``r``."""
-    dtype = _linalg.compute_dtype(matrix.dtype if moment is None
-                                  else jnp.promote_types(matrix.dtype, moment.dtype))
-    work = matrix.astype(dtype)
     if moment is None:
-        return _linalg.thin_svd(work)
-    root, inverse = whitener(moment.astype(dtype), damping)
-    u, s, vt = _linalg.thin_svd(jnp.matmul(root, work, precision=HIGHEST))
-    return jnp.matmul(inverse, u, precision=HIGHEST), s, vt
+        return _linalg.thin_svd(matrix.astype(_linalg.compute_dtype(matrix.dtype)))
+    whitened, q, root = _whiten(matrix, moment, damping)
+    u, s, vt = _linalg.thin_svd(whitened)
+    return _unwhiten(q, root, u), s, vt
 
 
 def whitened_spectrum(matrix: jax.Array, moment: jax.Array, damping: float) -> jax.Array:
     """The singular values of ``R W``, largest first (``s_i^2``: the output error of each
     direction, module documentation)."""
-    dtype = _linalg.compute_dtype(jnp.promote_types(matrix.dtype, moment.dtype))
-    root, _ = whitener(moment.astype(dtype), damping)
-    return _linalg.spectrum(jnp.matmul(root, matrix.astype(dtype), precision=HIGHEST))
+    return _linalg.spectrum(_whiten(matrix, moment, damping)[0])
 
 
 def whitened_factors(matrix: jax.Array, moment: jax.Array, rank: int, *, damping: float
@@ -118,20 +138,49 @@ def _matrix(leaf: Any, view: MatrixView) -> jax.Array:
     return view.to_matrix(leaf[...] if nodes.is_node(leaf) else leaf)
 
 
-@partial(jax.jit, static_argnums=(2, 3, 4))
-def factor_leaves(leaves: tuple[Any, ...], moments: tuple[jax.Array, ...],
-                  views: tuple[MatrixView, ...], ranks: tuple[int, ...], damping: float
-                  ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
-    """Whitened factors of each leaf's matrix at its rank, and whether each was finite."""
-    pairs, flags = [], []
-    for leaf, moment, view, rank in zip(leaves, moments, views, ranks, strict=True):
+@partial(jax.jit, static_argnums=(2, 3))
+def whiten_leaves(leaves: tuple[Any, ...], moments: tuple[jax.Array, ...],
+                  views: tuple[MatrixView, ...], damping: float
+                  ) -> tuple[list[jax.Array], list[tuple[jax.Array, jax.Array]], jax.Array]:
+    """``R W`` of each leaf's matrix, the ``(Q, sqrt(l))`` that undo each ``R``, and whether each
+    matrix was finite (its ``R W`` is then of zeros)."""
+    works, roots, flags = [], [], []
+    for leaf, moment, view in zip(leaves, moments, views, strict=True):
         work, finite = _linalg.sanitize(_matrix(leaf, view))
-        a, b = whitened_factors(work, moment, rank, damping=damping)
-        dtype = jnp.result_type(leaf[...] if nodes.is_node(leaf) else leaf)
-        pairs.append((jnp.where(finite, a, jnp.nan).astype(dtype),
-                      jnp.where(finite, b, jnp.nan).astype(dtype)))
+        whitened, q, root = _whiten(work, moment, damping)
+        works.append(whitened)
+        roots.append((q, root))
         flags.append(finite)
-    return pairs, jnp.stack(flags)
+    return works, roots, jnp.stack(flags)
+
+
+@partial(jax.jit, static_argnums=(3,))
+def unwhiten_pairs(pairs: list[tuple[jax.Array, jax.Array]],
+                   roots: list[tuple[jax.Array, jax.Array]], finite: jax.Array,
+                   dtypes: tuple[Any, ...]) -> list[tuple[jax.Array, jax.Array]]:
+    """The factors ``(R^{-1} A', B)`` of balanced factors ``(A', B)`` of each ``R W``, in each
+    kernel's dtype (NaN where the kernel was not finite)."""
+    out = []
+    for (a, b), (q, root), ok, dtype in zip(pairs, roots, finite, dtypes, strict=True):
+        out.append((jnp.where(ok, _unwhiten(q, root, a.astype(q.dtype)), jnp.nan).astype(dtype),
+                    jnp.where(ok, b, jnp.nan).astype(dtype)))
+    return out
+
+
+def factor_leaves(leaves: Sequence[Any], moments: Sequence[jax.Array],
+                  views: Sequence[MatrixView], ranks: Sequence[int], damping: float, *,
+                  method: str = "auto", mesh: Any = "auto"
+                  ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+    """Whitened factors of each leaf's matrix at its rank, and whether each was finite: each
+    ``R W`` is factored by :func:`jaxlr.svd.factor_leaves` (``method``, ``mesh``: as for plain
+    truncation), then ``R`` is undone."""
+    works, roots, finite = whiten_leaves(tuple(leaves), tuple(moments), tuple(views), damping)
+    square = MatrixView((0,), (1,))
+    pairs, _ = svd.factor_leaves(works, [square] * len(works), list(ranks), method=method,
+                                 mesh=mesh)
+    dtypes = tuple(jnp.result_type(leaf[...] if nodes.is_node(leaf) else leaf)
+                   for leaf in leaves)
+    return unwhiten_pairs(pairs, roots, finite, dtypes), finite
 
 
 @partial(jax.jit, static_argnums=(2, 3))
