@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -70,7 +71,8 @@ class Calibration(NamedTuple):
       counts: ``{key: rows}``, how many rows each moment averages (for a convolution, patches).
       shapes: ``{key: kernel shape}`` of the calibrated tree.
       damping: the damping of the whitening (:mod:`jaxlr.whitening`): the share of the mean
-        eigenvalue of ``C`` added to every eigenvalue before the square root is taken.
+        eigenvalue of ``C`` added to every eigenvalue before the square root is taken. Another
+        damping needs no second pass: ``calibration._replace(damping=0.1)``.
       unseen: ``{key: reason}`` for each selected kernel the pass could not follow.
     """
 
@@ -103,7 +105,7 @@ class Calibration(NamedTuple):
 
 
 def _check_damping(damping: Any) -> float:
-    if (isinstance(damping, bool) or not isinstance(damping, int | float)
+    if (isinstance(damping, bool | np.bool_) or not isinstance(damping, numbers.Real)
             or not math.isfinite(damping) or damping < 0):
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
     return float(damping)
@@ -114,7 +116,7 @@ def _check_damping(damping: Any) -> float:
 
 _FOLLOW = ("convert_element_type", "copy", "copy_p", "reduce_precision")
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-          "checkpoint", "remat")
+          "checkpoint", "remat", "remat2")
 
 
 class _Mark(NamedTuple):
@@ -339,8 +341,8 @@ def _signature(batch: Any, index: int) -> tuple[Any, tuple]:
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise TypeError(f"batches: batch {index} holds a {type(leaf).__name__}; batches "
                             "must be arrays (or trees of arrays).")
-        dtype = np.dtype(leaf.dtype)
-        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        dtype = jnp.dtype(leaf.dtype)
+        if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
             raise TypeError(f"batches: batch {index} has dtype {dtype}; batches must be "
                             "numeric arrays.")
         if np.ndim(leaf) < 1 or np.shape(leaf)[0] < 1:
@@ -487,9 +489,12 @@ def calibrate(
                 probe = jax.eval_shape(lambda a, b: _moments(trace(a, b), unseen), arrays,
                                        shaped)
             except Exception as error:  # noqa: BLE001 - any framework's error, named for the user
-                raise ValueError(f"calibrate: the model could not run on batch 0 (arrays of "
-                                 f"shapes {[np.shape(x) for x in jax.tree.leaves(batch)]}): "
-                                 f"{error}") from error
+                raise ValueError(
+                    f"calibrate: the model could not run on batch 0 (arrays of shapes "
+                    f"{[np.shape(x) for x in jax.tree.leaves(batch)]}): {error}\nIs the model in "
+                    "inference mode (NNX: model.eval(); Linen: forward=lambda model, variables, "
+                    "x: model.apply(variables, x, train=False)), and does each batch hold only "
+                    "the model's input (for (inputs, labels) batches pass forward=)?") from error
             for key in found:
                 if key not in probe and key not in unseen:
                     unseen[key] = "the forward pass does not use it"
@@ -508,6 +513,13 @@ def calibrate(
         raise ValueError(f"batches: batch {int(bad[0])} holds NaN or Inf.")
     counts_host = {k: int(v) for k, v in jax.device_get(counts).items()}
     moments = {k: sums[k] / counts_host[k] for k in found if k in sums}
+    finite = jax.device_get({k: jnp.all(jnp.isfinite(v)) for k, v in moments.items()})
+    overflowed = [k for k in moments if not finite[k]]
+    if overflowed:
+        raise ValueError(f"calibrate: the second moment of the inputs of {overflowed} is not "
+                         f"finite (the inputs' squares overflow {dtype}, or the model computes "
+                         "Inf/NaN on these batches); calibrate with smaller inputs or "
+                         "dtype=float64.")
     return Calibration(moments, {k: counts_host[k] for k in moments},
                        {k: shapes[k] for k in moments}, damping,
                        {k: unseen[k] for k in found if k in unseen})

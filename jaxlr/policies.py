@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlr import _checks, matrices, nodes, selection, svd, whitening
+from jaxlr import _checks, _nnx, matrices, nodes, selection, svd, whitening
 from jaxlr._checks import check_rank
 from jaxlr.calibration import Calibration
 
@@ -465,7 +465,8 @@ def whitened_spectra(params: Any, found: Mapping[str, selection.MatrixLeaf],
         raise TypeError(f"calibration must be a jaxlr.calibration.Calibration (jaxlr.calibrate) "
                         f"or None, got {type(calibration).__name__}.")
     calibration.check(found, "the rank policy")
-    flat = selection.flatten(nodes.collapse_tree(params))[0]
+    tree = _nnx.parameters(params) if _nnx.is_module(params) else params
+    flat = selection.flatten(nodes.collapse_tree(tree))[0]
     leaves = tuple(flat[leaf.index][1] for leaf in found.values())
     values, finite = whitening.spectra_of(
         leaves, whitening.moments_for(calibration, list(found)),
@@ -734,7 +735,8 @@ def target_ranks(
       spectra: singular values already computed (GSVT).
       latency: measured layer times (:func:`jaxlr.measure_latency`); ``None``: ranks as the
         budget gives them.
-      calibration: GSVT ranks the whitened singular values (:func:`gsvt_ranks`).
+      calibration: GSVT ranks the whitened singular values (:func:`gsvt_ranks`); LSVT's ranks
+        depend on the shapes only, so it reads neither ``calibration`` nor ``spectra``.
 
     Raises:
       ValueError: if even one singular value per matrix does not cut ``reduction`` (the message

@@ -115,8 +115,8 @@ class Sweep:
             if chosen[key] < self._found[key].full_rank:
                 leaves[self._found[key].index] = kernel
         tree = jax.tree_util.tree_unflatten(treedef, leaves)
-        if _nnx.is_module(self._original):
-            return _nnx_with(self._original, tree)
+        if _nnx.is_module(self._original):  # a LoRITa module's products become dense kernels
+            return _nnx_with(_nnx.collapse(self._original), tree)
         return tree
 
     def compress(self, ranks: Mapping[Any, int]) -> compression.CompressionResult:

@@ -427,3 +427,45 @@ def test_calibration_on_a_mesh_all_reduces_the_moments_and_gathers_no_activation
         assert mode["max_difference"] < 1e-5      # the same moments as on one device
         assert mode["all_reduces"] >= 1 and mode["all_gathers"] == 0
         assert mode["replicated"]
+
+
+def test_remat_layers_bf16_batches_and_numpy_damping_are_calibrated():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(nn.relu(nn.remat(nn.Dense)(16)(x)))
+
+    x = jax.random.normal(jax.random.key(0), (32, 6))
+    variables = Net().init(jax.random.key(1), x)
+    c = jaxlr.calibrate(Net(), [x], variables=variables, damping=np.float32(0.1))
+    assert c.unseen == {} and c.damping == pytest.approx(0.1)
+    np.testing.assert_allclose(np_(c.moments["CheckpointDense_0/kernel"]),
+                               np_(x).T @ np_(x) / 32, rtol=1e-5, atol=1e-6)
+    model = nn.Dense(3)
+    small = model.init(jax.random.key(0), x)
+    half = jaxlr.calibrate(model, [x.astype(jnp.bfloat16)], variables=small)
+    rows = np_(x.astype(jnp.bfloat16))
+    np.testing.assert_allclose(np_(half.moments["kernel"]), rows.T @ rows / 32, rtol=1e-5)
+
+
+def test_a_moment_that_overflows_is_refused_by_name():
+    model = nn.Sequential([nn.Dense(8), nn.Dense(4)])
+    x = jnp.ones((4, 5)) * 1e19                                   # finite inputs, squares overflow
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"layers_0/kernel.*not finite"):
+        jaxlr.calibrate(model, [x], variables=variables)
+
+
+def test_nnx_policies_and_lorita_sweeps_take_a_calibration():
+    model = _NNXNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (50, 12))
+    c = jaxlr.calibrate(model, [x])
+    state = nnx.state(model, nnx.Param)
+    assert (dict(jaxlr.gsvt_ranks(model, keep=0.5, calibration=c))
+            == dict(jaxlr.gsvt_ranks(state, keep=0.5, calibration=c)))
+    factored = jaxlr.factorize(model, depth=3, key=jax.random.key(1))
+    s = jaxlr.sweep(factored, calibration=jaxlr.calibrate(factored, [x]))
+    truncated = s.truncate({"fc1/kernel": 3})
+    reference = jaxlr.compress(jaxlr.collapse(factored), ranks={"fc1/kernel": 3},
+                               calibration=jaxlr.calibrate(jaxlr.collapse(factored), [x]))
+    np.testing.assert_allclose(np_(truncated(x)), np_(reference.compressed(x)), atol=1e-4)
