@@ -352,3 +352,18 @@ def test_decomposition_parts_times_every_step_of_one_matrix():
     steps = ("gram_product", "eigh", "qr", "square_svd", "project_svd", "project_auto",
              "project_gram", "4_qr_one_program", "4_qr_four_threads")
     assert all(row[f"jaxlr_{step}_s"] > 0 for step in steps)
+
+
+def test_calibration_benchmark_times_every_path_on_a_tiny_fcn(tmp_path):
+    import json
+
+    from experiments.benchmarks import calibration
+
+    out = calibration.main(["--width", "16", "--batches", "2", "--batch", "8", "--repeats", "1",
+                            "--json", str(tmp_path / "rows.json")])
+    row = out["rows"][0]
+    assert row["kernels"] == 8
+    assert row["moment_mib"] == (784**2 + 7 * 16**2) * 4 / 2**20   # every kernel's m x m
+    for key in ("plain_warm_s", "calibrate_warm_s", "aware_warm_s", "sweep_cold_s"):
+        assert row[key] > 0
+    assert json.loads((tmp_path / "rows.json").read_text())["rows"][0]["model"] == "fcn"

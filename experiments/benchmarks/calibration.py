@@ -43,19 +43,21 @@ BUDGETS = (0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 class FCN(nn.Module):
-    """LoRITa's MNIST FCN, ``784 - 1000 x 7 - 10`` (ReLU)."""
+    """LoRITa's MNIST FCN, ``784 - width x 7 - 10`` (ReLU; width 1000)."""
+
+    width: int = 1000
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         for _ in range(7):
-            x = nn.relu(nn.Dense(1000)(x))
+            x = nn.relu(nn.Dense(self.width)(x))
         return nn.Dense(10)(x)
 
 
-def _network(name: str) -> tuple[Any, tuple[int, ...]]:
+def _network(name: str, width: int) -> tuple[Any, tuple[int, ...]]:
     if name == "fcn":
-        return FCN(), (28, 28, 1)
+        return FCN(width), (28, 28, 1)
     return models.create(name), (32, 32, 3)
 
 
@@ -80,6 +82,7 @@ def _timed(fn: Any, repeats: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="fcn", help="fcn, or a name of experiments.models")
+    parser.add_argument("--width", type=int, default=1000, help="the FCN's hidden width")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--keep", type=float, default=0.3)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     print(machine_line())
 
-    model, shape = _network(args.model)
+    model, shape = _network(args.model, args.width)
     rng = np.random.default_rng(0)
     batches = [jnp.asarray(rng.normal(size=(args.batch, *shape)), jnp.float32)
                for _ in range(args.batches)]

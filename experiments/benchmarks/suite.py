@@ -52,6 +52,8 @@ PRESETS: dict[str, tuple[Job, ...]] = {
         Job("lorita-step-fcn", "lorita_step", ("--repeats", "20")),
         Job("lorita-step-resnet20", "lorita_step", ("--repeats", "10", "--model", "resnet20")),
         Job("sharded-projection", "sharded_projection", ()),
+        Job("calibration-fcn", "calibration", ("--model", "fcn")),
+        Job("calibration-resnet20", "calibration", ("--model", "resnet20")),
     ),
     "gpu": (
         Job("projection", "svd_projection", ("--repeats", "5")),
