@@ -131,7 +131,7 @@ class _Recorder:
                  dtype: Any):
         self.views, self.shapes, self.dtype = views, shapes, dtype
         self.moments: dict[str, jax.Array] = {}
-        self.counts: dict[str, jax.Array] = {}
+        self.rows: dict[str, int] = {}  # static: the batch's shape decides it
         self.unseen: dict[str, str] = {}
 
     def refuse(self, key: str, reason: str) -> None:
@@ -145,10 +145,10 @@ class _Recorder:
         moment = lax.dot_general(rows, rows, ((leading, leading), ((), ())),
                                  precision=lax.Precision.HIGHEST,
                                  out_sharding=_replicated(rows))
-        count = jnp.asarray(math.prod(rows.shape[:-1]), jnp.int32)
         if key in self.moments:
-            moment, count = moment + self.moments[key], count + self.counts[key]
-        self.moments[key], self.counts[key] = moment, count
+            moment = moment + self.moments[key]
+        self.moments[key] = moment
+        self.rows[key] = self.rows.get(key, 0) + math.prod(rows.shape[:-1])
 
     def dot(self, key: str, perm: tuple[int, ...], kernel_contract: tuple[int, ...],
             kernel_batch: tuple[int, ...], x: jax.Array, x_contract: tuple[int, ...]) -> None:
@@ -352,8 +352,10 @@ def _signature(batch: Any, index: int) -> tuple[Any, tuple]:
     return treedef, tuple(out)
 
 
-def _moments(record: _Recorder, unseen: dict[str, str]) -> dict[str, jax.Array]:
+def _moments(record: _Recorder, unseen: dict[str, str], rows: dict[str, int]
+             ) -> dict[str, jax.Array]:
     unseen.update(record.unseen)  # known once the program is traced
+    rows.update(record.rows)
     return record.moments
 
 
@@ -373,7 +375,7 @@ class _Pass(NamedTuple):
     shapes: dict[str, tuple[int, ...]]
     arrays: list[Any]       # the tree's arrays, the step's inputs
     trace: Callable[[list[Any], Any], _Recorder]
-    step: Any               # jitted (sums, counts, arrays, batch) -> (sums, counts, finite)
+    step: Any               # jitted (sums, arrays, batch) -> (sums, finite)
 
 
 def _prepare(model: Any, variables: Any, forward: Callable[..., Any] | None,
@@ -407,17 +409,16 @@ def _prepare(model: Any, variables: Any, forward: Callable[..., Any] | None,
                   record)
         for key in record.unseen:
             record.moments.pop(key, None)
-            record.counts.pop(key, None)
+            record.rows.pop(key, None)
         return record
 
     @jax.jit
-    def step(sums: dict[str, jax.Array], counts: dict[str, jax.Array], arrays: list[Any],
-             batch: Any) -> tuple[dict, dict, jax.Array]:
+    def step(sums: dict[str, jax.Array], arrays: list[Any], batch: Any
+             ) -> tuple[dict[str, jax.Array], jax.Array]:
         record = trace(arrays, batch)
         finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(batch)
                             if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)])
-        return ({k: sums[k] + record.moments[k] for k in sums},
-                {k: counts[k] + record.counts[k] for k in counts}, jnp.all(finite))
+        return {k: sums[k] + record.moments[k] for k in sums}, jnp.all(finite)
 
     return _Pass(found, shapes, [flat[i] for i in arrays_at], trace, step)
 
@@ -477,42 +478,48 @@ def calibrate(
     found, shapes, arrays, trace, step = _prepare(model, variables, forward, filter, view, dtype)
     first = None
     sums: dict[str, jax.Array] = {}
-    counts: dict[str, jax.Array] = {}
+    counts: dict[str, int] = {}
     unseen: dict[str, str] = {}
+    rows_by_shape: dict[tuple, dict[str, int]] = {}  # each batch shape's rows, by kernel
     flags = []
     for index, batch in enumerate(_progress(batches, progress)):
         signature = _signature(batch, index)
-        if first is None:
-            first = signature
+        if first is not None and signature != first:
+            raise ValueError(f"batches: batch {index} has structure, trailing shapes and dtypes "
+                             f"{signature[1]}, unlike batch 0's {first[1]}; every batch must "
+                             "match the first but for its leading axis.")
+        leading = tuple(np.shape(x)[0] for x in jax.tree.leaves(batch))
+        if leading not in rows_by_shape:
+            shaped = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), batch)
+            seen: dict[str, int] = {}
             try:
-                shaped = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), batch)
-                probe = jax.eval_shape(lambda a, b: _moments(trace(a, b), unseen), arrays,
-                                       shaped)
+                probe = jax.eval_shape(lambda a, b, seen=seen: _moments(trace(a, b), unseen,
+                                                                        seen), arrays, shaped)
             except Exception as error:  # noqa: BLE001 - any framework's error, named for the user
                 raise ValueError(
-                    f"calibrate: the model could not run on batch 0 (arrays of shapes "
+                    f"calibrate: the model could not run on batch {index} (arrays of shapes "
                     f"{[np.shape(x) for x in jax.tree.leaves(batch)]}): {error}\nIs the model in "
                     "inference mode (NNX: model.eval(); Linen: forward=lambda model, variables, "
                     "x: model.apply(variables, x, train=False)), and does each batch hold only "
                     "the model's input (for (inputs, labels) batches pass forward=)?") from error
+            rows_by_shape[leading] = seen
+        if first is None:
+            first = signature
             for key in found:
                 if key not in probe and key not in unseen:
                     unseen[key] = "the forward pass does not use it"
             sums = {k: jnp.zeros(v.shape, dtype) for k, v in probe.items()}
-            counts = {k: jnp.zeros((), jnp.int32) for k in probe}
-        elif signature != first:
-            raise ValueError(f"batches: batch {index} has structure, trailing shapes and dtypes "
-                             f"{signature[1]}, unlike batch 0's {first[1]}; every batch must "
-                             "match the first but for its leading axis.")
-        sums, counts, finite = step(sums, counts, arrays, batch)
+            counts = dict.fromkeys(probe, 0)
+        for key, rows in rows_by_shape[leading].items():
+            counts[key] += rows
+        sums, finite = step(sums, arrays, batch)
         flags.append(finite)
     if first is None:
         raise ValueError("batches is empty: calibration needs at least one batch.")
     bad = np.flatnonzero(~np.asarray(jax.device_get(flags)))
     if bad.size:
         raise ValueError(f"batches: batch {int(bad[0])} holds NaN or Inf.")
-    counts_host = {k: int(v) for k, v in jax.device_get(counts).items()}
-    moments = {k: sums[k] / counts_host[k] for k in found if k in sums}
+    moments = {k: sums[k] / counts[k] for k in found if k in sums}
     finite = jax.device_get({k: jnp.all(jnp.isfinite(v)) for k, v in moments.items()})
     overflowed = [k for k in moments if not finite[k]]
     if overflowed:
@@ -520,6 +527,6 @@ def calibrate(
                          f"finite (the inputs' squares overflow {dtype}, or the model computes "
                          "Inf/NaN on these batches); calibrate with smaller inputs or "
                          "dtype=float64.")
-    return Calibration(moments, {k: counts_host[k] for k in moments},
+    return Calibration(moments, {k: counts[k] for k in moments},
                        {k: shapes[k] for k in moments}, damping,
                        {k: unseen[k] for k in found if k in unseen})

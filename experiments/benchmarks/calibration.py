@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     run = calibration_lib._prepare(model, variables, None, "all", None, jnp.float32)
     sums = {k: jnp.zeros(v.shape) for k, v in calibration.moments.items()}
-    counts = {k: jnp.zeros((), jnp.int32) for k in calibration.moments}
-    memory = run.step.lower(sums, counts, run.arrays, batches[0]).compile().memory_analysis()
+    memory = run.step.lower(sums, run.arrays, batches[0]).compile().memory_analysis()
     kernels = {key: leaf for key, leaf in jaxlr.selection.matrix_leaves(
         variables, filter="all").items()}
     moment_bytes = sum(4 * leaf.matrix_shape[0] ** 2 for leaf in kernels.values())
