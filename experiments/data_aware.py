@@ -38,6 +38,8 @@ Run::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -224,11 +226,18 @@ def run(config: Config, results: Results, progress: bool = True) -> dict[str, An
             for row in measure(config, family, model, variables, data):
                 rows.append({"family": family, "model": spec, "N": n, "seed": seed, **row})
     results.json("rows", rows)
-    out = {"rows": rows, "comparisons": comparisons(config, rows)}
+    out = {"rows": rows, "comparisons": comparisons(config, rows), "digest": digest(rows)}
     out["report"] = summarize(config, out)
     _plot(config, rows, results)
     (results.path / "report.md").write_text(out["report"] + "\n")
     return out
+
+
+def digest(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A short hash of every measured number but the times (the same command on the same
+    machine gives the same)."""
+    numbers = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _values(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int], **match: Any
@@ -306,11 +315,18 @@ def summarize(config: Config, out: Mapping[str, Any]) -> str:
                 for c in out["comparisons"]]
     calibration = [r["seconds"] for r in rows if r["method"] == "data-aware" and r["seconds"]]
     return "\n".join([
+        "In short (over both policies and every cut; differences in points of test accuracy; a "
+        "\"greater\" that does not hold is one whose interval excludes a gain of "
+        f"{100 * config.accuracy_margin:g} point):",
+        "",
+        *_in_short(config, out["comparisons"]),
+        "",
         f"Test accuracy (mean and range over seeds {', '.join(map(str, seeds))}) of each model "
         f"cut to {', '.join(f'{r:.0%}' for r in config.reductions)} fewer parameters, from the "
         f"same trained weights, on {config.data}; calibration on {config.calibration_examples} "
         f"training images (damping {config.damping:g}; {np.median(calibration):.2f} s median "
-        "per model).",
+        f"per model). Numbers digest `{digest(rows)}` (the same command on the same machine "
+        "gives the same).",
         "",
         markdown_table(table, columns),
         "",
@@ -324,6 +340,23 @@ def summarize(config: Config, out: Mapping[str, Any]) -> str:
                                   Column("verdict"), Column("agree", "seeds agreeing"),
                                   Column("detectable")]),
     ])
+
+
+def _in_short(config: Config, compared: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per comparison kind: its range of differences and how many verdicts hold."""
+    lines = []
+    for name in dict.fromkeys(c["comparison"] for c in compared):
+        group = [c for c in compared if c["comparison"] == name]
+        low, high = (100 * f(c["difference"] for c in group) for f in (min, max))
+        verdicts = [c["verdict"] for c in group]
+        claim = group[0]["claim"]
+        what = ("equal within " + f"{100 * config.accuracy_margin:g} point" if claim == "equal"
+                else "greater")
+        counts = ", ".join(f"{verdict} in {verdicts.count(verdict)}"
+                           for verdict in stats.VERDICTS if verdict in verdicts)
+        lines.append(f"* **{name}** ({what}): {low:+.1f} to {high:+.1f}; {counts} of "
+                     f"{len(group)}.")
+    return lines
 
 
 def _plot(config: Config, rows: Sequence[Mapping[str, Any]], results: Results) -> None:

@@ -159,3 +159,12 @@ def test_data_aware_smoke_measures_every_cut_and_compares_by_seed(tmp_path):
     assert first["verdict"] == expected.verdict
     assert first["difference"] == pytest.approx(expected.difference.mean)
     assert "data-aware" in out["report"] and (tmp_path / "data_aware.png").exists()
+    # The same command in a new process gives the same numbers.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "experiments.data_aware", "--preset", "smoke",
+                    "--output-dir", str(tmp_path / "again"), "--no-progress"], check=True,
+                   capture_output=True, timeout=240)
+    again = json.loads((tmp_path / "again" / "rows.json").read_text())
+    assert data_aware.digest(again) == out["digest"] == data_aware.digest(rows)
