@@ -704,16 +704,25 @@ def _headline(config: Config, out: Mapping[str, Any]) -> list[str]:
         smaller = [v for v in rows if claims[v["what"]].claim == "less"]
         held = sum(v["verdict"] == "holds" for v in smaller)
         same = [v["verdict"] for v in rows if claims[v["what"]].claim == "equal"]
-        cliff = [float(claims[v["what"]].key.split("@")[1]) for v in smaller
-                 if v["verdict"] != "holds" and claims[v["what"]].key.startswith("drop@")
-                 and min(v["a"], v["b"]) > 0.5]
+        refuted = sum(v["verdict"] == "does not hold" for v in smaller)
+
+        def cliff(verdict: str, smaller: list = smaller) -> str:
+            budgets = [float(claims[v["what"]].key.split("@")[1]) for v in smaller
+                       if v["verdict"] == verdict and claims[v["what"]].key.startswith("drop@")
+                       and min(v["a"], v["b"]) > 0.5]
+            return " and ".join(f"{b:.1%}" for b in budgets)
+
         text = (f"* **{name}** arm, final epoch: N = 3 smaller than N = 1 on {held} of "
-                f"{len(smaller)} endpoints; the same accuracy before truncation: "
-                f"**{', '.join(same)}**.")
-        if cliff:
-            text += (f" At {' and '.join(f'{b:.1%}' for b in cliff)} kept both N have lost "
-                     "more than half their test accuracy: those budgets lie past this arm's "
-                     "cliff and cannot separate them (the figure shows where it lies).")
+                f"{len(smaller)} endpoints (does not hold on {refuted}); the same accuracy "
+                f"before truncation: **{', '.join(same)}**.")
+        if cliff("not separable"):
+            text += (f" At {cliff('not separable')} kept both N have lost more than half their "
+                     "test accuracy: those budgets lie past this arm's cliff and cannot separate "
+                     "them (the figure shows where it lies).")
+        if cliff("does not hold"):
+            text += (f" At {cliff('does not hold')} kept both N have lost more than half their "
+                     "test accuracy, N = 3 the more: there the drop measures how far past its "
+                     "cliff each N is (the figure shows where it lies).")
         lines.append(text)
     for ratio in config.ratios:
         (baseline,) = [v for v in out["lrpet_verdicts"]
