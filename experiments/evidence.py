@@ -203,8 +203,8 @@ class Config:
     learning_rate: float = 3e-4
     weight_decays: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     decay_ladder: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1,
-                                       3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
-    extend: int = 14
+                                       3e-1, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4)
+    extend: int = 18
     decay_margin: float = 0.005
     lorita_train: TrainConfig = TrainConfig(epochs=100, batch_size=128, checkpoint_every=25)
     budgets: tuple[float, ...] = (*(round(0.02 + 0.005 * i, 3) for i in range(17)),
