@@ -183,17 +183,23 @@ def factor_leaves(leaves: Sequence[Any], moments: Sequence[jax.Array],
     return unwhiten_pairs(pairs, roots, finite, dtypes), finite
 
 
+def _each(leaves: tuple[Any, ...], moments: tuple[Any, ...], views: tuple[MatrixView, ...],
+          fn: Any) -> tuple[list[Any], jax.Array]:
+    """``fn(matrix, moment)`` of each finite-sanitised leaf matrix, and whether each was finite."""
+    out, flags = [], []
+    for leaf, moment, view in zip(leaves, moments, views, strict=True):
+        work, finite = _linalg.sanitize(_matrix(leaf, view))
+        out.append(fn(work, moment))
+        flags.append(finite)
+    return out, jnp.stack(flags)
+
+
 @partial(jax.jit, static_argnums=(2, 3))
 def spectra_of(leaves: tuple[Any, ...], moments: tuple[jax.Array, ...],
                views: tuple[MatrixView, ...], damping: float
                ) -> tuple[list[jax.Array], jax.Array]:
     """Whitened spectra of each leaf's matrix, and whether each was finite."""
-    out, flags = [], []
-    for leaf, moment, view in zip(leaves, moments, views, strict=True):
-        work, finite = _linalg.sanitize(_matrix(leaf, view))
-        out.append(whitened_spectrum(work, moment, damping))
-        flags.append(finite)
-    return out, jnp.stack(flags)
+    return _each(leaves, moments, views, lambda w, c: whitened_spectrum(w, c, damping))
 
 
 @partial(jax.jit, static_argnums=(2, 3))
@@ -202,12 +208,7 @@ def decompose_leaves(leaves: tuple[Any, ...], moments: tuple[jax.Array | None, .
                      ) -> tuple[list[tuple[jax.Array, jax.Array, jax.Array]], jax.Array]:
     """:func:`decompose` of each leaf's matrix (plain where its moment is ``None``), and whether
     each was finite."""
-    out, flags = [], []
-    for leaf, moment, view in zip(leaves, moments, views, strict=True):
-        work, finite = _linalg.sanitize(_matrix(leaf, view))
-        out.append(decompose(work, moment, damping))
-        flags.append(finite)
-    return out, jnp.stack(flags)
+    return _each(leaves, moments, views, lambda w, c: decompose(w, c, damping))
 
 
 def moments_for(calibration: Any, keys: Sequence[str]) -> tuple[jax.Array, ...]:
